@@ -1,0 +1,143 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, FLAN, REPO
+from dialsum_raw import data
+from dialsum_raw.data import Collator, Dialogue, LengthGroupedBatchSampler, load_splits, read_file, write_csv
+from dialsum_raw.errors import UserError
+
+
+def test_official_layout_counts(corpus):
+    assert {k: len(v) for k, v in corpus.items()} == {"train": 12460, "validation": 500, "test": 500}
+    assert [sum(len(d.refs) for d in v) for v in corpus.values()] == [12460, 500, 1500]
+    first = corpus["test"][0]
+    assert first.id == "test_0" and len(first.refs) == 3 and first.dialogue.startswith("#Person1#:")
+
+
+def test_hub_csv_layout_round_trip(corpus, tmp_path):
+    path = tmp_path / "test.csv"
+    write_csv(corpus["test"], path)
+    lines = path.read_text().count("\ntest_")
+    assert lines == 1500  # flattened: one row per reference, ids test_N_k
+    back = read_file(str(path))
+    assert len(back) == 500
+    assert [(d.id, d.dialogue, d.refs) for d in back] == [(d.id, d.dialogue, d.refs) for d in corpus["test"]]
+
+
+def test_hub_id_goes_through_datasets(corpus, tmp_path, monkeypatch):
+    """The hub path: same records once datasets hands over the CSV rows (the Hub is offline here)."""
+    import datasets
+    write_csv(corpus["test"][:20], tmp_path / "test.csv")
+    write_csv(corpus["validation"][:5], tmp_path / "validation.csv")
+    local = datasets.load_dataset("csv", data_files={"test": str(tmp_path / "test.csv"),
+                                                     "validation": str(tmp_path / "validation.csv")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id: local)
+    got = load_splits("knkarthick/dialogsum", ("validation", "test"))
+    assert [(d.id, d.refs) for d in got["test"]] == [(d.id, d.refs) for d in corpus["test"][:20]]
+    assert len(got["validation"]) == 5
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def boom(hub_id):
+        raise ConnectionError("no route to host")
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    with pytest.raises(UserError, match="could not load dataset knkarthick/dialogsum.*local folder"):
+        load_splits("knkarthick/dialogsum")
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": \n', r":2: malformed JSON"),
+    ('{"fname": "a", "dialogue": "x"}\n', r":1: missing field 'summary'"),
+    ('{"fname": "a", "summary": "y"}\n', r":1: missing field 'dialogue'"),
+    ('{"fname": "a", "dialogue": "  ", "summary": "y"}\n', r":1: empty dialogue"),
+    ('\n{"fname": "a", "dialogue": "x", "summary1": ""}\n', r":2: empty summary1"),
+    ('[1, 2]\n', r":1: expected a JSON object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "dialogsum.test.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=str(path).replace(".", r"\.") + message):
+        read_file(str(path))
+
+
+def test_bad_csv_names_file_and_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('id,dialogue,summary,topic\ntrain_0,"a\nb",s,t\ntrain_1,d,,t\n')
+    with pytest.raises(UserError, match=r"train\.csv:4: empty summary"):
+        read_file(str(path))
+    path.write_text("name,text\nx,y\n")
+    with pytest.raises(UserError, match=r"train\.csv:1: unknown CSV layout"):
+        read_file(str(path))
+
+
+def test_unknown_layout_and_missing_path(tmp_path):
+    (tmp_path / "test.txt").write_text("hello")
+    with pytest.raises(UserError, match="unknown layout"):
+        read_file(str(tmp_path / "test.txt"))
+    with pytest.raises(UserError, match="data not found"):
+        load_splits(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no file for split 'train'"):
+        load_splits(str(tmp_path))
+
+
+def test_non_ascii_and_other_speaker_formats_are_kept(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"id": "x", "dialogue": "Zoë: Ça va?\nBob: Très bien.", "summary": "Zoë greets Bob."}) + "\n")
+    (d,) = read_file(str(path))
+    assert d.dialogue == "Zoë: Ça va?\nBob: Très bien." and d.refs == ["Zoë greets Bob."]
+
+
+def test_encode_truncates_and_keeps_eos(tokenizer):
+    long = Dialogue("x", "#Person1#: " + "word " * 2000, ["short summary"])
+    (ex,) = data.encode([long], tokenizer, 64, 16)
+    assert len(ex["input_ids"]) == 64 and ex["input_ids"][-1] == tokenizer.eos_token_id
+    ref = tokenizer(data.prompt(long.dialogue), max_length=64, truncation=True)["input_ids"]
+    assert ex["input_ids"] == ref
+    assert ex["labels"] == tokenizer("short summary")["input_ids"]
+
+
+def test_collator_pads_dynamically():
+    batch = Collator(pad_id=0)([{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 1], [1, -100]]
+    assert Collator(0, pad_to_multiple_of=8)([{"input_ids": [5], "labels": [1]}])["input_ids"].shape == (1, 8)
+
+
+def test_sampler_groups_lengths_shards_and_is_seeded():
+    lengths = [(i * 37) % 500 for i in range(1000)]
+    one = LengthGroupedBatchSampler(lengths, 8, seed=3)
+    batches = list(one)
+    assert len(batches) == 125 and sorted(i for b in batches for i in b) == list(range(1000))
+    assert batches == list(LengthGroupedBatchSampler(lengths, 8, seed=3))
+    assert batches != list(LengthGroupedBatchSampler(lengths, 8, seed=4))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 50  # random batches of 8 from 0..500 would spread ~390
+    ranks = [list(LengthGroupedBatchSampler(lengths, 4, world_size=2, rank=r, seed=3)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == batches  # 2 x 4 sees exactly what 1 x 8 sees
+    one.set_epoch(0, skip=100)
+    assert list(one) == batches[100:]
+
+
+def test_stats_cli_on_real_corpus():
+    out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", CORPUS, "--tokenizer", FLAN],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    s = json.loads(out.stdout)["splits"]
+    assert [s[k]["dialogues"] for k in ("train", "validation", "test")] == [12460, 500, 500]
+    assert [s[k]["references"] for k in ("train", "validation", "test")] == [12460, 500, 1500]
+    assert s["train"]["source_tokens_max"] > 512 and s["train"]["truncated_sources"] > 0
+
+
+def test_stats_cli_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "dialogsum.dev.jsonl"
+    bad.write_text("{not json\n")
+    out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", str(bad), "--tokenizer", FLAN],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: {bad}:1: malformed JSON (Expecting property name enclosed in double quotes, column 2)"
