@@ -210,7 +210,8 @@ def validate(s: Settings):
         need(0 <= s.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {s.lora_dropout}")
         need(len(s.lora_targets) > 0, "--lora-targets is empty; give e.g. q,v")
         bad = [t for t in s.lora_targets if t not in LORA_TARGETS]
-        need(not bad, f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        if bad:
+            raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
     need(s.lr > 0, f"--lr must be > 0, got {s.lr}")
     need(s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}")
     need(s.eval_batch_size >= 1, f"--batch-size must be >= 1, got {s.eval_batch_size}")

@@ -1,0 +1,45 @@
+"""Fine-tune FLAN-T5 on DialogSum: full fine-tuning (--lora-rank 0) or LoRA (--lora-rank R).
+
+    python train.py --lora-rank 8                       # the notebook's LoRA run
+    python train.py --lora-rank 0                       # the notebook's full fine-tuning
+    python train.py --config configs/tiny-smoke.toml    # minutes on a CPU
+    torchrun --nproc_per_node 2 train.py ...            # DDP; --batch-size is per process
+
+Without --config the preset for the rank is used: configs/flan-t5-small-lora.toml for R > 0,
+configs/flan-t5-small-full.toml for 0. With --resume DIR the run's own settings.toml is used.
+"""
+
+import os
+import sys
+
+from dialsum_raw.config import build_parser, settings_from
+from dialsum_raw.errors import UserError, run_cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIELDS = ["model", "data", "output_dir", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora",
+          "lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "weight_decay", "schedule",
+          "clip", "dropout", "precision", "seed", "max_source_len", "max_target_len", "subsample",
+          "eval_every", "log_every", "resume", "overwrite"]
+
+
+def main(argv=None):
+    parser = build_parser(FIELDS, __doc__.split("\n\n")[0])
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    args = parser.parse_args(argv)
+    if args.resume:
+        if args.config:
+            raise UserError("--resume uses the run's own settings.toml; drop --config (flags still override)")
+        default = os.path.join(args.resume, "settings.toml")
+        args.output_dir = args.output_dir or args.resume
+    else:
+        preset = "flan-t5-small-full.toml" if args.lora_rank == 0 else "flan-t5-small-lora.toml"
+        default = os.path.join(HERE, "configs", preset)
+    if not args.config and not os.path.isfile(default):
+        default = None
+    settings = settings_from(args, default_config=default)
+    from dialsum_raw.training import train
+    train(settings)
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
