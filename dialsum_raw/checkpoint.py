@@ -36,6 +36,23 @@ def atomic_dir(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def prepare_output_dir(out, overwrite, marker, remove=True):
+    """Refuse to clobber a folder unless asked, before any work is done; --overwrite deletes only
+    folders this project wrote (recognised by `marker`, a file it always leaves there)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output dir {out} exists and is a file")
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if not overwrite:
+        raise UserError(f"output dir {out} already exists and is not empty; pass --overwrite to replace it"
+                        + (f" or --resume {out} to continue it" if marker == "settings.toml" else ""))
+    if not os.path.isfile(os.path.join(out, marker)):
+        raise UserError(f"--overwrite refuses to delete {out}: it does not look like a dialsum_raw output "
+                        f"(no {marker})")
+    if remove:
+        shutil.rmtree(out)
+
+
 def find(path):
     """The complete checkpoint at `path` (or its `.old` twin after an interrupted swap), else None."""
     for candidate in (path, f"{path}.old"):

@@ -42,6 +42,17 @@ def load_model(name_or_path, dropout=None):
                         "is the download complete and the weights file intact?")
 
 
+def autocast_for(precision, device):
+    """A context factory: bf16 autocast on CUDA, plain fp32 elsewhere. T5 overflows in fp16, so
+    fp16 is never offered (config validation refuses it)."""
+    from contextlib import nullcontext
+    import torch
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if bf16 and device.type != "cuda":
+        raise UserError("--precision bf16 needs a CUDA GPU here; use fp32 (or auto) on CPU")
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+
 def _first_line(e):
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else "no message"

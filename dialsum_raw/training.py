@@ -9,7 +9,6 @@ short summary weighs no more than a long one (a mean of per-batch means would).
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, lora
 from .config import Settings
 from .errors import UserError
-from .modeling import count_parameters, load_model, load_tokenizer, parameter_report
+from .modeling import autocast_for, count_parameters, load_model, load_tokenizer, parameter_report
 
 SETTINGS_FILE = "settings.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -49,14 +48,6 @@ def all_sum(values, device, world):
     if world > 1:
         dist.all_reduce(t)
     return t.tolist()
-
-
-def autocast_for(settings: Settings, device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere. T5 in fp16 overflows, so it is never offered."""
-    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
-    if bf16 and device.type != "cuda":
-        raise UserError("--precision bf16 needs a CUDA GPU here; use fp32 (or auto) on CPU")
-    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
 
 def make_optimizer(model, settings: Settings):
@@ -106,24 +97,6 @@ def validation_loss(model, examples, collate, settings, device, rank, world, aut
     return total / max(tokens, 1)
 
 
-def prepare_output_dir(settings: Settings, rank):
-    """Refuse to clobber a run unless asked; --overwrite only deletes folders that are runs."""
-    out = settings.output_dir
-    if settings.resume:
-        return
-    if os.path.isdir(out) and os.listdir(out):
-        if not settings.overwrite:
-            raise UserError(f"output dir {out} already exists and is not empty; pass --overwrite to replace it "
-                            f"or --resume {out} to continue it")
-        if not os.path.isfile(os.path.join(out, SETTINGS_FILE)):
-            raise UserError(f"--overwrite refuses to delete {out}: it does not look like a dialsum_raw run "
-                            f"(no {SETTINGS_FILE})")
-        if rank == 0:
-            shutil.rmtree(out)
-    elif os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"output dir {out} exists and is a file")
-
-
 def save_settings(settings: Settings, path):
     """settings.toml: the exact run, readable back by --config or --resume (JSON scalars are TOML)."""
     skip = {"resume", "overwrite"}
@@ -146,7 +119,8 @@ def load_examples(settings: Settings, tokenizer):
 def train(settings: Settings) -> dict:
     rank, world, device = setup_distributed()
     out = settings.output_dir
-    prepare_output_dir(settings, rank)
+    if not settings.resume:
+        checkpoint.prepare_output_dir(out, settings.overwrite, SETTINGS_FILE, remove=rank == 0)
     resume_from = None
     if settings.resume:
         resume_from = checkpoint.find(os.path.join(settings.resume, "last"))
@@ -157,7 +131,7 @@ def train(settings: Settings) -> dict:
         if state["is_adapter"] != settings.is_lora:
             raise UserError(f"--resume {settings.resume}: it holds a {'LoRA' if state['is_adapter'] else 'full'} "
                             f"run but --lora-rank is {settings.lora_rank}")
-    autocast = autocast_for(settings, device)
+    autocast = autocast_for(settings.precision, device)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # data

@@ -32,3 +32,19 @@ def tokenizer():
 def corpus():
     from dialsum_raw.data import load_splits
     return load_splits(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny, tmp_path_factory):
+    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights."""
+    import subprocess
+    import sys
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for name, flags in (("full", ["--lora-rank", "0", "--lr", "3e-3"]), ("lora", ["--lora-rank", "8", "--lr", "1e-2"])):
+        subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config",
+                        os.path.join(REPO, "configs", "tiny-smoke.toml"), "--model", tiny, "--data", CORPUS,
+                        "--output-dir", str(root / name), "--max-steps", "50", "--eval-every", "50", *flags],
+                       check=True, capture_output=True)
+        runs[name] = str(root / name / "best")
+    return runs

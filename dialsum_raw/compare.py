@@ -1,0 +1,57 @@
+"""One evaluation run: the base zero-shot ("original"), a full fine-tune ("instruct") and the
+base plus a LoRA adapter ("peft"), generated, scored and reported side by side.
+
+The base is loaded once; its LoRA variant is the same object with the adapter injected and merged.
+"""
+
+import os
+
+import torch
+
+from . import checkpoint, data, lora, metrics, report
+from .errors import UserError
+from .generation import generation_kwargs, summarize
+from .modeling import load_model, load_tokenizer
+
+
+def run(settings) -> dict:
+    out = settings.output_dir
+    checkpoint.prepare_output_dir(out, settings.overwrite, "metrics.json")
+    if settings.adapter:
+        lora.read_adapter(settings.adapter)  # fail before hours of generation, not after
+    if settings.instruct and not os.path.isfile(os.path.join(settings.instruct, "config.json")):
+        raise UserError(f"--instruct {settings.instruct} is not a model folder (no config.json)")
+    if settings.show and max(settings.show) >= (settings.limit or 10 ** 9):
+        raise UserError(f"--show {max(settings.show)} is outside --limit {settings.limit}")
+
+    dialogues = data.load_splits(settings.data, (settings.split,))[settings.split]
+    dialogues = dialogues[:settings.limit] if settings.limit else dialogues
+    bad = [i for i in settings.show if i >= len(dialogues)]
+    if bad:
+        raise UserError(f"--show {bad[0]} is out of range: the {settings.split} split has {len(dialogues)} dialogues")
+    texts = [d.dialogue for d in dialogues]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(settings.model)
+
+    models = {"original": settings.model}
+    model = load_model(settings.model).to(device)
+    summaries = {"original": summarize(model, tokenizer, texts, settings, desc="original")}
+    if settings.adapter:
+        lora.load_adapter(model, settings.adapter)
+        lora.merge(model)  # inference at base speed; identical outputs up to float rounding
+        summaries["peft"] = summarize(model, tokenizer, texts, settings, desc="peft")
+        models["peft"] = f"{settings.model} + {settings.adapter}"
+    if settings.instruct:
+        del model
+        model = load_model(settings.instruct).to(device)
+        summaries["instruct"] = summarize(model, tokenizer, texts, settings, desc="instruct")
+        models["instruct"] = settings.instruct
+
+    refs = [d.refs for d in dialogues]
+    scores = {name: metrics.rouge(preds, refs, settings.use_stemmer) for name, preds in summaries.items()}
+    first = next(iter(scores.values()))
+    meta = {"split": settings.split, "data": settings.data, "dialogues": len(dialogues), "rows": first["rows"],
+            "models": models, "generation": generation_kwargs(settings), "use_stemmer": settings.use_stemmer,
+            "max_source_len": settings.max_source_len}
+    report.write(out, dialogues, summaries, scores, settings.show, meta)
+    return {"scores": scores, "summaries": summaries, "dialogues": dialogues}

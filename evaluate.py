@@ -1,0 +1,38 @@
+"""Compare zero-shot, fully fine-tuned and LoRA FLAN-T5 on DialogSum with batched beam search + ROUGE.
+
+    python evaluate.py --base google/flan-t5-small --instruct runs/flan-t5-small-full/best \
+        --adapter runs/flan-t5-small-lora/best --data knkarthick/dialogsum --split test \
+        --output-dir runs/eval --show 200
+
+Writes results.csv (one row per dialogue and reference), metrics.json and report.md.
+"""
+
+import sys
+
+from dialsum_raw.config import build_parser, settings_from
+from dialsum_raw.errors import run_cli
+
+FIELDS = ["model", "instruct", "adapter", "data", "split", "output_dir", "limit", "eval_batch_size", "num_beams",
+          "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size", "use_stemmer", "show",
+          "max_source_len", "precision", "overwrite"]
+
+
+def main(argv=None):
+    parser = build_parser(FIELDS, __doc__.split("\n\n")[0], renames={"model": "--base"})
+    parser.epilog = "example: " + __doc__.split("\n\n")[1].strip()
+    parser._option_string_actions["--output-dir"].required = True
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    from dialsum_raw.compare import run
+    result = run(settings)
+    for name, s in result["scores"].items():
+        print(f"{name:9s} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in s["per_row"].items()))
+    with open(f"{settings.output_dir}/report.md") as f:
+        text = f.read()
+    if settings.show:
+        print(text[text.index("## Dialogue"):])
+    print(f"wrote {settings.output_dir}/results.csv, metrics.json, report.md")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

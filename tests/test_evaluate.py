@@ -1,0 +1,79 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, REPO
+from dialsum_raw import compare, lora, modeling
+from dialsum_raw.config import Settings
+from dialsum_raw.data import write_csv
+from dialsum_raw.generation import summarize
+from dialsum_raw.metrics import pair_scores
+from dialsum_raw.summarize import to_dialogsum
+
+
+@pytest.fixture(scope="module")
+def hub_layout(corpus, tmp_path_factory):
+    """The test split in the hub's flattened CSV layout: each dialogue on 3 rows."""
+    folder = tmp_path_factory.mktemp("hub")
+    write_csv(corpus["test"], folder / "test.csv")
+    return str(folder)
+
+
+def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--base", tiny, "--instruct", trained["full"],
+           "--adapter", trained["lora"], "--data", hub_layout, "--split", "test", "--output-dir", str(out),
+           "--limit", "6", "--batch-size", "4", "--num-beams", "2", "--max-new-tokens", "24", "--show", "2,5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["id", "dialogue", "human_baseline_summaries", "original_model_summaries",
+                             "instruct_model_summaries", "peft_model_summaries"]
+    assert len(rows) == 18 and rows[0]["id"] == "test_0_1" and rows[2]["id"] == "test_0_3"
+    assert all(r[c] for r in rows for c in rows[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"meta", "original", "instruct", "peft"}
+    assert metrics["meta"]["dialogues"] == 6 and metrics["meta"]["rows"] == 18
+    for name, column in (("original", "original_model_summaries"), ("peft", "peft_model_summaries"),
+                         ("instruct", "instruct_model_summaries")):
+        pairs = pair_scores([r[column] for r in rows], [r["human_baseline_summaries"] for r in rows])
+        for k, v in metrics[name]["per_row"].items():
+            assert v == pytest.approx(sum(p[k] for p in pairs) / 18, abs=1e-12)
+        assert set(metrics[name]) >= {"per_row", "multi_ref_max", "multi_ref_mean"}
+    report = (out / "report.md").read_text()
+    for needle in ("| peft vs original |", "| peft vs instruct |", "| instruct vs original |",
+                   "## Dialogue 2 (test_2)", "## Dialogue 5 (test_5)", "- **peft**:"):
+        assert needle in report
+    assert "## Dialogue 2" in res.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_base_loaded_once_and_peft_matches_base_plus_adapter(tiny, trained, corpus, tmp_path, monkeypatch):
+    loads = []
+    real = modeling.load_model
+    monkeypatch.setattr(compare, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    s = Settings(model=tiny, adapter=trained["lora"], data=CORPUS, output_dir=str(tmp_path / "e"), limit=4,
+                 eval_batch_size=4, num_beams=2, max_new_tokens=16)
+    result = compare.run(s)
+    assert loads == [tiny]
+    model = real(tiny)
+    lora.load_adapter(model, trained["lora"])  # unmerged: the plain LoRA forward
+    texts = [d.dialogue for d in corpus["test"][:4]]
+    assert result["summaries"]["peft"] == summarize(model, modeling.load_tokenizer(tiny), texts, s)
+
+
+def test_speaker_names_become_tags_and_back(trained):
+    dialogue, tags = to_dialogsum("Ann: Lunch at noon?\n\nBob: Sure.\nAnn: Great, see you.")
+    assert dialogue == "#Person1#: Lunch at noon?\n#Person2#: Sure.\n#Person1#: Great, see you."
+    assert tags == {"#Person1#": "Ann", "#Person2#": "Bob"}
+    assert to_dialogsum("#Person1#: Hi.\n#Person2#: Hello.") == ("#Person1#: Hi.\n#Person2#: Hello.", {})
+    res = subprocess.run([sys.executable, "-m", "dialsum_raw.summarize", "--model", trained["full"],
+                          "--max-new-tokens", "20"], input="Ann: Lunch at noon?\nBob: Sure.\n",
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() and "#Person" not in res.stdout

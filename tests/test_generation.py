@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from dialsum_raw import data
+from dialsum_raw.config import Settings
+from dialsum_raw.generation import generation_kwargs, summarize
+from dialsum_raw.modeling import load_model, load_tokenizer
+
+
+def _reference(model, tokenizer, texts, settings):
+    """The oracle: model.generate called one dialogue at a time, as the notebook does."""
+    out = []
+    for text in texts:
+        enc = tokenizer(data.prompt(text), return_tensors="pt", max_length=settings.max_source_len, truncation=True)
+        ids = model.generate(**enc, **generation_kwargs(settings))
+        out.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_batched_equals_per_example_generate(trained, tiny, corpus, batch_size, which):
+    """The trained model stops at EOS (early stopping path); the random one writes varied text to the cap."""
+    path = trained["full"] if which == "trained" else tiny
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    texts = [d.dialogue for d in corpus["test"][:10]]
+    s = Settings(eval_batch_size=batch_size, num_beams=4, max_new_tokens=48, max_source_len=256)
+    with torch.no_grad():
+        expect = _reference(model, tok, texts, s)
+    got = summarize(model, tok, texts, s)
+    assert got == expect
+    lengths = [len(tok(t)["input_ids"]) for t in got]
+    if which == "trained":
+        assert max(lengths) < 48  # beams ended at EOS, not at the cap
+    else:
+        assert len(set(got)) == 10 and min(lengths) > 40  # distinct texts, run to the cap
+
+
+def test_options_reach_generate_and_no_default_max_length(tiny, corpus):
+    model = load_model(tiny).eval()
+    tok = load_tokenizer(tiny)
+    texts = [d.dialogue for d in corpus["test"][:3]]
+    s = Settings(eval_batch_size=2, num_beams=2, max_new_tokens=40, no_repeat_ngram_size=2, length_penalty=0.5)
+    got = summarize(model, tok, texts, s)
+    assert got == _reference(model, tok, texts, s)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in got]
+    assert max(len(x) for x in ids) > 20  # HF's default max_length of 20 never applies
+    for x in ids:
+        bigrams = list(zip(x, x[1:]))
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch):
+    model = load_model(tiny).eval()
+    tok = load_tokenizer(tiny)
+    a, b = corpus["test"][0].dialogue, corpus["test"][1].dialogue
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw))
+    s = Settings(eval_batch_size=8, num_beams=2, max_new_tokens=8)
+    got = summarize(model, tok, [a, b, a, a, b, b], s)
+    assert calls == [2]
+    assert got[0] == got[2] == got[3] and got[1] == got[4] == got[5]
