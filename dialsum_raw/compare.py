@@ -18,7 +18,7 @@ def run(settings) -> dict:
     out = settings.output_dir
     checkpoint.prepare_output_dir(out, settings.overwrite, "metrics.json")
     if settings.adapter:
-        lora.read_adapter(settings.adapter)  # fail before hours of generation, not after
+        lora.read_adapter(settings.adapter)  # unreadable adapter: fail before loading anything
     if settings.instruct and not os.path.isfile(os.path.join(settings.instruct, "config.json")):
         raise UserError(f"--instruct {settings.instruct} is not a model folder (no config.json)")
     if settings.show and max(settings.show) >= (settings.limit or 10 ** 9):
@@ -35,6 +35,8 @@ def run(settings) -> dict:
 
     models = {"original": settings.model}
     model = load_model(settings.model).to(device)
+    if settings.adapter:
+        lora.check_adapter(model, settings.adapter)  # a mismatch fails now, not after the first model's run
     summaries = {"original": summarize(model, tokenizer, texts, settings, desc="original")}
     if settings.adapter:
         lora.load_adapter(model, settings.adapter)
@@ -50,6 +52,9 @@ def run(settings) -> dict:
     refs = [d.refs for d in dialogues]
     scores = {name: metrics.rouge(preds, refs, settings.use_stemmer) for name, preds in summaries.items()}
     first = next(iter(scores.values()))
+    if first["non_ascii_texts"]:
+        print(f"note: {first['non_ascii_texts']} references or summaries contain non-ASCII characters; they are "
+              "kept, but rouge_score's tokenizer scores only [a-z0-9] words and drops the rest")
     meta = {"split": settings.split, "data": settings.data, "dialogues": len(dialogues), "rows": first["rows"],
             "models": models, "generation": generation_kwargs(settings), "use_stemmer": settings.use_stemmer,
             "max_source_len": settings.max_source_len}

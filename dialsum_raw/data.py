@@ -200,12 +200,15 @@ def tokenize(tokenizer, texts, max_len):
 
 
 def encode(dialogues, tokenizer, max_source_len, max_target_len):
-    """Training examples, one per (dialogue, reference): {"input_ids", "labels"} lists of ints."""
-    sources, _ = tokenize(tokenizer, [prompt(d.dialogue) for d in dialogues], max_source_len)
+    """Training examples, one per (dialogue, reference): {"input_ids", "labels"} lists of ints,
+    and how many sources and targets were cut to the limits."""
+    sources, source_len = tokenize(tokenizer, [prompt(d.dialogue) for d in dialogues], max_source_len)
     refs = [r for d in dialogues for r in d.refs]
-    targets, _ = tokenize(tokenizer, refs, max_target_len)
+    targets, target_len = tokenize(tokenizer, refs, max_target_len)
     owners = [i for i, d in enumerate(dialogues) for _ in d.refs]
-    return [{"input_ids": sources[i], "labels": t} for i, t in zip(owners, targets)]
+    examples = [{"input_ids": sources[i], "labels": t} for i, t in zip(owners, targets)]
+    return examples, {"truncated_sources": sum(n > max_source_len for n in source_len),
+                      "truncated_targets": sum(n > max_target_len for n in target_len)}
 
 
 class Collator:
@@ -300,7 +303,7 @@ def main(argv=None):
     splits = load_splits(a.source)
     from .modeling import load_tokenizer
     try:
-        tok = load_tokenizer(a.tokenizer)
+        tok = load_tokenizer(a.tokenizer, what="tokenizer")
     except UserError as e:
         print(f"warning: token statistics skipped: {e}", file=sys.stderr)
         tok = None

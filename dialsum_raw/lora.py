@@ -166,15 +166,19 @@ def read_adapter(directory):
     return cfg, tensors
 
 
-def load_adapter(model, directory):
-    """Inject LoRA as the adapter's config says and load its tensors; the base must fit exactly."""
+def check_adapter(model, directory):
+    """(config, tensors) of an adapter, after checking it fits `model` exactly; the model is untouched."""
     cfg, tensors = read_adapter(directory)
     try:
-        inject(model, cfg["targets"], cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg.get("rslora", False))
+        names = _target_layers(model, tuple(cfg["targets"]))
     except UserError as e:
         raise UserError(f"adapter {directory} does not fit this base model: {e}")
-    layers = dict(lora_layers(model))
-    expected = {f"{n}.{p}": getattr(m, p).shape for n, m in layers.items() for p in ("lora_A", "lora_B")}
+    expected = {}
+    for n in names:
+        base = model.get_submodule(n)
+        base = base.base if isinstance(base, LoRALinear) else base
+        expected[f"{n}.lora_A"] = (cfg["rank"], base.in_features)
+        expected[f"{n}.lora_B"] = (base.out_features, cfg["rank"])
     missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or extra:
         which = f"base has layer {sorted(missing)[0]} that the adapter lacks" if missing else \
@@ -182,10 +186,18 @@ def load_adapter(model, directory):
         raise UserError(f"adapter {directory} does not fit this base model ({which}; "
                         f"adapter base: {cfg.get('base_model', '?')})")
     for key, shape in expected.items():
-        if tensors[key].shape != shape:
+        if tuple(tensors[key].shape) != shape:
             raise UserError(f"adapter {directory} does not fit this base model: {key} has shape "
-                            f"{tuple(tensors[key].shape)}, the base needs {tuple(shape)} "
+                            f"{tuple(tensors[key].shape)}, the base needs {shape} "
                             f"(adapter base: {cfg.get('base_model', '?')})")
+    return cfg, tensors
+
+
+def load_adapter(model, directory):
+    """Inject LoRA as the adapter's config says and load its tensors; the base must fit exactly."""
+    cfg, tensors = check_adapter(model, directory)
+    inject(model, cfg["targets"], cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg.get("rslora", False))
+    layers = dict(lora_layers(model))
     with torch.no_grad():
         for key, value in tensors.items():
             layer, part = key.rsplit(".", 1)

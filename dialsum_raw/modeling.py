@@ -18,9 +18,10 @@ def _check_source(name_or_path, what):
         raise UserError(f"{what} not found: {name_or_path} (not a folder)")
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, what="model"):
+    """The tokenizer saved with a model (`what` names the source in error messages)."""
     from transformers import AutoTokenizer
-    _check_source(name_or_path, "tokenizer")
+    _check_source(name_or_path, what)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:

@@ -106,12 +106,16 @@ def save_settings(settings: Settings, path):
         f.write("\n".join(lines) + "\n")
 
 
-def load_examples(settings: Settings, tokenizer):
+def load_examples(settings: Settings, tokenizer, log):
     """Tokenized train and validation examples, every `subsample`-th dialogue kept."""
     splits = data.load_splits(settings.data, ("train", "validation"))
-    k = settings.subsample
-    return {name: data.encode(dialogues[::k], tokenizer, settings.max_source_len, settings.max_target_len)
-            for name, dialogues in splits.items()}
+    out = {}
+    for name, dialogues in splits.items():
+        out[name], cut = data.encode(dialogues[::settings.subsample], tokenizer,
+                                     settings.max_source_len, settings.max_target_len)
+        log(f"{name}: {len(out[name]):,} examples; cut to the limits ({settings.max_source_len}/"
+            f"{settings.max_target_len} tokens): {cut['truncated_sources']} sources, {cut['truncated_targets']} targets")
+    return out
 
 
 # ---------------------------------------------------------------- the run
@@ -136,7 +140,7 @@ def train(settings: Settings) -> dict:
 
     # data
     tokenizer = load_tokenizer(settings.model)
-    examples = load_examples(settings, tokenizer)
+    examples = load_examples(settings, tokenizer, log)
     train_set, val_set = examples["train"], examples["validation"]
     sampler = data.LengthGroupedBatchSampler([len(e["input_ids"]) for e in train_set], settings.batch_size,
                                              world, rank, settings.seed)

@@ -95,7 +95,8 @@ def test_non_ascii_and_other_speaker_formats_are_kept(tmp_path):
 
 def test_encode_truncates_and_keeps_eos(tokenizer):
     long = Dialogue("x", "#Person1#: " + "word " * 2000, ["short summary"])
-    (ex,) = data.encode([long], tokenizer, 64, 16)
+    (ex,), cut = data.encode([long], tokenizer, 64, 16)
+    assert cut == {"truncated_sources": 1, "truncated_targets": 0}
     assert len(ex["input_ids"]) == 64 and ex["input_ids"][-1] == tokenizer.eos_token_id
     ref = tokenizer(data.prompt(long.dialogue), max_length=64, truncation=True)["input_ids"]
     assert ex["input_ids"] == ref

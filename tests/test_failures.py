@@ -1,0 +1,131 @@
+"""Every failure a user can cause ends in one 'error: ...' line, exit 2, no traceback, nothing lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CORPUS, REPO
+from dialsum_raw import checkpoint, lora
+from dialsum_raw.modeling import load_model
+
+TRAIN = os.path.join(REPO, "train.py")
+EVAL = os.path.join(REPO, "evaluate.py")
+SMOKE = os.path.join(REPO, "configs", "tiny-smoke.toml")
+
+
+def _fails(cmd, message, cwd=REPO):
+    res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=cwd)
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    return last
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora-rank", "-1"], "--lora-rank must be >= 1 for LoRA (or 0 for full fine-tuning), got -1"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--lora-rank", "8", "--lora-targets", "q,qq"], "unknown LoRA target 'qq'; choose from q, k, v, o"),
+    (["--precision", "fp16"], "precision fp16 is refused: T5 overflows in fp16"),
+    (["--precision", "bf16"], "--precision bf16 needs a CUDA GPU here"),
+    (["--data", "/no/such/dialogsum"], "data not found: /no/such/dialogsum"),
+    (["--model", "/no/such/model"], "model not found: /no/such/model"),
+    (["--resume", "/tmp"], "--resume /tmp: no checkpoint there"),
+])
+def test_bad_values_for_train(tiny, tmp_path, flags, message):
+    base = ["--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "o")]
+    if "--resume" in flags:
+        base = []
+    _fails([TRAIN, *base, *flags], message)
+
+
+def test_unknown_config_key_names_key_and_file(tmp_path):
+    cfg = tmp_path / "my.toml"
+    cfg.write_text('lr = 1e-3\nlora_rnak = 8\n')
+    _fails([TRAIN, "--config", str(cfg)], f"{cfg}: unknown config key 'lora_rnak'; did you mean 'lora_rank'?")
+    cfg.write_text('lr = "fast"\n')
+    _fails([TRAIN, "--config", str(cfg)], f"{cfg}: bad value for 'lr'")
+
+
+def test_not_a_model_and_corrupted_weights(tiny, tmp_path):
+    _fails([TRAIN, "--config", SMOKE, "--model", str(tmp_path), "--output-dir", str(tmp_path / "o")],
+           f"{tmp_path} is not a model folder (no config.json)")
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", tiny, str(broken)], check=True)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    _fails([TRAIN, "--config", SMOKE, "--model", str(broken), "--data", CORPUS, "--output-dir", str(tmp_path / "o")],
+           f"cannot load model from {broken}")
+
+
+def test_bad_data_file_through_train(tiny, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.csv").write_text("id,dialogue,summary,topic\ntrain_0,hello,,x\n")
+    (folder / "validation.csv").write_text("id,dialogue,summary,topic\ndev_0,hi,there,x\n")
+    _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", str(folder), "--output-dir", str(tmp_path / "o")],
+           f"{folder / 'train.csv'}:2: empty summary")
+
+
+def test_existing_output_dir_refused_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    # the model path is bogus too: the output dir must be the first thing checked
+    _fails([TRAIN, "--config", SMOKE, "--model", "/no/model", "--output-dir", str(tmp_path)],
+           f"output dir {tmp_path} already exists and is not empty; pass --overwrite")
+    _fails([TRAIN, "--config", SMOKE, "--model", "/no/model", "--output-dir", str(tmp_path), "--overwrite"],
+           "--overwrite refuses to delete")
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+    _fails([EVAL, "--base", "/no/model", "--data", CORPUS, "--output-dir", str(tmp_path)], "already exists")
+
+
+def test_adapter_for_another_base_through_evaluate(tiny, small, tmp_path):
+    model = load_model(tiny)
+    lora.inject(model, ("q", "v"), rank=4, alpha=8)
+    lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
+    _fails([EVAL, "--base", small, "--adapter", str(tmp_path / "ad"), "--data", CORPUS, "--output-dir",
+            str(tmp_path / "e"), "--limit", "1"], "does not fit this base model")
+    assert not (tmp_path / "e").exists()
+
+
+def test_corrupted_trainer_state_on_resume(tiny, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
+                    str(out), "--max-steps", "2", "--eval-every", "2", "--subsample", "100"], check=True,
+                   capture_output=True)
+    state = out / "last" / checkpoint.TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:1000])
+    _fails([TRAIN, "--resume", str(out)], "truncated or corrupted checkpoint")
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    last = _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(out),
+                   "--subsample", "100", "--max-steps", "20", "--eval-every", "1", "--warmup-ratio", "0",
+                   "--lr", "1e9", "--clip", "0"], "training diverged")
+    step = int(last.split(" at step ")[1].split(":")[0])
+    assert step >= 2 and f"the last good checkpoint is {out / 'last'}" in last
+    kept = checkpoint.load_state(str(out / "last"))
+    assert kept["step"] == step - 1
+    load_model(str(out / "last"))  # loadable
+
+
+def test_sigint_exits_cleanly_and_keeps_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS,
+                             "--output-dir", str(out), "--max-steps", "400", "--eval-every", "2", "--lora-rank", "4",
+                             "--lr", "1e-3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while checkpoint.find(str(out / "last")) is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    found = checkpoint.find(str(out / "last"))
+    assert checkpoint.load_state(found)["step"] >= 2
+    lora.load_adapter(load_model(tiny), found)
