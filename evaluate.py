@@ -1,4 +1,4 @@
-"""Compare zero-shot, fully fine-tuned and LoRA FLAN-T5 on DialogSum with batched beam search + ROUGE.
+r"""Compare zero-shot, fully fine-tuned and LoRA FLAN-T5 on DialogSum with batched beam search + ROUGE.
 
     python evaluate.py --base google/flan-t5-small --instruct runs/flan-t5-small-full/best \
         --adapter runs/flan-t5-small-lora/best --data knkarthick/dialogsum --split test \

@@ -82,13 +82,19 @@ def _bare_steps(model, batches, device, autocast):
 
 
 def bench_train(args):
-    steps = 8 if args.quick else 30
+    steps = 6 if args.quick else 20
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         s = _lora_settings(args, os.path.join(tmp, "ours"), steps)
         examples, batches = _consumed(s, tok)
         used = [examples[i] for b in batches for i in b]
+        collate = data.Collator(tok.pad_token_id)
+        device_batches = [collate([examples[i] for i in b]) for b in batches]
+        warm = load_model(args.model)  # one untimed step first: thread pools and allocator warm for all three
+        lora.inject(warm, ("q", "v"), 8, 16, 0.05)
+        _bare_steps(warm.to(device), device_batches[:1], device, autocast_for("auto", device))
+        del warm
         ours = training.train(s)
 
         # the notebook's stack on the very same examples: random batches padded to a multiple of 8
@@ -114,9 +120,7 @@ def bench_train(args):
         # bare forward/backward/step on our batches: our loop's overhead
         bare_model = load_model(args.model)
         lora.inject(bare_model, ("q", "v"), 8, 16, 0.05)
-        collate = data.Collator(tok.pad_token_id)
-        bare = _bare_steps(bare_model.to(device), [collate([examples[i] for i in b]) for b in batches], device,
-                           autocast_for("auto", device))
+        bare = _bare_steps(bare_model.to(device), device_batches, device, autocast_for("auto", device))
 
     real = _real_tokens(used)
     result = {"steps": steps, "batch_size": 8, "examples": len(used), "real_tokens": real,
@@ -150,7 +154,7 @@ def _per_row_generate(model, tok, texts, settings):
 
 def bench_eval(args):
     n = 8 if args.quick else 16
-    s = Settings(num_beams=4, max_new_tokens=32 if args.quick else 64, eval_batch_size=16)
+    s = Settings(num_beams=4, max_new_tokens=32 if args.quick else 64)  # default --batch-size
     model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
     rows = list(data.flatten(data.load_splits(args.data, ("test",))["test"][:n]))
     row_texts = [d.dialogue for _, d, _ in rows]
@@ -191,13 +195,15 @@ def bench_memory(args):
         size = {name: sum(os.path.getsize(os.path.join(tmp, name, f)) for f in os.listdir(os.path.join(tmp, name)))
                 for name in ("full", "adapter")}
     result = {"steps": steps, "batch_size": 8, "peak_rss_mb": {m: r["peak_rss_mb"] for m, r in runs.items()},
+              "peak_cuda_mb": {m: r["peak_cuda_mb"] for m, r in runs.items()},
               "loaded_rss_mb": {m: r["loaded_rss_mb"] for m, r in runs.items()},
               "training_rss_mb": {m: round(r["peak_rss_mb"] - r["loaded_rss_mb"], 1) for m, r in runs.items()},
               "checkpoint_bytes": size["full"], "adapter_bytes": size["adapter"],
               "checkpoint_over_adapter": round(size["full"] / size["adapter"], 1)}
-    tr = result["training_rss_mb"]
+    tr, cuda = result["training_rss_mb"], result["peak_cuda_mb"]
     _table(f"memory: {steps} training steps, batch 8, flan-t5-small shape", [
         ("peak RSS LoRA / full", f"{runs['lora']['peak_rss_mb']:.0f} MB / {runs['full']['peak_rss_mb']:.0f} MB"),
+        *([("peak CUDA memory LoRA / full", f"{cuda['lora']:.0f} MB / {cuda['full']:.0f} MB")] if cuda["lora"] else []),
         ("growth over the loaded model LoRA / full", f"{tr['lora']:.0f} MB / {tr['full']:.0f} MB"),
         ("adapter / full checkpoint", f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
                                       f"({result['checkpoint_over_adapter']:.0f}x smaller)")])
@@ -214,11 +220,14 @@ def memory_probe(args):
     model = load_model(args.model)
     if args.mode == "lora":
         lora.inject(model, ("q", "v"), 8, 16, 0.05)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     loaded = rss_mb()
     collate = data.Collator(tok.pad_token_id)
-    device = torch.device("cpu")
-    _bare_steps(model, [collate([examples[i] for i in b]) for b in batches], device, autocast_for("fp32", device))
-    print(json.dumps({"mode": args.mode, "loaded_rss_mb": round(loaded, 1), "peak_rss_mb": round(rss_mb(), 1)}))
+    _bare_steps(model, [collate([examples[i] for i in b]) for b in batches], device, autocast_for("auto", device))
+    peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    print(json.dumps({"mode": args.mode, "loaded_rss_mb": round(loaded, 1), "peak_rss_mb": round(rss_mb(), 1),
+                      "peak_cuda_mb": peak_gpu}))
 
 
 def bench_learn(args):

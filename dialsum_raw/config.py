@@ -60,7 +60,7 @@ class Settings:
     adapter: Optional[str] = None
     split: str = "test"
     limit: int = 0
-    eval_batch_size: int = 16
+    eval_batch_size: int = 8
     num_beams: int = 4
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -140,14 +140,15 @@ FLAGS = {
 def build_parser(fields, description, renames=None):
     """An argparse parser over a subset of Settings; every default is None so files can fill in."""
     renames = renames or {}
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a TOML file from configs/; flags override it")
     defaults = Settings()
     for name in fields:
         flag, kind, help_text = FLAGS[name]
         flag = renames.get(name, flag)
         shown = getattr(defaults, name)
-        help_text = f"{help_text} (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        if shown not in (None, (), False):
+            help_text = f"{help_text} (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
         if kind == "store_true":
             parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
         else:

@@ -60,6 +60,10 @@ def load_splits(source: str, splits=SPLITS) -> dict:
         split = split or next((s for s in SPLITS if s in name or (s == "validation" and "dev" in name)), None)
         if split is None:
             raise UserError(f"{source}: cannot tell the split from the file name (expected train, dev/validation or test in it)")
+        missing = [s for s in splits if s != split]
+        if missing and splits != SPLITS:
+            raise UserError(f"{source} holds only the '{split}' split, but '{missing[0]}' is needed; "
+                            "pass the folder that holds all the split files")
         return {split: read_file(source)}
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
         return _from_hub(source, splits)

@@ -175,8 +175,9 @@ def train(settings: Settings) -> dict:
     optimizer = make_optimizer(raw, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, settings.schedule))
 
-    progress = {"step": 0, "tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
-                "real_tokens": 0, "padded_tokens": 0}
+    # everything a resumed run needs to continue its counters (window_*: loss since the last log line)
+    progress = {"step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
+                "window_loss": 0.0, "window_tokens": 0}
     metrics_path = os.path.join(out, METRICS_FILE)
     if resume_from:
         optimizer.load_state_dict(state["optimizer"])
@@ -203,7 +204,6 @@ def train(settings: Settings) -> dict:
     bar = tqdm(total=total, initial=progress["step"], disable=rank != 0, desc="train", unit="step")
     started = time.time() - progress["seconds"]
     batches = None
-    window_loss, window_tokens = 0.0, 0
     for step in range(progress["step"], total):
         epoch, within = divmod(step, steps_per_epoch)
         if batches is None or within == 0:
@@ -237,18 +237,18 @@ def train(settings: Settings) -> dict:
 
         progress["step"] = step + 1
         progress["tokens"] += int(global_tgt + global_src)
-        progress["real_tokens"] += int(global_tgt + global_src)
         progress["padded_tokens"] += int(global_padded)
         progress["seconds"] = time.time() - started
-        window_loss, window_tokens = window_loss + step_loss * global_tgt, window_tokens + global_tgt
+        progress["window_loss"] += step_loss * global_tgt
+        progress["window_tokens"] += global_tgt
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress['tokens'] / progress['seconds']:.0f}")
-        line = {"step": step + 1, "loss": round(window_loss / window_tokens, 6), "lr": lr,
+        line = {"step": step + 1, "loss": round(progress["window_loss"] / progress["window_tokens"], 6), "lr": lr,
                 "tokens": progress["tokens"], "seconds": round(progress["seconds"], 3)}
         if (step + 1) % settings.log_every == 0:
             write_metrics(line)
-            window_loss, window_tokens = 0.0, 0
+            progress["window_loss"], progress["window_tokens"] = 0.0, 0
 
         at_eval = (step + 1) % settings.eval_every == 0 if settings.eval_every else within == steps_per_epoch - 1
         if at_eval or step + 1 == total:
@@ -270,7 +270,7 @@ def train(settings: Settings) -> dict:
     summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": progress["step"],
                "seconds": round(progress["seconds"], 1), "best_val_loss": progress["best_val_loss"],
                "tokens": progress["tokens"], "tokens_per_second": round(progress["tokens"] / max(progress["seconds"], 1e-9), 1),
-               "padding_fraction": round(1 - progress["real_tokens"] / max(progress["padded_tokens"], 1), 4),
+               "padding_fraction": round(1 - progress["tokens"] / max(progress["padded_tokens"], 1), 4),
                "processes": world, "global_batch": settings.batch_size * world * settings.grad_accum}
     if rank == 0:
         with open(os.path.join(out, "summary.json"), "w") as f:

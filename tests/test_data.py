@@ -142,3 +142,10 @@ def test_stats_cli_bad_input_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"error: {bad}:1: malformed JSON (Expecting property name enclosed in double quotes, column 2)"
+
+
+def test_single_file_gives_its_split_only():
+    test_file = os.path.join(CORPUS, "dialogsum.test.jsonl")
+    assert list(load_splits(test_file)) == ["test"] and len(load_splits(test_file, ("test",))["test"]) == 500
+    with pytest.raises(UserError, match="holds only the 'test' split, but 'train' is needed"):
+        load_splits(test_file, ("train", "validation"))
