@@ -25,7 +25,8 @@ def load_tokenizer(name_or_path, what="model"):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:
-        raise UserError(f"cannot load tokenizer from {name_or_path} ({type(e).__name__}: {_first_line(e)})")
+        raise UserError(f"cannot load tokenizer from {name_or_path} ({type(e).__name__}: {_first_line(e)})"
+                        + ("" if os.path.isdir(name_or_path) else "; offline? give a local folder instead"))
 
 
 def load_model(name_or_path, dropout=None):
@@ -39,8 +40,8 @@ def load_model(name_or_path, dropout=None):
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {_first_line(e)}); "
-                        "is the download complete and the weights file intact?")
+        hint = "is the weights file intact?" if os.path.isdir(name_or_path) else "offline? give a local folder instead"
+        raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {_first_line(e)}); {hint}")
 
 
 def autocast_for(precision, device):

@@ -39,7 +39,7 @@ def _pct(x):
 def markdown(scores, dialogues, summaries, show, meta) -> str:
     names = [m for m in MODELS if m in scores]
     lines = [f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference rows",
-             "", f"Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
+             "", "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
              f"Generation: {meta['generation']}", ""]
     header = "| model | " + " | ".join(ROUGE_TYPES) + " |"
     for kind, title in (("per_row", "Mean over reference rows (as evaluate.load('rouge') on the hub layout)"),
@@ -49,7 +49,8 @@ def markdown(scores, dialogues, summaries, show, meta) -> str:
         lines += [f"| {n} | " + " | ".join(_pct(scores[n][kind][k]) for k in ROUGE_TYPES) + " |" for n in names]
         pairs = [(a, b) for a, b in IMPROVEMENTS if a in scores and b in scores]
         if pairs:
-            lines += ["", "Absolute improvement (percentage points):", "", header, "|---" * (len(ROUGE_TYPES) + 1) + "|"]
+            lines += ["", "Absolute improvement (percentage points):", "", header.replace("model", "comparison", 1),
+                      "|---" * (len(ROUGE_TYPES) + 1) + "|"]
             lines += [f"| {a} vs {b} | " + " | ".join(f"{100 * (scores[a][kind][k] - scores[b][kind][k]):+.2f}"
                                                       for k in ROUGE_TYPES) + " |" for a, b in pairs]
         lines.append("")

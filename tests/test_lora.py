@@ -1,6 +1,4 @@
-import copy
 import json
-import os
 import subprocess
 import sys
 
