@@ -242,7 +242,7 @@ def bench_learn(args):
         s = Settings(model=tiny, data=args.data, output_dir=os.path.join(tmp, "run"), lora_rank=0, lr=3e-3,
                      batch_size=8, max_steps=steps, warmup_ratio=0.05, subsample=5, max_source_len=256,
                      max_target_len=64, eval_every=steps // 5, log_every=steps // 5, seed=0,
-                     num_beams=4, max_new_tokens=64, eval_batch_size=32)
+                     num_beams=4, max_new_tokens=64)
         validate(s)
         summary = training.train(s)
         with open(os.path.join(s.output_dir, "metrics.jsonl")) as f:

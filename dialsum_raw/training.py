@@ -125,6 +125,8 @@ def train(settings: Settings) -> dict:
     out = settings.output_dir
     if not settings.resume:
         checkpoint.prepare_output_dir(out, settings.overwrite, SETTINGS_FILE, remove=rank == 0)
+    if world > 1:
+        dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
     resume_from = None
     if settings.resume:
         resume_from = checkpoint.find(os.path.join(settings.resume, "last"))
