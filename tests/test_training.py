@@ -118,3 +118,23 @@ def test_tiny_model_learns_dialogsum(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: real_backward(self * 0, *a, **k))
     _, broken = _learn(tiny, tmp_path / "broken", 30)
     assert broken[-1]["val_loss"] > 9.0
+
+
+@pytest.mark.parametrize("rank,expect", [
+    ("8", {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": ["q", "v"], "lr": 0.001,
+           "batch_size": 8, "grad_accum": 1}),
+    ("0", {"lora_rank": 0, "lr": 0.0001, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.1, "weight_decay": 0.01}),
+])
+def test_rank_picks_the_notebook_preset(tiny, tmp_path, rank, expect):
+    """No --config: --lora-rank 8 runs the LoRA preset, 0 the full one; flags still override."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--lora-rank", rank, "--model", tiny, "--data",
+                    CORPUS, "--output-dir", str(out), "--max-steps", "1", "--subsample", "200",
+                    "--max-source-len", "64"], check=True, capture_output=True)
+    saved = tomllib.loads((out / "settings.toml").read_text())
+    assert {k: saved[k] for k in expect} == expect
+    assert saved["model"] == tiny and saved["max_source_len"] == 64 and saved["max_steps"] == 1
