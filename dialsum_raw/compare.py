@@ -21,14 +21,12 @@ def run(settings) -> dict:
         lora.read_adapter(settings.adapter)  # unreadable adapter: fail before loading anything
     if settings.instruct and not os.path.isfile(os.path.join(settings.instruct, "config.json")):
         raise UserError(f"--instruct {settings.instruct} is not a model folder (no config.json)")
-    if settings.show and max(settings.show) >= (settings.limit or 10 ** 9):
-        raise UserError(f"--show {max(settings.show)} is outside --limit {settings.limit}")
 
     dialogues = data.load_splits(settings.data, (settings.split,))[settings.split]
     dialogues = dialogues[:settings.limit] if settings.limit else dialogues
     bad = [i for i in settings.show if i >= len(dialogues)]
     if bad:
-        raise UserError(f"--show {bad[0]} is out of range: the {settings.split} split has {len(dialogues)} dialogues")
+        raise UserError(f"--show {bad[0]} is out of range: {len(dialogues)} {settings.split} dialogues are evaluated")
     texts = [d.dialogue for d in dialogues]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(settings.model)

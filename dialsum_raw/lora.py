@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise UserError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base.requires_grad_(False)
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
@@ -134,7 +134,7 @@ def adapter_config(model, base_model: str) -> dict:
     return {"format": "dialsum_raw-lora/1", "rank": m.rank, "alpha": m.alpha,
             "dropout": m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0,
             "targets": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
-            "rslora": not math.isclose(m.scaling, m.alpha / m.rank), "base_model": base_model}
+            "rslora": m.rslora, "base_model": base_model}
 
 
 def save_adapter(model, directory, base_model: str):

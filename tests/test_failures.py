@@ -129,3 +129,8 @@ def test_sigint_exits_cleanly_and_keeps_checkpoint(tiny, tmp_path):
     found = checkpoint.find(str(out / "last"))
     assert checkpoint.load_state(found)["step"] >= 2
     lora.load_adapter(load_model(tiny), found)
+
+
+def test_show_outside_evaluated_dialogues(tiny, tmp_path):
+    _fails([EVAL, "--base", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "e"), "--limit", "3",
+            "--show", "1,5"], "--show 5 is out of range: 3 test dialogues are evaluated")

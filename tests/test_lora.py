@@ -181,3 +181,12 @@ def test_merge_and_export_peft_commands(tiny, tmp_path):
     assert (merged(**x).logits - expect).abs().max() <= 1e-4
     via_peft = PeftModel.from_pretrained(load_model(tiny), tmp_path / "peft").eval()
     assert (via_peft(**x).logits - expect).abs().max() <= 1e-4
+
+
+def test_rslora_is_recorded_and_reloaded(tiny, tmp_path):
+    model = load_model(tiny)
+    lora.inject(model, ("q",), rank=4, alpha=8, rslora=True)
+    lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
+    fresh = load_model(tiny)
+    assert lora.load_adapter(fresh, tmp_path / "ad")["rslora"] is True
+    assert {m.scaling for _, m in lora.lora_layers(fresh)} == {4.0}
