@@ -61,3 +61,13 @@ def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch)
     got = summarize(model, tok, [a, b, a, a, b, b], s)
     assert calls == [2]
     assert got[0] == got[2] == got[3] and got[1] == got[4] == got[5]
+
+
+def test_min_new_tokens_holds_back_eos(trained, corpus):
+    model, tok = load_model(trained["full"]).eval(), load_tokenizer(trained["full"])
+    texts = [d.dialogue for d in corpus["test"][:4]]
+    free = summarize(model, tok, texts, Settings(num_beams=2, max_new_tokens=40))
+    held = summarize(model, tok, texts, Settings(num_beams=2, max_new_tokens=40, min_new_tokens=20))
+    n = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])
+    assert min(n(t) for t in free) < 19 and min(n(t) for t in held) >= 19  # EOS counts as the 20th token
+    assert held == _reference(model, tok, texts, Settings(num_beams=2, max_new_tokens=40, min_new_tokens=20))
