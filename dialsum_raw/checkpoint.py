@@ -36,7 +36,7 @@ def atomic_dir(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_output_dir(out, overwrite, marker, remove=True):
+def prepare_output_dir(out, overwrite, marker, remove=True, resumable=False):
     """Refuse to clobber a folder unless asked, before any work is done; --overwrite deletes only
     folders this project wrote (recognised by `marker`, a file it always leaves there)."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -45,7 +45,7 @@ def prepare_output_dir(out, overwrite, marker, remove=True):
         return
     if not overwrite:
         raise UserError(f"output dir {out} already exists and is not empty; pass --overwrite to replace it"
-                        + (f" or --resume {out} to continue it" if marker == "settings.toml" else ""))
+                        + (f" or --resume {out} to continue it" if resumable else ""))
     if not os.path.isfile(os.path.join(out, marker)):
         raise UserError(f"--overwrite refuses to delete {out}: it does not look like a dialsum_raw output "
                         f"(no {marker})")

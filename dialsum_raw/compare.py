@@ -17,8 +17,6 @@ from .modeling import load_model, load_tokenizer
 def run(settings) -> dict:
     out = settings.output_dir
     checkpoint.prepare_output_dir(out, settings.overwrite, "metrics.json")
-    if settings.adapter:
-        lora.read_adapter(settings.adapter)  # unreadable adapter: fail before loading anything
     if settings.instruct and not os.path.isfile(os.path.join(settings.instruct, "config.json")):
         raise UserError(f"--instruct {settings.instruct} is not a model folder (no config.json)")
 
@@ -33,11 +31,11 @@ def run(settings) -> dict:
 
     models = {"original": settings.model}
     model = load_model(settings.model).to(device)
-    if settings.adapter:
-        lora.check_adapter(model, settings.adapter)  # a mismatch fails now, not after the first model's run
+    # a corrupted or mismatched adapter fails now, not after the first model's run
+    adapter = lora.check_adapter(model, settings.adapter) if settings.adapter else None
     summaries = {"original": summarize(model, tokenizer, texts, settings, desc="original")}
     if settings.adapter:
-        lora.load_adapter(model, settings.adapter)
+        lora.apply_adapter(model, *adapter)
         lora.merge(model)  # inference at base speed; identical outputs up to float rounding
         summaries["peft"] = summarize(model, tokenizer, texts, settings, desc="peft")
         models["peft"] = f"{settings.model} + {settings.adapter}"

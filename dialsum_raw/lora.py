@@ -195,7 +195,11 @@ def check_adapter(model, directory):
 
 def load_adapter(model, directory):
     """Inject LoRA as the adapter's config says and load its tensors; the base must fit exactly."""
-    cfg, tensors = check_adapter(model, directory)
+    return apply_adapter(model, *check_adapter(model, directory))
+
+
+def apply_adapter(model, cfg, tensors):
+    """Inject and fill LoRA layers from an adapter that check_adapter has accepted for this model."""
     inject(model, cfg["targets"], cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg.get("rslora", False))
     layers = dict(lora_layers(model))
     with torch.no_grad():

@@ -124,7 +124,7 @@ def train(settings: Settings) -> dict:
     rank, world, device = setup_distributed()
     out = settings.output_dir
     if not settings.resume:
-        checkpoint.prepare_output_dir(out, settings.overwrite, SETTINGS_FILE, remove=rank == 0)
+        checkpoint.prepare_output_dir(out, settings.overwrite, SETTINGS_FILE, remove=rank == 0, resumable=True)
     if world > 1:
         dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
     resume_from = None
