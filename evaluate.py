@@ -14,13 +14,12 @@ from dialsum_raw.errors import run_cli
 
 FIELDS = ["model", "instruct", "adapter", "data", "split", "output_dir", "limit", "eval_batch_size", "num_beams",
           "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size", "use_stemmer", "show",
-          "max_source_len", "precision", "overwrite"]
+          "max_source_len", "precision", "engine", "bootstrap", "overwrite"]
 
 
 def main(argv=None):
-    parser = build_parser(FIELDS, __doc__.split("\n\n")[0], renames={"model": "--base"})
+    parser = build_parser(FIELDS, __doc__.split("\n\n")[0], renames={"model": "--base"}, required=("output_dir",))
     parser.epilog = "example: " + __doc__.split("\n\n")[1].strip()
-    parser._option_string_actions["--output-dir"].required = True
     args = parser.parse_args(argv)
     settings = settings_from(args)
     from dialsum_raw.compare import run

@@ -17,9 +17,11 @@ from dialsum_raw.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIELDS = ["model", "data", "output_dir", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora",
+          "dora", "lora_init", "lora_plus_ratio",
           "lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "weight_decay", "schedule",
-          "clip", "dropout", "precision", "seed", "max_source_len", "max_target_len", "subsample",
-          "eval_every", "log_every", "resume", "overwrite"]
+          "clip", "dropout", "precision", "gradient_checkpointing", "seed", "max_source_len", "max_target_len",
+          "subsample", "eval_every", "log_every", "save_every", "eval_rouge", "best_metric", "early_stop",
+          "num_beams", "max_new_tokens", "engine", "tensorboard", "resume", "overwrite"]
 
 
 def main(argv=None):

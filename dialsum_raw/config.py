@@ -19,6 +19,8 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import UserError
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+LORA_INITS = ("kaiming", "gaussian", "pissa")
+BEST_METRICS = ("val_loss", "rouge1", "rouge2", "rougeL")
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Settings:
     lora_dropout: float = 0.05
     lora_targets: tuple = ("q", "v")
     rslora: bool = False
+    dora: bool = False
+    lora_init: str = "kaiming"
+    lora_plus_ratio: float = 1.0
     # optimisation
     lr: float = 1e-3
     batch_size: int = 8
@@ -53,6 +58,12 @@ class Settings:
     # bookkeeping
     eval_every: int = 0
     log_every: int = 10
+    save_every: int = 0
+    eval_rouge: int = 0
+    best_metric: str = "val_loss"
+    early_stop: int = 0
+    tensorboard: bool = False
+    gradient_checkpointing: bool = False
     resume: Optional[str] = None
     overwrite: bool = False
     # evaluation / generation
@@ -68,6 +79,8 @@ class Settings:
     no_repeat_ngram_size: int = 0
     use_stemmer: bool = True
     show: tuple = field(default=())
+    engine: str = "own"
+    bootstrap: int = 1000
 
     @property
     def is_lora(self) -> bool:
@@ -83,16 +96,6 @@ def _csv(kind):
     return parse
 
 
-def _bool(text):
-    if isinstance(text, bool):
-        return text
-    if str(text).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(text).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 # field -> (flag, parser, help). Each front end picks the fields it exposes.
 FLAGS = {
     "model": ("--model", str, "hub id or local folder of the base model"),
@@ -102,7 +105,10 @@ FLAGS = {
     "lora_alpha": ("--lora-alpha", float, "LoRA alpha (scale = alpha/r)"),
     "lora_dropout": ("--lora-dropout", float, "dropout on the LoRA input"),
     "lora_targets": ("--lora-targets", _csv(str), f"comma list from {','.join(LORA_TARGETS)}"),
-    "rslora": ("--rslora", _bool, "scale by alpha/sqrt(r) instead of alpha/r"),
+    "rslora": ("--rslora", "flag", "scale by alpha/sqrt(r) instead of alpha/r"),
+    "dora": ("--dora", "flag", "DoRA: a trained per-row magnitude times the normalized W + BA"),
+    "lora_init": ("--lora-init", str, "how A and B start: kaiming, gaussian or pissa"),
+    "lora_plus_ratio": ("--lora-plus-ratio", float, "LoRA+: B's learning rate is K x A's (1 = plain LoRA)"),
     "lr": ("--lr", float, "peak learning rate"),
     "batch_size": ("--batch-size", int, "examples per process per micro-batch"),
     "grad_accum": ("--grad-accum", int, "micro-batches per optimizer step"),
@@ -113,15 +119,23 @@ FLAGS = {
     "schedule": ("--schedule", str, "decay after warmup: linear or cosine"),
     "clip": ("--clip", float, "gradient-norm clipping (0 = off)"),
     "dropout": ("--dropout", float, "override the model's dropout rate"),
-    "precision": ("--precision", str, "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
+    "precision": ("--precision", str, "auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32), "
+                                      "bf16 or fp32"),
     "seed": ("--seed", int, "seed for init, shuffling and dropout"),
     "max_source_len": ("--max-source-len", int, "source tokens kept (prompt + dialogue)"),
     "max_target_len": ("--max-target-len", int, "summary tokens kept"),
     "subsample": ("--subsample", int, "keep every K-th example of each split (the notebook: 100)"),
     "eval_every": ("--eval-every", int, "validate and save every N steps (0 = every epoch)"),
     "log_every": ("--log-every", int, "write a metrics.jsonl line every N steps"),
+    "save_every": ("--save-every", int, "also save last/ every N steps (0 = only at validation)"),
+    "eval_rouge": ("--eval-rouge", int, "at each validation, ROUGE on the first N validation dialogues (0 = off)"),
+    "best_metric": ("--best-metric", str, "what picks best/: val_loss, rouge1, rouge2 or rougeL"),
+    "early_stop": ("--early-stop", int, "stop after K validations without improvement (0 = never)"),
+    "tensorboard": ("--tensorboard", "flag", "also write scalars for TensorBoard (pip install -e '.[tensorboard]')"),
+    "gradient_checkpointing": ("--gradient-checkpointing", "flag",
+                               "recompute activations in backward: less memory, more compute"),
     "resume": ("--resume", str, "continue the run saved in this output dir"),
-    "overwrite": ("--overwrite", "store_true", "replace an existing output dir"),
+    "overwrite": ("--overwrite", "flag", "replace an existing output dir"),
     "instruct": ("--instruct", str, "a full fine-tuned checkpoint folder ('instruct' model)"),
     "adapter": ("--adapter", str, "a LoRA adapter folder applied to --base ('peft' model)"),
     "split": ("--split", str, "train, validation or test"),
@@ -132,13 +146,16 @@ FLAGS = {
     "min_new_tokens": ("--min-new-tokens", int, "fewest summary tokens generated"),
     "length_penalty": ("--length-penalty", float, "beam score length exponent"),
     "no_repeat_ngram_size": ("--no-repeat-ngram-size", int, "forbid repeated n-grams (0 = off)"),
-    "use_stemmer": ("--use-stemmer", _bool, "Porter stemming in ROUGE (default true)"),
+    "use_stemmer": ("--use-stemmer", "flag", "Porter stemming in ROUGE"),
     "show": ("--show", _csv(int), "dialogue indices to print side by side, e.g. 200,201"),
+    "engine": ("--engine", str, "beam search: own (T5-family, fast) or hf (model.generate, any model)"),
+    "bootstrap": ("--bootstrap", int, "paired-bootstrap resamples for the report's confidence intervals"),
 }
 
 
-def build_parser(fields, description, renames=None):
-    """An argparse parser over a subset of Settings; every default is None so files can fill in."""
+def build_parser(fields, description, renames=None, required=()):
+    """An argparse parser over a subset of Settings; every default is None so files can fill in.
+    Fields named in `required` must be given on the command line."""
     renames = renames or {}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a TOML file from configs/; flags override it")
@@ -147,17 +164,42 @@ def build_parser(fields, description, renames=None):
         flag, kind, help_text = FLAGS[name]
         flag = renames.get(name, flag)
         shown = getattr(defaults, name)
-        if shown not in (None, (), False):
+        if shown not in (None, ()) and kind != "flag":
             help_text = f"{help_text} (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
-        if kind == "store_true":
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        if kind == "flag":
+            help_text += f" (default: {'on' if shown else 'off'})"
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, dest=name, type=kind, default=None, required=name in required, help=help_text)
     return parser
 
 
+# What a TOML value must be for each annotation of Settings, named as in the error message.
+_TOML_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+               str: (str, "a string"), tuple: (list, "a list")}
+
+
+def _field_type(f):
+    """The plain type of a Settings field: Optional[X] -> X."""
+    kind = f.type
+    return next(a for a in kind.__args__ if a is not type(None)) if getattr(kind, "__args__", None) else kind
+
+
+def _typed(path, key, value, kind):
+    """`value` as the field's type, or a UserError 'FILE: key: expected an integer, got 8.9'."""
+    allowed, what = _TOML_TYPES[kind]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
+        raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
+    if kind is tuple:
+        item = int if key.replace("-", "_") == "show" else str
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{path}: {key}: expected a list of {'integers' if item is int else 'strings'}, got {value!r}")
+        return tuple(value)
+    return float(value) if kind is float else value
+
+
 def read_config(path):
-    """A TOML config as a {field: value} dict; unknown keys and bad types name the file."""
+    """A TOML config as a {field: value} dict; unknown keys and values of the wrong type name the file."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -173,13 +215,7 @@ def read_config(path):
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"{path}: unknown config key '{key}'{hint}")
-        kind = FLAGS[name][1]
-        try:
-            if isinstance(value, list):
-                value = ",".join(map(str, value))
-            values[name] = True if kind == "store_true" else (value if kind is str else kind(value))
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"{path}: bad value for '{key}': {e}")
+        values[name] = _typed(path, key, value, _field_type(names[name]))
     return values
 
 
@@ -213,6 +249,8 @@ def validate(s: Settings):
         bad = [t for t in s.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        need(s.lora_init in LORA_INITS, f"--lora-init must be one of {', '.join(LORA_INITS)}, got {s.lora_init!r}")
+        need(s.lora_plus_ratio > 0, f"--lora-plus-ratio must be > 0, got {s.lora_plus_ratio}")
     need(s.lr > 0, f"--lr must be > 0, got {s.lr}")
     need(s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}")
     need(s.eval_batch_size >= 1, f"--batch-size must be >= 1, got {s.eval_batch_size}")
@@ -228,6 +266,14 @@ def validate(s: Settings):
          f"--max-source-len must be >= 8 and --max-target-len >= 2, got {s.max_source_len}, {s.max_target_len}")
     need(s.subsample >= 1, f"--subsample must be >= 1, got {s.subsample}")
     need(s.eval_every >= 0 and s.log_every >= 1, "--eval-every must be >= 0 and --log-every >= 1")
+    need(s.save_every >= 0, f"--save-every must be >= 0, got {s.save_every}")
+    need(s.eval_rouge >= 0, f"--eval-rouge must be >= 0, got {s.eval_rouge}")
+    need(s.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {s.best_metric!r}")
+    need(s.best_metric == "val_loss" or s.eval_rouge > 0,
+         f"--best-metric {s.best_metric} needs ROUGE during training: add --eval-rouge N (e.g. 100)")
+    need(s.early_stop >= 0, f"--early-stop must be >= 0, got {s.early_stop}")
+    need(s.engine in ("own", "hf"), f"--engine must be own or hf, got {s.engine!r}")
+    need(s.bootstrap >= 1, f"--bootstrap must be >= 1, got {s.bootstrap}")
     need(s.split in ("train", "validation", "test"), f"--split must be train, validation or test, got {s.split!r}")
     need(s.limit >= 0, f"--limit must be >= 0, got {s.limit}")
     need(s.num_beams >= 1 and s.max_new_tokens >= 1, "--num-beams and --max-new-tokens must be >= 1")

@@ -33,7 +33,7 @@ def to_dialogsum(text):
 
 
 def main(argv=None):
-    parser = build_parser(["model", "adapter", "num_beams", "max_new_tokens", "max_source_len", "precision"],
+    parser = build_parser(["model", "adapter", "num_beams", "max_new_tokens", "max_source_len", "precision", "engine"],
                           __doc__.split("\n\n")[0])
     parser.prog = "python -m dialsum_raw.summarize"
     parser.add_argument("file", nargs="?", help="dialogue text file (default: stdin)")

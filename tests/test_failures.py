@@ -50,7 +50,27 @@ def test_unknown_config_key_names_key_and_file(tmp_path):
     cfg.write_text('lr = 1e-3\nlora_rnak = 8\n')
     _fails([TRAIN, "--config", str(cfg)], f"{cfg}: unknown config key 'lora_rnak'; did you mean 'lora_rank'?")
     cfg.write_text('lr = "fast"\n')
-    _fails([TRAIN, "--config", str(cfg)], f"{cfg}: bad value for 'lr'")
+    _fails([TRAIN, "--config", str(cfg)], f"{cfg}: lr: expected a number, got 'fast'")
+
+
+@pytest.mark.parametrize("line,message", [
+    ("lora_rank = 8.9", "lora_rank: expected an integer, got 8.9"),
+    ("overwrite = 'false'", "overwrite: expected true or false, got 'false'"),
+    ("model = 3", "model: expected a string, got 3"),
+    ("batch_size = true", "batch_size: expected an integer, got True"),
+    ("lora_targets = 'q'", "lora_targets: expected a list, got 'q'"),
+])
+def test_config_values_must_have_their_field_type(tmp_path, line, message):
+    cfg = tmp_path / "typed.toml"
+    cfg.write_text(line + "\n")
+    _fails([TRAIN, "--config", str(cfg)], f"{cfg}: {message}")
+
+
+def test_config_false_stays_false(tmp_path):
+    from dialsum_raw.config import read_config
+    cfg = tmp_path / "flags.toml"
+    cfg.write_text("overwrite = false\nrslora = false\nlr = 1\n")
+    assert read_config(str(cfg)) == {"overwrite": False, "rslora": False, "lr": 1.0}
 
 
 def test_not_a_model_and_corrupted_weights(tiny, tmp_path):
