@@ -203,10 +203,34 @@ def tokenize(tokenizer, texts, max_len):
     return [x if len(x) <= max_len else x[: max_len - 1] + x[-1:] for x in ids], full
 
 
+def encode_sources(tokenizer, dialogues, max_len):
+    """Model inputs for dialogue texts: the prompt's ids, at most max_len; also the uncut lengths.
+
+    A prompt that fits is tokenized whole. A longer one loses the end of its dialogue, not of the
+    prompt, so the model still sees the instruction and "Summary:" + EOS: the template's head, the
+    dialogue's first tokens, the tail. Head, dialogue and tail are tokenized separately; T5's
+    Metaspace pre-tokenizer splits at the whitespace around {dialogue}, so these are the ids the
+    whole prompt has at those places (tests check this on every DialogSum dialogue).
+    """
+    dialogues = list(dialogues)
+    ids, full = tokenize(tokenizer, [prompt(d) for d in dialogues], max_len)
+    long = [i for i, n in enumerate(full) if n > max_len]
+    if long:
+        head, tail = tokenizer(PROMPT.split("{dialogue}"), add_special_tokens=False)["input_ids"]
+        room = max_len - len(head) - len(tail) - 1
+        if room < 1:
+            raise UserError(f"a source length of {max_len} tokens leaves no room for the dialogue: the prompt "
+                            f"alone takes {len(head) + len(tail) + 1}; raise --max-source-len")
+        bodies = tokenizer([dialogues[i] for i in long], add_special_tokens=False, verbose=False)["input_ids"]
+        for i, body in zip(long, bodies):
+            ids[i] = head + body[:room] + tail + [tokenizer.eos_token_id]
+    return ids, full
+
+
 def encode(dialogues, tokenizer, max_source_len, max_target_len):
     """Training examples, one per (dialogue, reference): {"input_ids", "labels"} lists of ints,
-    and how many sources and targets were cut to the limits."""
-    sources, source_len = tokenize(tokenizer, [prompt(d.dialogue) for d in dialogues], max_source_len)
+    and how many sources (dialogues shortened, see encode_sources) and targets were cut to the limits."""
+    sources, source_len = encode_sources(tokenizer, [d.dialogue for d in dialogues], max_source_len)
     refs = [r for d in dialogues for r in d.refs]
     targets, target_len = tokenize(tokenizer, refs, max_target_len)
     owners = [i for i, d in enumerate(dialogues) for _ in d.refs]
@@ -233,21 +257,23 @@ class Collator:
 
 
 class LengthGroupedBatchSampler:
-    """Shuffled batches of similar source length; yields this rank's share of each global batch.
+    """Shuffled batches of similar source length; yields this rank's micro-batches of each global batch.
 
-    A global batch (batch_size x world_size examples) is formed first and then split across
-    ranks, so N processes see exactly the examples one process sees with the global batch size.
-    The last incomplete global batch is dropped so every rank steps together. Batches depend
-    only on (seed, epoch), which makes the position resumable: set_epoch(epoch, skip).
+    A global batch (batch_size x world_size x accum examples: one optimiser step) is formed first and
+    then cut into `accum` micro-batches, each split across ranks. So N processes, or accumulation
+    over N micro-batches, see exactly the examples of one process with the global batch size. The
+    last incomplete global batch is dropped so every rank steps together. Batches depend only on
+    (seed, epoch), which makes the position resumable: set_epoch(epoch, skip micro-batches).
     """
 
-    def __init__(self, lengths, batch_size, world_size=1, rank=0, seed=0, megabatch=50):
+    def __init__(self, lengths, batch_size, world_size=1, rank=0, seed=0, megabatch=50, accum=1):
         self.lengths, self.batch_size, self.world, self.rank = list(lengths), batch_size, world_size, rank
-        self.seed, self.megabatch = seed, megabatch
+        self.seed, self.megabatch, self.accum = seed, megabatch, accum
         self.epoch, self.skip = 0, 0
         if len(self) == 0:
             raise UserError(f"{len(self.lengths)} training examples cannot fill one global batch of "
-                            f"{batch_size * world_size}; lower --batch-size or --subsample")
+                            f"{batch_size * world_size * accum} (batch x processes x accumulation); "
+                            "lower --batch-size, --grad-accum or --subsample")
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.epoch, self.skip = epoch, skip
@@ -256,7 +282,7 @@ class LengthGroupedBatchSampler:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        size = self.batch_size * self.world
+        size = self.batch_size * self.world * self.accum
         chunk = size * self.megabatch
         batches = []
         for start in range(0, len(order), chunk):
@@ -266,29 +292,32 @@ class LengthGroupedBatchSampler:
         return batches
 
     def __len__(self):
-        return len(self.lengths) // (self.batch_size * self.world)
+        return len(self.lengths) // (self.batch_size * self.world * self.accum) * self.accum
 
     def __iter__(self):
-        for batch in self.global_batches(self.epoch)[self.skip:]:
-            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        micro = self.batch_size * self.world
+        for batch in self.global_batches(self.epoch)[self.skip // self.accum:]:
+            for k in range(self.accum):
+                part = batch[k * micro:(k + 1) * micro]
+                yield part[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
 
 # ---------------------------------------------------------------- statistics
 
 def stats(splits, tokenizer=None, max_source_len=512, max_target_len=128) -> dict:
-    """Counts per split, plus token lengths and truncation when a tokenizer is given."""
+    """Counts per split; with a tokenizer also token lengths and how many dialogues and targets were cut."""
     out = {}
     for name, dialogues in splits.items():
         refs = [r for d in dialogues for r in d.refs]
         s = {"dialogues": len(dialogues), "references": len(refs),
              "non_ascii_dialogues": sum(any(ord(c) > 127 for c in d.dialogue) for d in dialogues)}
         if tokenizer is not None:
-            src, src_len = tokenize(tokenizer, [prompt(d.dialogue) for d in dialogues], max_source_len)
+            src, src_len = encode_sources(tokenizer, [d.dialogue for d in dialogues], max_source_len)
             _, tgt_len = tokenize(tokenizer, refs, max_target_len)
             s.update({
                 "source_tokens_mean": round(sum(src_len) / len(src_len), 1), "source_tokens_max": max(src_len),
                 "target_tokens_mean": round(sum(tgt_len) / len(tgt_len), 1), "target_tokens_max": max(tgt_len),
-                "truncated_sources": sum(n > max_source_len for n in src_len),
+                "shortened_dialogues": sum(n > max_source_len for n in src_len),
                 "truncated_targets": sum(n > max_target_len for n in tgt_len),
                 "unk_tokens_in_sources": sum(x.count(tokenizer.unk_token_id) for x in src),
             })

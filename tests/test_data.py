@@ -93,14 +93,64 @@ def test_non_ascii_and_other_speaker_formats_are_kept(tmp_path):
     assert d.dialogue == "Zoë: Ça va?\nBob: Très bien." and d.refs == ["Zoë greets Bob."]
 
 
-def test_encode_truncates_and_keeps_eos(tokenizer):
+HEAD = "Summarize the following conversation."
+TAIL = "\n\nSummary:"
+
+
+def test_encode_shortens_the_dialogue_not_the_prompt(tokenizer):
     long = Dialogue("x", "#Person1#: " + "word " * 2000, ["short summary"])
     (ex,), cut = data.encode([long], tokenizer, 64, 16)
     assert cut == {"truncated_sources": 1, "truncated_targets": 0}
-    assert len(ex["input_ids"]) == 64 and ex["input_ids"][-1] == tokenizer.eos_token_id
-    ref = tokenizer(data.prompt(long.dialogue), max_length=64, truncation=True)["input_ids"]
-    assert ex["input_ids"] == ref
+    whole = tokenizer(data.prompt(long.dialogue))["input_ids"]
+    assert ex["input_ids"] == whole[:61] + tokenizer(TAIL)["input_ids"]
     assert ex["labels"] == tokenizer("short summary")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def whole_prompts(corpus, tokenizer):
+    """Each split's prompts tokenized whole, untruncated: what sources were before shortening existed."""
+    return {name: tokenizer([data.prompt(d.dialogue) for d in dialogues], verbose=False)["input_ids"]
+            for name, dialogues in corpus.items()}
+
+
+@pytest.mark.parametrize("max_len,shortened", [(512, {"train": 260, "validation": 8, "test": 13}),
+                                               (64, {"train": 12460, "validation": 500, "test": 500})])
+def test_sources_keep_the_prompt_on_real_corpus(corpus, tokenizer, whole_prompts, max_len, shortened):
+    """A source that fits is the whole prompt's ids; a longer one is its first max_len - 3 ids
+    (head + start of the dialogue), then "Summary:" + EOS."""
+    head, tail = tokenizer(HEAD, add_special_tokens=False)["input_ids"], tokenizer(TAIL)["input_ids"]
+    counts = {}
+    for name, dialogues in corpus.items():
+        ids, lengths = data.encode_sources(tokenizer, [d.dialogue for d in dialogues], max_len)
+        whole = whole_prompts[name]
+        assert lengths == [len(w) for w in whole]
+        counts[name] = 0
+        for got, w in zip(ids, whole):
+            assert w[-len(tail):] == tail  # the tail's ids alone are the whole prompt's ending
+            if len(w) <= max_len:
+                assert got == w
+            else:
+                counts[name] += 1
+                assert len(got) == max_len and got[:len(head)] == head and got[-len(tail):] == tail
+                assert got == w[:max_len - len(tail)] + tail
+    assert counts == shortened
+
+
+def test_source_exactly_at_the_limit_is_kept_whole(corpus, tokenizer):
+    text = corpus["test"][0].dialogue
+    whole = tokenizer(data.prompt(text))["input_ids"]
+    n = len(whole)
+    assert data.encode_sources(tokenizer, [text], n) == ([whole], [n])
+    assert data.encode_sources(tokenizer, [text], n - 1)[0] == [whole[:n - 4] + tokenizer(TAIL)["input_ids"]]
+
+
+def test_source_limit_below_the_prompt_is_a_clear_error(tokenizer):
+    text = "#Person1#: hello there"
+    prompt_only = len(tokenizer(HEAD + TAIL)["input_ids"])
+    with pytest.raises(UserError, match=f"leaves no room for the dialogue: the prompt alone takes {prompt_only}"):
+        data.encode_sources(tokenizer, [text], prompt_only)
+    (ids,), _ = data.encode_sources(tokenizer, [text], prompt_only + 1)
+    assert ids == tokenizer(HEAD + " #" + TAIL)["input_ids"]
 
 
 def test_collator_pads_dynamically():
@@ -132,7 +182,8 @@ def test_stats_cli_on_real_corpus():
     s = json.loads(out.stdout)["splits"]
     assert [s[k]["dialogues"] for k in ("train", "validation", "test")] == [12460, 500, 500]
     assert [s[k]["references"] for k in ("train", "validation", "test")] == [12460, 500, 1500]
-    assert s["train"]["source_tokens_max"] > 512 and s["train"]["truncated_sources"] > 0
+    assert s["train"]["source_tokens_max"] > 512
+    assert [s[k]["shortened_dialogues"] for k in ("train", "validation", "test")] == [260, 8, 13]
 
 
 def test_stats_cli_bad_input_is_one_line(tmp_path):
