@@ -1,12 +1,15 @@
 """Fine-tune FLAN-T5 on DialogSum: full fine-tuning (--lora-rank 0) or LoRA (--lora-rank R).
 
-    python train.py --lora-rank 8                       # the notebook's LoRA run
-    python train.py --lora-rank 0                       # the notebook's full fine-tuning
+    python train.py --lora-rank 8                       # the notebook's LoRA run (10 epochs)
+    python train.py --lora-rank 0                       # the notebook's full fine-tuning (10 epochs)
+    python train.py --config configs/quick-lora.toml    # one epoch (quick-full.toml likewise)
     python train.py --config configs/tiny-smoke.toml    # minutes on a CPU
+    kill -TERM <pid>  (or Ctrl-C)                       # saves last/ at the next step, then exits
     torchrun --nproc_per_node 2 train.py ...            # DDP; --batch-size is per process
 
-Without --config the preset for the rank is used: configs/flan-t5-small-lora.toml for R > 0,
-configs/flan-t5-small-full.toml for 0. With --resume DIR the run's own settings.toml is used.
+Without --config the notebook's recipe for the rank is used: configs/notebook-lora.toml for R > 0,
+configs/notebook-full.toml for 0. With --resume DIR the run's own settings.toml is used; flags that
+would change its data order or schedule are refused.
 """
 
 import os
@@ -34,7 +37,7 @@ def main(argv=None):
         default = os.path.join(args.resume, "settings.toml")
         args.output_dir = args.output_dir or args.resume
     else:
-        preset = "flan-t5-small-full.toml" if args.lora_rank == 0 else "flan-t5-small-lora.toml"
+        preset = "notebook-full.toml" if args.lora_rank == 0 else "notebook-lora.toml"
         default = os.path.join(HERE, "configs", preset)
     if not args.config and not os.path.isfile(default):
         default = None

@@ -1,12 +1,15 @@
 """Checkpoints that are whole or absent: written into a temporary folder, then renamed into place.
 
 A checkpoint folder holds either a full model (save_pretrained + tokenizer) or a LoRA adapter
-(adapter.json + adapter.safetensors), plus trainer_state.pt: optimizer, scheduler, step,
-sampler position and every RNG state, which is what --resume needs to continue bit for bit.
+(adapter.json + adapter.safetensors). last/ adds trainer_state.pt: optimizer, scheduler, step,
+sampler position and every rank's RNG state, which is what --resume needs to continue bit for bit;
+best/ adds only best.json (its step and metric value).
 """
 
+import json
 import os
 import random
+import re
 import shutil
 from contextlib import contextmanager
 
@@ -16,24 +19,54 @@ from .errors import UserError
 from .lora import lora_layers, read_adapter, save_adapter
 
 TRAINER_STATE = "trainer_state.pt"
+BEST_STATE = "best.json"
+
+
+def _fsync(path):
+    """Flush a file or folder to the disk: a rename is durable only once what it points to is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root):
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
 
 
 @contextmanager
 def atomic_dir(path):
-    """Yield a temporary folder that replaces `path` only once everything in it is written.
+    """Yield a temporary folder that replaces `path` only once everything in it is on disk.
 
-    A crash before the swap leaves the old `path` untouched; a crash between the two renames
-    leaves the complete old checkpoint at `path.old`, which `find` picks up.
+    A crash (of the process or the machine) before the swap leaves the old `path` untouched; a crash
+    between the two renames leaves the complete old checkpoint at `path.old`, which `find` picks up.
     """
     tmp, old = f"{path}.tmp", f"{path}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
+    _fsync_tree(tmp)
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path, text):
+    """Replace a text file whole: written beside it, flushed to disk, then renamed over it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def prepare_output_dir(out, overwrite, marker, remove=True, resumable=False):
@@ -62,43 +95,68 @@ def find(path):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and lists only, so trainer_state.pt loads with weights_only=True.
+    On CUDA only the current device's generator: each rank owns one device."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(path, model, tokenizer, base_model, optimizer, scheduler, progress: dict):
-    """Model or adapter + trainer state, atomically. `progress` holds step, epoch position, metrics."""
+def save(path, model, tokenizer, base_model, trainer_state: dict):
+    """Model or adapter + trainer_state.pt (optimizer, scheduler, per-rank RNG, counters), atomically."""
     with atomic_dir(path) as tmp:
-        if lora_layers(model):
-            save_adapter(model, tmp, base_model)
-        else:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), **progress}, os.path.join(tmp, TRAINER_STATE))
+        save_weights(tmp, model, tokenizer, base_model)
+        torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
 
 
-def copy(src, dst):
-    """Atomic copy of a finished checkpoint (last/ -> best/)."""
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+def save_weights(folder, model, tokenizer, base_model):
+    if lora_layers(model):
+        save_adapter(model, folder, base_model)
+    else:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def save_best(last, best, info: dict):
+    """best/ from last/: the weights and best.json (step, metric, value), no optimizer state."""
+    with atomic_dir(best) as tmp:
+        for name in os.listdir(last):
+            if name != TRAINER_STATE:
+                shutil.copy2(os.path.join(last, name), tmp)
+        with open(os.path.join(tmp, BEST_STATE), "w") as f:
+            json.dump(info, f, indent=2)
+
+
+def best_step(best):
+    """The step best/ was saved at, or None when it is absent or unreadable."""
+    try:
+        with open(os.path.join(best, BEST_STATE)) as f:
+            return json.load(f)["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_state(path) -> dict:
-    """trainer_state.pt of a checkpoint, checked: a truncated or foreign file is a UserError."""
+    """trainer_state.pt of a checkpoint, checked. It holds only tensors and plain types and is read with
+    weights_only=True, so a checkpoint from elsewhere cannot run code; anything else is refused."""
     file = os.path.join(path, TRAINER_STATE)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
+        blocked = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        if blocked:
+            raise UserError(f"{file}: refused: it asks to load the Python object {blocked.group(1)}, which could run "
+                            "code; a dialsum_raw trainer state holds only tensors and plain values")
         raise UserError(f"{file}: truncated or corrupted checkpoint ({type(e).__name__}); "
                         "delete it to restart, or resume from another run")
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:

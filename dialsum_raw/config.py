@@ -251,6 +251,10 @@ def validate(s: Settings):
             raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
         need(s.lora_init in LORA_INITS, f"--lora-init must be one of {', '.join(LORA_INITS)}, got {s.lora_init!r}")
         need(s.lora_plus_ratio > 0, f"--lora-plus-ratio must be > 0, got {s.lora_plus_ratio}")
+    else:
+        variant = [flag for flag, on in (("--dora", s.dora), ("--lora-init", s.lora_init != "kaiming"),
+                                         ("--lora-plus-ratio", s.lora_plus_ratio != 1), ("--rslora", s.rslora)) if on]
+        need(not variant, f"{variant[0] if variant else ''} is a LoRA setting, but --lora-rank 0 is full fine-tuning")
     need(s.lr > 0, f"--lr must be > 0, got {s.lr}")
     need(s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}")
     need(s.eval_batch_size >= 1, f"--batch-size must be >= 1, got {s.eval_batch_size}")

@@ -44,15 +44,51 @@ def load_model(name_or_path, dropout=None):
         raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {_first_line(e)}); {hint}")
 
 
+def cpu_bf16_units():
+    """The bf16 multiply units of this CPU ("AMX-BF16", "AVX512-BF16") or "" without them, as torch's
+    own CPU probe reports. Without them oneDNN emulates bf16 and a bf16 step is no faster than fp32.
+    A torch build without the probe answers "": fp32 is the safe choice."""
+    import torch
+    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    caps = probe() if probe else {}
+    return next((name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)), "")
+
+
+def choose_precision(precision, device):
+    """(name, reason): the compute dtype of a run, "bf16" or "fp32", and why, for its log and summary.
+
+    auto means bf16 where the hardware multiplies bf16 natively (Ampere+ GPUs; CPUs with AMX or
+    AVX512-BF16), else fp32. fp16 is refused: T5 overflows in fp16 (config validation says so first)."""
+    import torch
+    if str(precision).lower() in ("fp16", "float16", "half"):
+        raise UserError("precision fp16 is refused: T5 overflows in fp16; use bf16 or fp32")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "fp32":
+        return "fp32", "--precision fp32"
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        why = "this GPU multiplies bf16 natively" if native else "this GPU predates Ampere, so bf16 runs emulated"
+    elif device.type == "cpu":
+        units = cpu_bf16_units()
+        native = bool(units)
+        why = (f"this CPU multiplies bf16 natively ({units})" if native
+               else "this CPU has no AMX or AVX512-BF16, so bf16 runs emulated")
+    else:
+        native, why = False, f"no bf16 rule for {device.type}"
+    if precision == "bf16":
+        return "bf16", "--precision bf16" + ("" if native else f"; {why} (likely slower than fp32)")
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
 def autocast_for(precision, device):
-    """A context factory: bf16 autocast on CUDA, plain fp32 elsewhere. T5 overflows in fp16, so
-    fp16 is never offered (config validation refuses it)."""
+    """A context factory for the forward pass: bf16 autocast (CUDA or CPU) when `choose_precision`
+    picks bf16, else nothing. Weights, gradients and optimizer state stay fp32 either way."""
     from contextlib import nullcontext
     import torch
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if bf16 and device.type != "cuda":
-        raise UserError("--precision bf16 needs a CUDA GPU here; use fp32 (or auto) on CPU")
-    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    if choose_precision(precision, device)[0] == "fp32":
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _first_line(e):

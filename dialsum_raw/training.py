@@ -1,4 +1,7 @@
-"""The training loop: forward, token-normalized loss, backward, clip, step, schedule. One function.
+"""The training loop: forward, token-normalized loss, backward, clip, step, schedule.
+
+`train` reads top to bottom: set up, restore a resumed run, then a loop of (step, maybe validate,
+maybe save), each a named function below it over one `Run` object.
 
 Loss normalization: every optimizer step divides the summed token losses of its whole
 accumulation window, over all processes, by the number of target tokens in that window. One
@@ -9,8 +12,10 @@ short summary weighs no more than a long one (a mean of per-batch means would).
 import json
 import math
 import os
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,10 +23,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, lora
-from .config import Settings
-from .errors import UserError
-from .modeling import autocast_for, count_parameters, load_model, load_tokenizer, parameter_report
+from . import checkpoint, data, lora, metrics
+from .config import Settings, read_config
+from .errors import Stopped, UserError
+from .generation import summarize
+from .modeling import autocast_for, choose_precision, count_parameters, load_model, load_tokenizer, parameter_report
 
 SETTINGS_FILE = "settings.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -51,11 +57,20 @@ def all_sum(values, device, world):
 
 
 def make_optimizer(model, settings: Settings):
-    """AdamW over trainable tensors; no weight decay on norms and biases (1-D tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
+    """AdamW over trainable tensors; no weight decay on norms, biases and DoRA magnitudes (1-D tensors).
+    LoRA+ (ratio K != 1): B and the 1-D tensors learn at K x lr, grouped as peft's create_loraplus_optimizer
+    does (which, unlike this rule, would decay DoRA's magnitude)."""
+    k = settings.lora_plus_ratio
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if k != 1 and not any(n.endswith("lora_B") for n, _ in named):
+        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers (--lora-rank > 0)")
+    groups = {}  # (fast, decay) -> tensors; ordered so that K = 1 keeps the plain two groups
+    for n, p in named:
+        groups.setdefault((k != 1 and (n.endswith("lora_B") or p.ndim < 2), p.ndim >= 2), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": settings.lr * (k if fast else 1),
+                               "weight_decay": settings.weight_decay if decay else 0.0}
+                              for (fast, decay), ps in sorted(groups.items(), key=lambda g: (g[0][0], not g[0][1]))],
+                             lr=settings.lr)
 
 
 def lr_factor(step, total, warmup, schedule):
@@ -67,13 +82,23 @@ def lr_factor(step, total, warmup, schedule):
 
 
 def token_loss_sum(model, batch, autocast):
-    """Summed cross-entropy over real target tokens (labels != -100), computed in fp32."""
+    """Summed cross-entropy over real target tokens (labels != -100), log-softmax in fp32.
+
+    The output projection sees only the decoder rows that have a label (a pre-hook selects them after
+    the model's own final rescale), so padded positions never become vocabulary-wide logits. The call
+    still goes through `model(...)`, which keeps DDP's gradient sync and the LoRA layers in play."""
     labels = batch["labels"]
-    decoder_input_ids = model_core(model).prepare_decoder_input_ids_from_labels(labels=labels)
-    with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=decoder_input_ids).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    real = labels != -100
+    core = model_core(model)
+    decoder_input_ids = core.prepare_decoder_input_ids_from_labels(labels=labels)
+    hook = core.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][real],))
+    try:
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=decoder_input_ids).logits
+    finally:
+        hook.remove()
+    return F.cross_entropy(logits.float(), labels[real], reduction="sum")
 
 
 def model_core(model):
@@ -97,187 +122,411 @@ def validation_loss(model, examples, collate, settings, device, rank, world, aut
     return total / max(tokens, 1)
 
 
+def validation_rouge(run) -> dict:
+    """ROUGE-1/2/L (mean F over rows) of the evaluator's beam search on the first --eval-rouge validation
+    dialogues. Each rank generates every world-th dialogue; outputs are gathered back into order, and
+    since a summary does not depend on its batch, the scores equal a one-process run."""
+    s, dialogues = run.settings, run.val_dialogues[:run.settings.eval_rouge]
+    mine = summarize(run.raw, run.tokenizer, [d.dialogue for d in dialogues[run.rank::run.world]], s,
+                     desc="validation ROUGE")
+    run.raw.train()
+    shards = [mine]
+    if run.world > 1:
+        shards = [None] * run.world
+        dist.all_gather_object(shards, mine)
+    summaries = [None] * len(dialogues)
+    for rank, shard in enumerate(shards):
+        summaries[rank::run.world] = shard
+    scores = metrics.rouge(summaries, [d.refs for d in dialogues], s.use_stemmer)["per_row"]
+    return {k: round(scores[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
+
+
 def save_settings(settings: Settings, path):
     """settings.toml: the exact run, readable back by --config or --resume (JSON scalars are TOML)."""
     skip = {"resume", "overwrite"}
     lines = [f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
              for k, v in vars(settings).items() if v is not None and k not in skip]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    checkpoint.atomic_write(path, "\n".join(lines) + "\n")
 
 
 def load_examples(settings: Settings, tokenizer, log):
-    """Tokenized train and validation examples, every `subsample`-th dialogue kept."""
+    """Tokenized train and validation examples and the validation dialogues, every `subsample`-th kept."""
     splits = data.load_splits(settings.data, ("train", "validation"))
     out = {}
     for name, dialogues in splits.items():
         out[name], cut = data.encode(dialogues[::settings.subsample], tokenizer,
                                      settings.max_source_len, settings.max_target_len)
-        log(f"{name}: {len(out[name]):,} examples; cut to the limits ({settings.max_source_len}/"
-            f"{settings.max_target_len} tokens): {cut['truncated_sources']} sources, {cut['truncated_targets']} targets")
+        log(f"{name}: {len(out[name]):,} examples; {cut['truncated_sources']} dialogues shortened inside the prompt to "
+            f"{settings.max_source_len} tokens, {cut['truncated_targets']} targets cut to {settings.max_target_len}")
+    out["validation_dialogues"] = splits["validation"][::settings.subsample]
     return out
+
+
+# Settings a resume may change: how the run is watched, saved and computed, never what it learns from or
+# in which order. Everything else (batch, accumulation, data, seed, lengths, steps, LoRA, optimiser, the
+# metric that picks best/) is fixed by the checkpoint.
+RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "log_every", "eval_every", "save_every", "tensorboard",
+                     "early_stop", "precision", "gradient_checkpointing", "engine", "eval_batch_size"}
+
+
+def check_resume_settings(settings: Settings, state: dict, world: int):
+    """Refuse a resume whose flags would change the data order or the schedule, listing every change."""
+    saved_path = os.path.join(settings.resume, SETTINGS_FILE)
+    saved = vars(Settings(**read_config(saved_path))) if os.path.isfile(saved_path) else {}
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(settings).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if state.get("world", world) != world:
+        changed.append(f"processes {state['world']} -> {world}")
+    if changed:
+        raise UserError(f"--resume {settings.resume}: these settings differ from the run's and would change its data "
+                        f"order or schedule: {'; '.join(changed)}. Drop those flags, or start a new run with "
+                        "--output-dir")
 
 
 # ---------------------------------------------------------------- the run
 
+@dataclass
+class Run:
+    """Everything the loop reads and updates, so each stage below is a short function of one argument."""
+    settings: Settings
+    rank: int
+    world: int
+    device: torch.device
+    log: object
+    tokenizer: object = None
+    train_set: list = None
+    val_set: list = None
+    val_dialogues: list = None
+    collate: object = None
+    sampler: object = None
+    loader: object = None
+    model: torch.nn.Module = None  # DDP-wrapped under torchrun
+    raw: torch.nn.Module = None    # the model itself
+    optimizer: object = None
+    scheduler: object = None
+    autocast: object = None
+    precision: tuple = None        # (name, why)
+    steps_per_epoch: int = 0
+    total: int = 0
+    batches: object = None
+    writer: object = None          # TensorBoard, rank 0 with --tensorboard
+    resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed
+    resume_from: str = None        # ... and its folder
+    # counters a resumed run continues; window_*: the loss since the last train line of metrics.jsonl
+    progress: dict = field(default_factory=lambda: {
+        "step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
+        "best_step": 0, "best_value": None, "stale": 0, "window_loss": 0.0, "window_tokens": 0})
+
+    @property
+    def out(self):
+        return self.settings.output_dir
+
+
 def train(settings: Settings) -> dict:
-    rank, world, device = setup_distributed()
-    out = settings.output_dir
-    if not settings.resume:
-        checkpoint.prepare_output_dir(out, settings.overwrite, SETTINGS_FILE, remove=rank == 0, resumable=True)
-    if world > 1:
-        dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
-    resume_from = None
-    if settings.resume:
-        resume_from = checkpoint.find(os.path.join(settings.resume, "last"))
-        if resume_from is None:
-            raise UserError(f"--resume {settings.resume}: no checkpoint there (expected "
-                            f"{os.path.join(settings.resume, 'last', checkpoint.TRAINER_STATE)})")
-        state = checkpoint.load_state(resume_from)
-        if state["is_adapter"] != settings.is_lora:
-            raise UserError(f"--resume {settings.resume}: it holds a {'LoRA' if state['is_adapter'] else 'full'} "
-                            f"run but --lora-rank is {settings.lora_rank}")
-    autocast = autocast_for(settings.precision, device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    # data
-    tokenizer = load_tokenizer(settings.model)
-    examples = load_examples(settings, tokenizer, log)
-    train_set, val_set = examples["train"], examples["validation"]
-    sampler = data.LengthGroupedBatchSampler([len(e["input_ids"]) for e in train_set], settings.batch_size,
-                                             world, rank, settings.seed)
-    collate = data.Collator(tokenizer.pad_token_id)
-    # Its own generator: iter(DataLoader) draws a seed, which must not shift the dropout RNG on resume.
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())
-
-    # model (+ LoRA)
-    torch.manual_seed(settings.seed)
-    if settings.is_lora:
-        model = load_model(settings.model, settings.dropout)
-        if resume_from:
-            lora.load_adapter(model, resume_from)
-        else:
-            lora.inject(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha,
-                        settings.lora_dropout, settings.rslora)
-    else:
-        model = load_model(resume_from or settings.model, settings.dropout)
-    model.to(device).train()
-    log(parameter_report(model))
-    raw = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # optimizer and schedule
-    steps_per_epoch = len(sampler) // settings.grad_accum
-    if steps_per_epoch == 0:
-        raise UserError(f"one epoch has {len(sampler)} batches, fewer than --grad-accum {settings.grad_accum}")
-    total = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
-    warmup = math.ceil(settings.warmup_ratio * total)
-    optimizer = make_optimizer(raw, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, settings.schedule))
-
-    # everything a resumed run needs to continue its counters (window_*: loss since the last log line)
-    progress = {"step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
-                "window_loss": 0.0, "window_tokens": 0}
-    metrics_path = os.path.join(out, METRICS_FILE)
-    if resume_from:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress.update({k: state[k] for k in progress})
-        checkpoint.set_rng_state(state["rng"])
-        if rank == 0 and os.path.isfile(metrics_path):  # drop lines logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= progress["step"]]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        log(f"resumed from {resume_from} at step {progress['step']}")
-    else:
-        torch.manual_seed(settings.seed + rank)  # dropout masks differ per rank
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        save_settings(settings, os.path.join(out, SETTINGS_FILE))
-
-    def write_metrics(line):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-
-    bar = tqdm(total=total, initial=progress["step"], disable=rank != 0, desc="train", unit="step")
-    started = time.time() - progress["seconds"]
-    batches = None
-    for step in range(progress["step"], total):
-        epoch, within = divmod(step, steps_per_epoch)
-        if batches is None or within == 0:
-            sampler.set_epoch(epoch, within * settings.grad_accum)
-            batches = iter(loader)
-
-        # one optimizer step over an accumulation window of micro-batches
-        window = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                  for _ in range(settings.grad_accum)]
-        tgt = sum(int((b["labels"] != -100).sum()) for b in window)
-        src = sum(int(b["attention_mask"].sum()) for b in window)
-        padded = sum(b["input_ids"].numel() + b["labels"].numel() for b in window)
-        global_tgt, global_src, global_padded = all_sum([tgt, src, padded], device, world)
-        loss_sum = 0.0
-        for i, batch in enumerate(window):
-            sync = i == len(window) - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()):
-                loss = token_loss_sum(model, batch, autocast)
-                (loss * world / global_tgt).backward()  # DDP averages over ranks; * world undoes that
-            loss_sum += loss.item()
-        step_loss = all_sum([loss_sum], device, world)[0] / global_tgt
-        if not math.isfinite(step_loss):
-            bar.close()
-            raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged (learning rate too high?); "
-                            f"nothing was saved after it, the last good checkpoint is {os.path.join(out, 'last')}")
-        if settings.clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), settings.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        progress["step"] = step + 1
-        progress["tokens"] += int(global_tgt + global_src)
-        progress["padded_tokens"] += int(global_padded)
-        progress["seconds"] = time.time() - started
-        progress["window_loss"] += step_loss * global_tgt
-        progress["window_tokens"] += global_tgt
-        lr = scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress['tokens'] / progress['seconds']:.0f}")
-        line = {"step": step + 1, "loss": round(progress["window_loss"] / progress["window_tokens"], 6), "lr": lr,
-                "tokens": progress["tokens"], "seconds": round(progress["seconds"], 3)}
-        if (step + 1) % settings.log_every == 0:
-            write_metrics(line)
-            progress["window_loss"], progress["window_tokens"] = 0.0, 0
-
-        at_eval = (step + 1) % settings.eval_every == 0 if settings.eval_every else within == steps_per_epoch - 1
-        if at_eval or step + 1 == total:
-            val = validation_loss(raw, val_set, collate, settings, device, rank, world, autocast)
-            write_metrics({**line, "loss": step_loss, "val_loss": round(val, 6)})
-            best = val < progress["best_val_loss"]
-            progress["best_val_loss"] = min(val, progress["best_val_loss"])
-            bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{val:.4f}", lr=f"{lr:.2e}")
-            if rank == 0:
-                last = os.path.join(out, "last")
-                checkpoint.save(last, raw, tokenizer, settings.model, optimizer, scheduler, progress)
-                if best:
-                    checkpoint.copy(last, os.path.join(out, "best"))
-            if world > 1:
-                dist.barrier()
+    """Set up, restore a resumed run, then loop: step, maybe validate, maybe save. Returns summary.json."""
+    run = set_up(settings)
+    restore(run)
+    bar = tqdm(total=run.total, initial=run.progress["step"], disable=run.rank != 0, desc="train", unit="step")
+    started = time.time() - run.progress["seconds"]
+    with stop_signals() as caught:
+        while run.progress["step"] < run.total:
+            stop = train_step(run, started, bar, caught)
+            step = run.progress["step"]
+            validated = at(step, run.settings.eval_every) if run.settings.eval_every else \
+                step % run.steps_per_epoch == 0
+            early = validate(run, bar) if validated or step == run.total else False
+            if validated or step == run.total or at(step, run.settings.save_every) or stop or early:
+                save(run)
+            if stop:
+                bar.close()
+                raise Stopped(f"stopped by signal {stop} at step {step}: saved {os.path.join(run.out, 'last')}; "
+                              f"continue with: python train.py --resume {run.out}", 128 + stop)
+            if early:
+                run.log(f"early stop: {run.settings.best_metric} has not improved for {run.settings.early_stop} "
+                        f"validations; best/ is step {run.progress['best_step']}")
+                break
     bar.close()
+    return finish(run)
 
-    trainable, all_params = count_parameters(raw)
-    summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": progress["step"],
-               "seconds": round(progress["seconds"], 1), "best_val_loss": progress["best_val_loss"],
-               "tokens": progress["tokens"], "tokens_per_second": round(progress["tokens"] / max(progress["seconds"], 1e-9), 1),
-               "padding_fraction": round(1 - progress["tokens"] / max(progress["padded_tokens"], 1), 4),
-               "processes": world, "global_batch": settings.batch_size * world * settings.grad_accum}
+
+def at(step, every):
+    return every > 0 and step % every == 0
+
+
+def set_up(settings: Settings) -> Run:
+    """Processes, output dir, data, model (+ LoRA), optimiser and schedule, before any step."""
+    rank, world, device = setup_distributed()
+    run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None))
+    prepare_output(run)
+    if settings.tensorboard and rank == 0:
+        run.writer = open_tensorboard(run)
+    run.precision = choose_precision(settings.precision, device)
+    run.autocast = autocast_for(settings.precision, device)
+    run.log(f"precision: {run.precision[0]} ({run.precision[1]})")
+
+    run.tokenizer = load_tokenizer(settings.model)
+    examples = load_examples(settings, run.tokenizer, run.log)
+    run.train_set, run.val_set, run.val_dialogues = examples["train"], examples["validation"], examples["validation_dialogues"]
+    run.sampler = data.LengthGroupedBatchSampler([len(e["input_ids"]) for e in run.train_set], settings.batch_size,
+                                                 world, rank, settings.seed, accum=settings.grad_accum)
+    run.collate = data.Collator(run.tokenizer.pad_token_id)
+    # Its own generator: iter(DataLoader) draws a seed, which must not shift the dropout RNG on resume.
+    run.loader = DataLoader(run.train_set, batch_sampler=run.sampler, collate_fn=run.collate,
+                            pin_memory=device.type == "cuda", generator=torch.Generator())
+
+    torch.manual_seed(settings.seed)
+    run.raw = build_model(settings, run.resume_from)
+    run.raw.to(device).train()
+    if settings.gradient_checkpointing:  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
+        run.raw.activation_checkpointing_enable({"use_reentrant": False})
+    run.log(parameter_report(run.raw))
+    run.model = run.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        run.raw, device_ids=[device.index] if device.type == "cuda" else None)
+
+    run.steps_per_epoch = len(run.sampler) // settings.grad_accum
+    if run.steps_per_epoch == 0:
+        raise UserError(f"one epoch has {len(run.sampler)} batches, fewer than --grad-accum {settings.grad_accum}")
+    run.total = settings.max_steps or math.ceil(settings.epochs * run.steps_per_epoch)
+    warmup = math.ceil(settings.warmup_ratio * run.total)
+    run.optimizer = make_optimizer(run.raw, settings)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: lr_factor(s, run.total, warmup, settings.schedule))
     if rank == 0:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        log(json.dumps(summary, indent=2))
-    if world > 1:
+        save_settings(settings, os.path.join(run.out, SETTINGS_FILE))
+    return run
+
+
+def prepare_output(run: Run):
+    """A new run's output dir is checked (and, with --overwrite, emptied) by rank 0 alone; every rank then
+    gets the same verdict, so no rank sees a half-deleted folder. A resume reads and checks its state."""
+    s = run.settings
+    if s.resume:
+        last = checkpoint.find(os.path.join(s.resume, "last"))
+        if last is None:
+            raise UserError(f"--resume {s.resume}: no checkpoint there (expected "
+                            f"{os.path.join(s.resume, 'last', checkpoint.TRAINER_STATE)})")
+        run.resume_from, run.resume_state = last, checkpoint.load_state(last)
+        if run.resume_state["is_adapter"] != s.is_lora:
+            raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
+                            f"run but --lora-rank is {s.lora_rank}")
+        check_resume_settings(s, run.resume_state, run.world)
+        return
+    verdict = [None]
+    if run.rank == 0:
+        try:
+            checkpoint.prepare_output_dir(run.out, s.overwrite, SETTINGS_FILE, resumable=True)
+            os.makedirs(run.out, exist_ok=True)
+        except UserError as e:
+            verdict = [str(e)]
+    if run.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise UserError(verdict[0])
+
+
+def build_model(settings: Settings, resume_from):
+    """The base model with fresh LoRA layers, or the checkpoint being resumed."""
+    if not settings.is_lora:
+        return load_model(resume_from or settings.model, settings.dropout)
+    model = load_model(settings.model, settings.dropout)
+    if resume_from:
+        lora.load_adapter(model, resume_from)
+    else:
+        lora.inject(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
+                    settings.rslora, settings.dora, settings.lora_init)
+    return model
+
+
+def restore(run: Run):
+    """Continue a resumed run exactly: optimiser, schedule, counters, this rank's RNG, best/ and the log."""
+    state = run.resume_state
+    if state is None:
+        torch.manual_seed(run.settings.seed + run.rank)  # dropout masks differ per rank
+        return
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.progress.update({k: state[k] for k in run.progress if k in state})
+    checkpoint.set_rng_state(state["rng"][run.rank])
+    if run.rank == 0:
+        repair_best(run)
+        trim_metrics(run)
+    run.log(f"resumed from {os.path.join(run.out, 'last')} at step {run.progress['step']}")
+
+
+def repair_best(run: Run):
+    """A crash between writing last/ and copying it to best/ leaves best/ behind: copy it now."""
+    best, step = os.path.join(run.out, "best"), run.progress["best_step"]
+    if step and step == run.progress["step"] and checkpoint.best_step(best) != step:
+        checkpoint.save_best(os.path.join(run.out, "last"), best, best_info(run))
+        run.log(f"best/ was behind last/ (a crash between the two saves): repaired to step {step}")
+
+
+def trim_metrics(run: Run):
+    """Drop metrics.jsonl lines logged after the checkpoint, rewriting the file whole."""
+    path = os.path.join(run.out, METRICS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= run.progress["step"]]
+        checkpoint.atomic_write(path, "".join(kept))
+
+
+def train_step(run: Run, started, bar, caught) -> int:
+    """One optimiser step over an accumulation window. Returns the signal to stop on (0 = go on): every
+    rank learns of a signal any rank caught during the step, through the collective that sums the loss.
+
+    The loss of the window is summed over tokens on every rank and divided by the window's target
+    tokens over all ranks (see the module docstring)."""
+    s, p = run.settings, run.progress
+    epoch, within = divmod(p["step"], run.steps_per_epoch)
+    if run.batches is None or within == 0:
+        run.sampler.set_epoch(epoch, within * s.grad_accum)
+        run.batches = iter(run.loader)
+    window = [next(run.batches) for _ in range(s.grad_accum)]  # counted on the host: no device sync
+    counts = [sum(int((b["labels"] != -100).sum()) for b in window), sum(int(b["attention_mask"].sum()) for b in window),
+              sum(b["input_ids"].numel() + b["labels"].numel() for b in window)]
+    tgt, src, padded = all_sum(counts, run.device, run.world)
+    loss_sum = torch.zeros((), device=run.device)
+    for i, batch in enumerate(window):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        with (nullcontext() if i == len(window) - 1 or run.world == 1 else run.model.no_sync()):
+            loss = token_loss_sum(run.model, batch, run.autocast)
+            (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
+        loss_sum += loss.detach()
+    loss_total, stopping = all_sum([loss_sum.item(), caught["signum"]], run.device, run.world)
+    step_loss = loss_total / tgt
+    if not math.isfinite(step_loss):
+        bar.close()
+        raise UserError(f"loss is {step_loss} at step {p['step'] + 1}: training diverged (learning rate too high?); "
+                        f"nothing was saved after it, the last good checkpoint is {os.path.join(run.out, 'last')}")
+    if s.clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    p["step"] += 1
+    p["tokens"] += int(tgt + src)
+    p["padded_tokens"] += int(padded)
+    p["seconds"] = time.time() - started
+    p["window_loss"] += step_loss * tgt
+    p["window_tokens"] += tgt
+    bar.update(1)
+    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{line_base(run)['lr']:.2e}",
+                    tok_s=f"{p['tokens'] / max(p['seconds'], 1e-9):.0f}")
+    if p["step"] % s.log_every == 0:
+        write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
+        p["window_loss"], p["window_tokens"] = 0.0, 0
+    return (caught["signum"] or signal.SIGTERM) if stopping else 0
+
+
+def line_base(run: Run) -> dict:
+    """The fields every metrics.jsonl line carries; train lines add loss, validation lines val_loss (+ ROUGE)."""
+    p = run.progress
+    return {"step": p["step"], "lr": run.scheduler.get_last_lr()[0], "tokens": p["tokens"],
+            "seconds": round(p["seconds"], 3)}
+
+
+def write_metrics(run: Run, line: dict):
+    if run.rank != 0:
+        return
+    with open(os.path.join(run.out, METRICS_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if run.writer:
+        for key, value in line.items():
+            if key != "step":
+                run.writer.add_scalar(key, value, line["step"])
+        run.writer.flush()
+
+
+def validate(run: Run, bar) -> bool:
+    """Validation loss (and ROUGE with --eval-rouge), logged; updates the best. True when --early-stop says stop."""
+    s, p = run.settings, run.progress
+    val = validation_loss(run.raw, run.val_set, run.collate, s, run.device, run.rank, run.world, run.autocast)
+    line = {**line_base(run), "val_loss": round(val, 6)}
+    if s.eval_rouge:
+        line.update(validation_rouge(run))
+    write_metrics(run, line)
+    bar.set_postfix(val_loss=f"{val:.4f}", **{k: f"{line[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL") if k in line})
+    p["best_val_loss"] = min(val, p["best_val_loss"])
+    value = line[s.best_metric]
+    better = p["best_value"] is None or (value < p["best_value"] if s.best_metric == "val_loss" else value > p["best_value"])
+    if better:
+        p["best_step"], p["best_value"], p["stale"] = p["step"], value, 0
+    else:
+        p["stale"] += 1
+    return bool(s.early_stop) and p["stale"] >= s.early_stop
+
+
+def best_info(run: Run) -> dict:
+    p = run.progress
+    return {"step": p["best_step"], "metric": run.settings.best_metric, "value": p["best_value"]}
+
+
+def save(run: Run):
+    """last/ with every rank's RNG state; best/ from it when this step is the best so far."""
+    rng = [checkpoint.rng_state()]
+    if run.world > 1:
+        rng = [None] * run.world
+        dist.all_gather_object(rng, checkpoint.rng_state())
+    if run.rank == 0:
+        last = os.path.join(run.out, "last")
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng,
+                 "world": run.world, **run.progress}
+        checkpoint.save(last, run.raw, run.tokenizer, run.settings.model, state)
+        if run.progress["best_step"] == run.progress["step"]:
+            checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
+    if run.world > 1:
+        dist.barrier()
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM (Ctrl-C, cluster preemption) ask the loop to save and stop at the next step.
+
+    Both handlers are installed explicitly: a run started in the background by a script inherits SIGINT
+    as ignored and would never see it. A second signal stops at once, the last checkpoint intact."""
+    caught = {"signum": 0}
+
+    def handler(signum, frame):
+        if caught["signum"]:
+            raise KeyboardInterrupt
+        caught["signum"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def open_tensorboard(run: Run):
+    """A SummaryWriter for the same scalars as metrics.jsonl (the source of truth); events after a resumed
+    step are purged so a curve never shows the steps a crash lost twice."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
+    resumed_at = run.resume_state["step"] if run.resume_state else 0
+    return SummaryWriter(os.path.join(run.out, "tensorboard"), purge_step=resumed_at + 1)
+
+
+def finish(run: Run) -> dict:
+    """summary.json; the processes leave their group."""
+    p = run.progress
+    trainable, all_params = count_parameters(run.raw)
+    summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": p["step"],
+               "seconds": round(p["seconds"], 1), "best_val_loss": p["best_val_loss"], **{
+                   f"best_{k}": v for k, v in best_info(run).items()},
+               "precision": run.precision[0], "precision_reason": run.precision[1],
+               "tokens": p["tokens"], "tokens_per_second": round(p["tokens"] / max(p["seconds"], 1e-9), 1),
+               "padding_fraction": round(1 - p["tokens"] / max(p["padded_tokens"], 1), 4),
+               "processes": run.world, "global_batch": run.settings.batch_size * run.world * run.settings.grad_accum}
+    if run.rank == 0:
+        checkpoint.atomic_write(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        run.log(json.dumps(summary, indent=2))
+        if run.writer:
+            run.writer.close()
+    if run.world > 1:
         dist.destroy_process_group()
     return summary

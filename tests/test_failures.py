@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import CORPUS, REPO
 from dialsum_raw import checkpoint, lora
@@ -33,7 +34,9 @@ def _fails(cmd, message, cwd=REPO):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lora-rank", "8", "--lora-targets", "q,qq"], "unknown LoRA target 'qq'; choose from q, k, v, o"),
     (["--precision", "fp16"], "precision fp16 is refused: T5 overflows in fp16"),
-    (["--precision", "bf16"], "--precision bf16 needs a CUDA GPU here"),
+    (["--lora-rank", "0", "--dora"], "--dora is a LoRA setting, but --lora-rank 0 is full fine-tuning"),
+    (["--lora-rank", "8", "--lora-init", "svd"], "--lora-init must be one of kaiming, gaussian, pissa"),
+    (["--best-metric", "rouge1"], "--best-metric rouge1 needs ROUGE during training: add --eval-rouge N"),
     (["--data", "/no/such/dialogsum"], "data not found: /no/such/dialogsum"),
     (["--model", "/no/such/model"], "model not found: /no/such/model"),
     (["--resume", "/tmp"], "--resume /tmp: no checkpoint there"),
@@ -135,20 +138,54 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path):
     load_model(str(out / "last"))  # loadable
 
 
-def test_sigint_exits_cleanly_and_keeps_checkpoint(tiny, tmp_path):
+def _ignore_sigint():
+    """What a shell does to a job it starts in the background: SIGINT arrives ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
+    """No validation or periodic save is due: the signal alone must write last/ at the step it stopped on.
+    The run starts with SIGINT ignored, as from a background script, and must still see it."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS,
-                             "--output-dir", str(out), "--max-steps", "400", "--eval-every", "2", "--lora-rank", "4",
-                             "--lr", "1e-3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--output-dir", str(out), "--max-steps", "400", "--eval-every", "1000", "--log-every",
+                             "1", "--lora-rank", "4", "--lr", "1e-3"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
     deadline = time.time() + 120
-    while checkpoint.find(str(out / "last")) is None and time.time() < deadline:
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert proc.returncode == code and "Traceback" not in err, err[-2000:]
     found = checkpoint.find(str(out / "last"))
-    assert checkpoint.load_state(found)["step"] >= 2
+    step = checkpoint.load_state(found)["step"]
+    assert 1 <= step < 400 and f"stopped by signal {int(sig)} at step {step}" in err
+    assert f"python train.py --resume {out}" in err
     lora.load_adapter(load_model(tiny), found)
+
+
+def test_pickled_code_in_trainer_state_is_refused_and_never_runs(tiny, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
+                    str(out), "--max-steps", "2", "--eval-every", "2", "--subsample", "100"], check=True,
+                   capture_output=True)
+    marker = tmp_path / "payload-ran"
+    state = torch.load(out / "last" / checkpoint.TRAINER_STATE, weights_only=True)
+    state["step"] = _Payload(str(marker))
+    torch.save(state, out / "last" / checkpoint.TRAINER_STATE)
+    _fails([TRAIN, "--resume", str(out)], "refused: it asks to load the Python object")
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs `touch` on a marker file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_show_outside_evaluated_dialogues(tiny, tmp_path):

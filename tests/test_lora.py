@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -7,8 +8,10 @@ import torch
 
 from conftest import REPO
 from dialsum_raw import lora
+from dialsum_raw.config import Settings
 from dialsum_raw.errors import UserError
 from dialsum_raw.modeling import count_parameters, load_model, parameter_report
+from dialsum_raw.training import make_optimizer  # the loop's own optimizer (LoRA+ groups)
 
 
 def _inputs(seed=0, batch=2, src=12, tgt=5):
@@ -19,11 +22,18 @@ def _inputs(seed=0, batch=2, src=12, tgt=5):
 
 
 def _randomize(model, seed=1):
-    """Non-zero B so the adapter actually changes the output."""
+    """Non-zero B so the adapter actually changes the output (and DoRA's m moved off its start)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora.lora_layers(model):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+            if m.dora:
+                m.lora_magnitude.mul_(1 + 0.1 * torch.randn(m.lora_magnitude.shape, generator=g))
+
+
+def _seeded(f, seed=7):
+    torch.manual_seed(seed)
+    return f()
 
 
 def test_small_standin_counts(small):
@@ -38,41 +48,86 @@ def test_small_standin_counts(small):
         "percentage of trainable model parameters: 0.45%"]
 
 
-def test_layer_init_scaling_and_dropout_only_on_a():
+def test_layer_init_and_scaling():
     base = torch.nn.Linear(32, 16)
-    layer = lora.LoRALinear(base, rank=4, alpha=8, dropout=0.5)
+    layer = lora.LoRALinear(base, rank=4, alpha=8)
     assert layer.scaling == 2.0 and torch.count_nonzero(layer.lora_B) == 0
     bound = 1 / 32 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 32
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 3
     assert lora.LoRALinear(base, rank=4, alpha=8, rslora=True).scaling == 4.0
-    x = torch.randn(3, 32)
-    layer.train()
-    assert torch.equal(layer(x), base(x))  # B = 0: dropout touches only the LoRA path
     with pytest.raises(UserError):
         lora.LoRALinear(base, rank=0, alpha=8)
+    with pytest.raises(UserError, match="init must be one of kaiming, gaussian, pissa"):
+        lora.LoRALinear(base, rank=4, alpha=8, init="olora")
 
 
-def test_merge_unmerge_idempotent(tiny):
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_only_on_the_lora_input_as_peft(dora):
+    """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input only;
+    with DoRA, peft's rescaled base term also sees the dropped-out input."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential()
+    holder.add_module("q", torch.nn.Linear(32, 16))
+    ours = lora.LoRALinear(holder.q, rank=4, alpha=8, dropout=0.5, dora=dora)
+    torch.nn.init.normal_(ours.lora_B, std=0.1)
+    theirs = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q"],
+                                               use_dora=dora)).base_model.model.q
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    ours.train(); theirs.train()
+    x = torch.randn(3, 32)
+    y, y_peft = _seeded(lambda: ours(x)), _seeded(lambda: theirs(x))
+    keep = _seeded(lambda: torch.nn.functional.dropout(torch.ones_like(x), 0.5))  # the layers' dropout draw
+    assert (y - y_peft).abs().max() <= 1e-6
+    w, b, s, xd = holder.q.weight, holder.q.bias, ours.scaling, x * keep
+    if not dora:
+        expect = x @ w.T + b + s * xd @ ours.lora_A.T @ ours.lora_B.T
+    else:
+        f = ours.lora_magnitude / (w + s * ours.lora_B @ ours.lora_A).norm(dim=1)
+        expect = x @ w.T + b + (f - 1) * (xd @ w.T) + f * s * (xd @ ours.lora_A.T @ ours.lora_B.T)
+    assert (y - expect).abs().max() <= 1e-6
+    assert (y - (x @ w.T + b)).abs().max() > 1e-2  # the adapter does act
+
+
+VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}, "gaussian": {"init": "gaussian"},
+            "pissa": {"init": "pissa"}, "pissa+dora": {"init": "pissa", "dora": True}}
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora", "pissa+dora"])
+def test_merge_unmerge_idempotent(tiny, variant):
     model = load_model(tiny).eval()
-    base_q = model.encoder.block[0].layer[0].SelfAttention.q.weight.clone()
-    lora.inject(model, ("q", "v", "wo"), rank=4, alpha=8)
+    lora.inject(model, ("q", "v", "wo"), rank=4, alpha=8, **VARIANTS[variant])
     _randomize(model)
+    q = model.encoder.block[0].layer[0].SelfAttention.q
+    base_q = q.base.weight.clone()
     x = _inputs()
     ref = model(**x).logits
     lora.merge(model); lora.merge(model)
     assert torch.allclose(model(**x).logits, ref, atol=1e-5)
     lora.unmerge(model); lora.unmerge(model)
     assert torch.allclose(model(**x).logits, ref, atol=1e-5)
-    assert torch.allclose(model.encoder.block[0].layer[0].SelfAttention.q.base.weight, base_q, atol=1e-6)
+    assert torch.allclose(q.base.weight, base_q, atol=1e-6)
 
 
-def test_merge_in_bf16_uses_fp32_product():
-    base = torch.nn.Linear(64, 64).to(torch.bfloat16)
-    layer = lora.LoRALinear(base, rank=4, alpha=8).to(torch.bfloat16)
-    torch.nn.init.normal_(layer.lora_B, std=1e-3)
-    expect = (base.weight.float() + layer.delta_weight()).to(torch.bfloat16)
-    layer.merge()
-    assert torch.equal(layer.base.weight, expect)
+def test_merge_in_bf16_matches_the_fp32_formula():
+    """Expected values from the formula in fp32, rounded once: W + s B A, and DoRA's m (W + s B A) / ||W + s B A||."""
+    torch.manual_seed(0)
+    for dora in (False, True):
+        base = torch.nn.Linear(64, 64).to(torch.bfloat16)
+        w = base.weight.float().clone()
+        layer = lora.LoRALinear(base, rank=4, alpha=8, dora=dora)
+        torch.nn.init.normal_(layer.lora_B, std=1e-3)
+        v = w + 2.0 * layer.lora_B.float() @ layer.lora_A.float()
+        if dora:
+            assert torch.equal(layer.lora_magnitude, w.norm(dim=1).to(torch.bfloat16))
+            v = layer.lora_magnitude.float()[:, None] * v / v.norm(dim=1, keepdim=True)
+        layer.merge()
+        assert layer.base.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.base.weight, v.to(torch.bfloat16)), dora
+        # the update is below bf16's resolution of W in most entries: a bf16 product would drop it
+        assert not torch.equal(layer.base.weight, w.to(torch.bfloat16))
 
 
 def test_targets_and_errors(tiny):
@@ -90,7 +145,7 @@ def test_adapter_only_state_and_reload(tiny, tmp_path):
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert cfg == {"format": "dialsum_raw-lora/1", "rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"],
-                   "rslora": False, "base_model": "tiny"}
+                   "rslora": False, "dora": False, "init": "kaiming", "base_model": "tiny"}
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "ad" / "adapter.safetensors").keys()
     assert len(keys) == 2 * 12 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
@@ -122,47 +177,97 @@ def test_adapter_that_does_not_fit_is_a_clear_error(tiny, small, tmp_path):
         lora.load_adapter(load_model(tiny), tmp_path)
 
 
-def _peft_twin(tiny, ours, targets, rank, alpha):
-    """peft's LoRA on the same base, with our A and B copied in (the oracle)."""
+PEFT_CONFIG = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+               "gaussian": {"init_lora_weights": "gaussian"}, "pissa": {"init_lora_weights": "pissa"},
+               "pissa+dora": {"init_lora_weights": "pissa", "use_dora": True}}
+
+
+def _twin_layers(ours, theirs):
+    named = dict(theirs.named_modules())
+    return [(m, named[f"base_model.model.{name}"]) for name, m in lora.lora_layers(ours)]
+
+
+def _peft_twin(tiny, variant, rank=4, alpha=8, targets=("q", "v")):
+    """peft's LoRA with the matching config on the same base (the oracle)."""
     from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(load_model(tiny, dropout=0.0), LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                                               lora_dropout=0.0, task_type="SEQ_2_SEQ_LM"))
-    named = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, m in lora.lora_layers(ours):
-            twin = named[f"base_model.model.{name}"]
-            twin.lora_A["default"].weight.copy_(m.lora_A)
-            twin.lora_B["default"].weight.copy_(m.lora_B)
-    return peft_model
+    return get_peft_model(load_model(tiny, dropout=0.0), LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="SEQ_2_SEQ_LM",
+        **PEFT_CONFIG[variant]))
 
 
-def test_equivalent_to_peft_logits_and_one_adamw_step(tiny):
+def _max_diff(ours, theirs):
+    """Largest difference of A, B, m and the base weight between our layers and peft's."""
+    diffs = []
+    for m, twin in _twin_layers(ours, theirs):
+        diffs += [(m.lora_A - twin.lora_A["default"].weight).abs().max(),
+                  (m.lora_B - twin.lora_B["default"].weight).abs().max(),
+                  (m.base.weight - twin.base_layer.weight).abs().max()]
+        if m.dora:
+            diffs.append((m.lora_magnitude - twin.lora_magnitude_vector["default"].weight).abs().max())
+    return max(diffs).item()
+
+
+@pytest.mark.parametrize("variant,ratio,decay", [(v, 1.0, 0.0) for v in VARIANTS] + [
+    ("plain", 16.0, 0.1), ("dora", 16.0, 0.0)])  # the last two: LoRA+ against create_loraplus_optimizer
+def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, decay):
+    from peft.optimizers import create_loraplus_optimizer
     torch.manual_seed(0)
     ours = load_model(tiny, dropout=0.0)  # dropout off everywhere, so both are deterministic
     base_before = {k: v.clone() for k, v in ours.state_dict().items()}
-    lora.inject(ours, ("q", "v"), rank=4, alpha=8)
-    _randomize(ours)
-    theirs = _peft_twin(tiny, ours, ("q", "v"), 4, 8)
-    ours.train(); theirs.train()
+    lora.inject(ours, ("q", "v"), 4, 8, **VARIANTS[variant])
+    theirs = _peft_twin(tiny, variant)
     x = _inputs()
-    labels = torch.randint(2, 32000, (2, 5), generator=torch.Generator().manual_seed(5))
-    x.pop("decoder_input_ids")
-    a, b = ours(**x, labels=labels), theirs(**x, labels=labels)
+    # after injection: PiSSA's A, B, residual W and DoRA's m are peft's own (no copying)
+    assert (ours(**x).logits - theirs(**x).logits).abs().max() <= 1e-5
+    if "pissa" not in variant:  # random starts differ by RNG use; give both the same non-zero A and B
+        _randomize(ours)
+        with torch.no_grad():
+            for m, twin in _twin_layers(ours, theirs):
+                twin.lora_A["default"].weight.copy_(m.lora_A)
+                twin.lora_B["default"].weight.copy_(m.lora_B)
+                if m.dora:
+                    twin.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude)
+    assert _max_diff(ours, theirs) <= 1e-6
+    ours.train(); theirs.train()
+    x["labels"] = x.pop("decoder_input_ids")
+    a, b = ours(**x), theirs(**x)
     assert (a.logits - b.logits).abs().max() <= 1e-5
-    opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    opt_b = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    settings = Settings(lr=1e-2, weight_decay=decay, lora_plus_ratio=ratio)
+    opt_a = make_optimizer(ours, settings)
+    opt_b = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=ratio,
+                                      loraplus_weight_decay=decay)
     a.loss.backward(); b.loss.backward()
     opt_a.step(); opt_b.step()
-    named = dict(theirs.named_modules())
-    for name, m in lora.lora_layers(ours):
-        twin = named[f"base_model.model.{name}"]
-        assert (m.lora_A - twin.lora_A["default"].weight).abs().max() <= 1e-6
-        assert (m.lora_B - twin.lora_B["default"].weight).abs().max() <= 1e-6
-        assert not torch.equal(m.lora_A, m.lora_A.detach() * 0)  # trained, not zeroed
+    assert _max_diff(ours, theirs) <= 1e-6
     for key, value in ours.state_dict().items():
-        base_key = key.replace(".base.", ".")
-        if "lora_" not in key:
-            assert torch.equal(value, base_before[base_key]), key  # frozen base: bit-identical
+        if "lora_" not in key and "pissa" not in variant:
+            assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
+
+
+def test_gaussian_init_draws_as_peft():
+    from peft import LoraConfig, get_peft_model
+    holder = torch.nn.Sequential()
+    holder.add_module("q", torch.nn.Linear(32, 16))
+    twin = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["q"])).base_model.model.q
+    ours = _seeded(lambda: lora.LoRALinear(holder.q.base_layer, 4, 8, init="gaussian"))
+    _seeded(lambda: twin.reset_lora_parameters("default", "gaussian"))
+    assert torch.equal(ours.lora_A, twin.lora_A["default"].weight) and torch.count_nonzero(ours.lora_B) == 0
+    assert abs(ours.lora_A.std().item() - 1 / 4) < 0.05  # std 1/r, as peft (not variance 1/r)
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora"])
+def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
+    from peft import PeftModel
+    model = load_model(tiny).eval()
+    lora.inject(model, ("q", "v"), 4, 8, **VARIANTS[variant])
+    _randomize(model)
+    lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
+    lora.export_peft(tmp_path / "ad", tmp_path / "peft")
+    lora.merge(model)
+    x = _inputs()
+    via_peft = PeftModel.from_pretrained(load_model(tiny), tmp_path / "peft").eval()  # on the ORIGINAL base
+    assert (via_peft(**x).logits - model(**x).logits).abs().max() <= 1e-5
+    assert via_peft.peft_config["default"].use_dora == ("dora" in variant)
 
 
 def test_merge_and_export_peft_commands(tiny, tmp_path):
@@ -178,15 +283,88 @@ def test_merge_and_export_peft_commands(tiny, tmp_path):
         subprocess.run([sys.executable, "-m", "dialsum_raw.lora", *cmd], check=True, cwd=REPO, capture_output=True)
     from transformers import AutoModelForSeq2SeqLM
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
-    assert (merged(**x).logits - expect).abs().max() <= 1e-4
+    assert (merged(**x).logits - expect).abs().max() <= 1e-5
     via_peft = PeftModel.from_pretrained(load_model(tiny), tmp_path / "peft").eval()
-    assert (via_peft(**x).logits - expect).abs().max() <= 1e-4
+    assert (via_peft(**x).logits - expect).abs().max() <= 1e-5
 
 
-def test_rslora_is_recorded_and_reloaded(tiny, tmp_path):
+def _step(model, optimizer, seed):
+    x = _inputs(seed)
+    x.pop("decoder_input_ids")
+    labels = torch.randint(2, 32000, (2, 5), generator=torch.Generator().manual_seed(seed))
+    model(**x, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("variant", ["gaussian", "pissa+dora"])
+def test_resume_from_saved_adapter_continues_identically(tiny, tmp_path, variant):
+    """The loop resumes with load_adapter on a fresh base: PiSSA comes back in its trained rank-r form on the
+    residual base, so the next steps equal those of the run that never stopped, bit for bit."""
+    settings = Settings(lr=1e-2, weight_decay=0.1, lora_plus_ratio=4.0)
+    torch.manual_seed(0)
+    run = load_model(tiny, dropout=0.0).train()
+    lora.inject(run, ("q", "v"), 4, 8, **VARIANTS[variant])
+    opt = make_optimizer(run, settings)
+    _step(run, opt, 1)
+    lora.save_adapter(run, tmp_path / "ad", base_model=tiny)
+    saved = copy.deepcopy(opt.state_dict())  # as checkpoint.save writes it: not aliased to the live state
+    resumed = load_model(tiny, dropout=0.0).train()
+    lora.load_adapter(resumed, tmp_path / "ad")
+    opt2 = make_optimizer(resumed, settings)
+    opt2.load_state_dict(saved)
+    for seed in (2, 3):
+        _step(run, opt, seed)
+        _step(resumed, opt2, seed)
+    state, state2 = run.state_dict(), resumed.state_dict()
+    assert state.keys() == state2.keys()
+    for key in state:
+        assert torch.equal(state[key], state2[key]), key
+
+
+def test_adapter_json_records_variants_and_pissa_applies_to_the_original_base(tiny, tmp_path):
+    model = load_model(tiny).eval()
+    lora.inject(model, ("q", "v"), 4, 8, rslora=True, dora=True, init="pissa")
+    _randomize(model)
+    lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
+    cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    assert (cfg["rank"], cfg["alpha"], cfg["dora"], cfg["init"]) == (8, 8 * 2 ** 0.5, True, "pissa")  # alpha: rsLoRA
+    assert (cfg["pissa"]["rank"], cfg["pissa"]["alpha"]) == (4, 8)
+    assert "[A; A0], B' = [B, -B0]" in cfg["pissa"]["conversion"]
+    from safetensors.torch import load_file
+    t = load_file(tmp_path / "ad" / "adapter.safetensors")
+    name, m = lora.lora_layers(model)[0]
+    assert torch.equal(t[f"{name}.lora_A"], torch.cat([m.lora_A, m.lora_A0]))
+    assert torch.equal(t[f"{name}.lora_B"], torch.cat([m.lora_B, -m.lora_B0], dim=1))
+    # as a plain rank-2r LoRA on the original W (what peft and older readers see), it gives the trained weights
+    w = load_model(tiny).get_submodule(name).weight
+    v = w + lora.scaling(cfg["alpha"], 8, True) * t[f"{name}.lora_B"] @ t[f"{name}.lora_A"]
+    m.merge()
+    assert (m.base.weight - t[f"{name}.lora_magnitude"][:, None] * v / v.norm(dim=1, keepdim=True)).abs().max() < 1e-6
+
+
+def test_old_adapter_without_variant_keys_loads(tiny, tmp_path):
     model = load_model(tiny)
     lora.inject(model, ("q",), rank=4, alpha=8, rslora=True)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
+    cfg = tmp_path / "ad" / "adapter.json"
+    old = {k: v for k, v in json.loads(cfg.read_text()).items() if k not in ("dora", "init")}
+    cfg.write_text(json.dumps(old))
     fresh = load_model(tiny)
     assert lora.load_adapter(fresh, tmp_path / "ad")["rslora"] is True
-    assert {m.scaling for _, m in lora.lora_layers(fresh)} == {4.0}
+    assert {(m.scaling, m.dora, m.init) for _, m in lora.lora_layers(fresh)} == {(4.0, False, "kaiming")}
+
+
+def test_make_optimizer_groups():
+    model = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}),
+                                 "norm": torch.nn.LayerNorm(8)})
+    groups = make_optimizer(model, Settings(lr=1e-3, weight_decay=0.1)).param_groups
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [(1, 1e-3, 0.1), (3, 1e-3, 0.0)]
+    with pytest.raises(UserError, match="--lora-plus-ratio 4 needs LoRA layers"):
+        make_optimizer(model, Settings(lora_plus_ratio=4.0))
+    lora.inject(model, ("q",), rank=2, alpha=4, dora=True)
+    model["norm"].requires_grad_(True)
+    groups = make_optimizer(model, Settings(lr=1e-3, weight_decay=0.1, lora_plus_ratio=4.0)).param_groups
+    # A decays at lr; B decays at 4 lr; DoRA's magnitude and the norm's tensors: 4 lr, no decay
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
+        (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
