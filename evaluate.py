@@ -1,10 +1,12 @@
 r"""Compare zero-shot, fully fine-tuned and LoRA FLAN-T5 on DialogSum with batched beam search + ROUGE.
 
-    python evaluate.py --base google/flan-t5-small --instruct runs/flan-t5-small-full/best \
-        --adapter runs/flan-t5-small-lora/best --data knkarthick/dialogsum --split test \
+    python evaluate.py --base google/flan-t5-small --instruct runs/notebook-full/best \
+        --adapter runs/notebook-lora/best --data knkarthick/dialogsum --split test \
         --output-dir runs/eval --show 200
 
-Writes results.csv (one row per dialogue and reference), metrics.json and report.md.
+Writes results.csv (one row per dialogue and reference), scores.csv (per dialogue and model),
+metrics.json, report.md with paired-bootstrap intervals (--bootstrap N resamples), and rouge.png
+(with the [plot] extra).
 """
 
 import sys
@@ -30,7 +32,8 @@ def main(argv=None):
         text = f.read()
     if settings.show:
         print(text[text.index("## Dialogue"):])
-    print(f"wrote {settings.output_dir}/results.csv, metrics.json, report.md")
+    chart = "" if result["chart_note"] else ", rouge.png"
+    print(f"wrote {settings.output_dir}/results.csv, scores.csv, metrics.json, report.md{chart}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class Settings:
     # what to train / evaluate
     model: str = "google/flan-t5-small"
     data: str = "knkarthick/dialogsum"
-    output_dir: str = "runs/flan-t5-small-lora"
+    output_dir: str = "runs/notebook-lora"
     # LoRA (rank 0 = full fine-tuning)
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -239,7 +239,7 @@ def validate(s: Settings):
 
     if str(s.precision).lower() in ("fp16", "float16", "half"):
         raise UserError("precision fp16 is refused: T5 overflows in fp16 (activations exceed 65504 "
-                        "and the loss turns NaN); use bf16 on CUDA or fp32")
+                        "and the loss turns NaN); use bf16 or fp32")
     need(s.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {s.precision!r}")
     need(s.lora_rank >= 0, f"--lora-rank must be >= 1 for LoRA (or 0 for full fine-tuning), got {s.lora_rank}")
     if s.is_lora:

@@ -82,23 +82,13 @@ def lr_factor(step, total, warmup, schedule):
 
 
 def token_loss_sum(model, batch, autocast):
-    """Summed cross-entropy over real target tokens (labels != -100), log-softmax in fp32.
-
-    The output projection sees only the decoder rows that have a label (a pre-hook selects them after
-    the model's own final rescale), so padded positions never become vocabulary-wide logits. The call
-    still goes through `model(...)`, which keeps DDP's gradient sync and the LoRA layers in play."""
+    """Summed cross-entropy over real target tokens (labels != -100), computed in fp32."""
     labels = batch["labels"]
-    real = labels != -100
-    core = model_core(model)
-    decoder_input_ids = core.prepare_decoder_input_ids_from_labels(labels=labels)
-    hook = core.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][real],))
-    try:
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=decoder_input_ids).logits
-    finally:
-        hook.remove()
-    return F.cross_entropy(logits.float(), labels[real], reduction="sum")
+    decoder_input_ids = model_core(model).prepare_decoder_input_ids_from_labels(labels=labels)
+    with autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 def model_core(model):
