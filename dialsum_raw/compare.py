@@ -54,5 +54,9 @@ def run(settings) -> dict:
     meta = {"split": settings.split, "data": settings.data, "dialogues": len(dialogues), "rows": first["rows"],
             "models": models, "generation": generation_kwargs(settings), "use_stemmer": settings.use_stemmer,
             "max_source_len": settings.max_source_len}
-    report.write(out, dialogues, summaries, scores, settings.show, meta)
-    return {"scores": scores, "summaries": summaries, "dialogues": dialogues}
+    intervals = metrics.intervals(scores, report.IMPROVEMENTS, settings.bootstrap)
+    chart_note = report.write(out, dialogues, summaries, scores, intervals, settings.show, meta)
+    if chart_note:
+        print(f"note: {chart_note}")
+    return {"scores": scores, "intervals": intervals, "summaries": summaries, "dialogues": dialogues,
+            "chart_note": chart_note}

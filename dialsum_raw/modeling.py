@@ -6,7 +6,7 @@ local folder (a stand-in, a merged adapter, a saved checkpoint) for everyone.
 
 import os
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def _check_source(name_or_path, what):
@@ -25,7 +25,7 @@ def load_tokenizer(name_or_path, what="model"):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:
-        raise UserError(f"cannot load tokenizer from {name_or_path} ({type(e).__name__}: {_first_line(e)})"
+        raise UserError(f"cannot load tokenizer from {name_or_path} ({type(e).__name__}: {first_line(e)})"
                         + ("" if os.path.isdir(name_or_path) else "; offline? give a local folder instead"))
 
 
@@ -41,7 +41,7 @@ def load_model(name_or_path, dropout=None):
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
         hint = "is the weights file intact?" if os.path.isdir(name_or_path) else "offline? give a local folder instead"
-        raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {_first_line(e)}); {hint}")
+        raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}")
 
 
 def cpu_bf16_units():
@@ -89,11 +89,6 @@ def autocast_for(precision, device):
     if choose_precision(precision, device)[0] == "fp32":
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 def count_parameters(model):

@@ -1,24 +1,22 @@
-"""results.csv, metrics.json and report.md for a comparison run; every file written atomically."""
+"""results.csv, scores.csv, metrics.json, report.md and rouge.png for a comparison run; every text
+file written atomically. Scores and intervals come from metrics.py: this module only formats them."""
 
 import csv
 import io
 import json
 import os
 
+from . import plot
+from .checkpoint import atomic_write
 from .data import flatten
+from .errors import UserError
 from .metrics import ROUGE_TYPES
 
 MODELS = ("original", "instruct", "peft")  # zero-shot base, full fine-tune, base + LoRA
 COLUMNS = ["id", "dialogue", "human_baseline_summaries", "original_model_summaries",
            "instruct_model_summaries", "peft_model_summaries"]
 IMPROVEMENTS = (("peft", "original"), ("peft", "instruct"), ("instruct", "original"))
-
-
-def atomic_write(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+SCORE_COLUMNS = ["id", "model"] + [f"{k}_{how}" for k in ROUGE_TYPES for how in ("best", "mean")]
 
 
 def results_csv(dialogues, summaries) -> str:
@@ -32,27 +30,62 @@ def results_csv(dialogues, summaries) -> str:
     return buf.getvalue()
 
 
+def scores_csv(dialogues, scores) -> str:
+    """One row per (model, dialogue): each rouge type's best and mean over the dialogue's references."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SCORE_COLUMNS)
+    for name in (m for m in MODELS if m in scores):
+        units = scores[name]["per_dialogue"]
+        for i, d in enumerate(dialogues):
+            w.writerow([d.id, name] + [units[how][k][i] for k in ROUGE_TYPES for how in ("best", "mean")])
+    return buf.getvalue()
+
+
 def _pct(x):
     return f"{100 * x:.2f}"
 
 
-def markdown(scores, dialogues, summaries, show, meta) -> str:
+def _signed(x):
+    return f"{100 * x:+.2f}"
+
+
+def _verdict(pair, cis):
+    """Says in words, per rouge type, whether the interval lies above 0, below 0 or contains it."""
+    groups = {"significant gain (interval above 0)": [k for k in ROUGE_TYPES if cis[k][0] > 0],
+              "significant loss (interval below 0)": [k for k in ROUGE_TYPES if cis[k][1] < 0],
+              "no significant difference (interval contains 0)":
+                  [k for k in ROUGE_TYPES if cis[k][0] <= 0 <= cis[k][1]]}
+    return f"- {pair}: " + "; ".join(f"{what} in {', '.join(ks)}" for what, ks in groups.items() if ks) + "."
+
+
+def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=None) -> str:
     names = [m for m in MODELS if m in scores]
     lines = [f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference rows",
              "", "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
-             f"Generation: {meta['generation']}", ""]
+             f"Generation: {meta['generation']}", "",
+             f"ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
+             f"notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
+             "", chart_note or "![ROUGE per model with 95% bootstrap intervals](rouge.png)", ""]
     header = "| model | " + " | ".join(ROUGE_TYPES) + " |"
-    for kind, title in (("per_row", "Mean over reference rows (as evaluate.load('rouge') on the hub layout)"),
+    rule = "|---" * (len(ROUGE_TYPES) + 1) + "|"
+    pairs = [(a, b) for a, b in IMPROVEMENTS if a in scores and b in scores]
+    for kind, title in (("per_row", "Mean over reference rows (the notebook's figure on the hub layout)"),
                         ("multi_ref_max", "Multi-reference: best reference per dialogue"),
                         ("multi_ref_mean", "Multi-reference: mean over references per dialogue")):
-        lines += [f"## {title}", "", header, "|---" * (len(ROUGE_TYPES) + 1) + "|"]
+        lines += [f"## {title}", "", header, rule]
         lines += [f"| {n} | " + " | ".join(_pct(scores[n][kind][k]) for k in ROUGE_TYPES) + " |" for n in names]
-        pairs = [(a, b) for a, b in IMPROVEMENTS if a in scores and b in scores]
         if pairs:
-            lines += ["", "Absolute improvement (percentage points):", "", header.replace("model", "comparison", 1),
-                      "|---" * (len(ROUGE_TYPES) + 1) + "|"]
-            lines += [f"| {a} vs {b} | " + " | ".join(f"{100 * (scores[a][kind][k] - scores[b][kind][k]):+.2f}"
-                                                      for k in ROUGE_TYPES) + " |" for a, b in pairs]
+            lines += ["", f"Absolute improvement in percentage points; in brackets, its {100 * intervals['level']:.0f}% "
+                          f"paired-bootstrap interval ({intervals['resamples']:,} resamples of the dialogues, "
+                          f"seed {intervals['seed']}):", "",
+                      header.replace("model", "comparison", 1), rule]
+            for a, b in pairs:
+                cis = intervals["differences"][f"{a} vs {b}"][kind]
+                lines.append(f"| {a} vs {b} | " + " | ".join(
+                    f"{_signed(scores[a][kind][k] - scores[b][kind][k])} [{_signed(cis[k][0])}, {_signed(cis[k][1])}]"
+                    for k in ROUGE_TYPES) + " |")
+            lines += [""] + [_verdict(f"{a} vs {b}", intervals["differences"][f"{a} vs {b}"][kind]) for a, b in pairs]
         lines.append("")
     for index in show:
         d = dialogues[index]
@@ -62,8 +95,19 @@ def markdown(scores, dialogues, summaries, show, meta) -> str:
     return "\n".join(lines)
 
 
-def write(out, dialogues, summaries, scores, show, meta):
+def write(out, dialogues, summaries, scores, intervals, show, meta):
+    """Writes every file; returns a one-line note when the chart was skipped (matplotlib missing), else None."""
     os.makedirs(out, exist_ok=True)
+    summary = {"meta": meta, **{n: {k: v for k, v in scores[n].items() if k != "per_dialogue"}
+                                for n in MODELS if n in scores}, "intervals": intervals}
+    try:
+        plot.rouge_chart(summary, os.path.join(out, "rouge.png"))
+        chart_note = None
+    except UserError as e:
+        chart_note = f"rouge.png skipped ({e}); then: python -m dialsum_raw.plot {out} --out {out}/rouge.png"
     atomic_write(os.path.join(out, "results.csv"), results_csv(dialogues, summaries))
-    atomic_write(os.path.join(out, "report.md"), markdown(scores, dialogues, summaries, show, meta))
-    atomic_write(os.path.join(out, "metrics.json"), json.dumps({"meta": meta, **scores}, indent=2) + "\n")
+    atomic_write(os.path.join(out, "scores.csv"), scores_csv(dialogues, scores))
+    atomic_write(os.path.join(out, "report.md"), markdown(scores, intervals, dialogues, summaries, show, meta,
+                                                          chart_note))
+    atomic_write(os.path.join(out, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+    return chart_note

@@ -1,9 +1,9 @@
-"""Write a random-weight model folder with flan-t5-small's config and tokenizer.
+"""Write a random-weight model folder with a flan-t5 size's shape and flan-t5-small's tokenizer.
 
 The real weights cannot be downloaded here; a model with the exact architecture stands in for
-speed, memory, equivalence and plumbing checks (and --tiny for fast tests).
+speed, memory, equivalence and plumbing checks (and --tiny for fast tests). It cannot show quality.
 
-    python -m dialsum_raw.standin --config ../shared/flan-t5-small --out standin [--tiny]
+    python -m dialsum_raw.standin --config ../shared/flan-t5-small --out standin [--size base | --tiny]
 """
 
 import argparse
@@ -14,23 +14,41 @@ from .errors import UserError, run_cli
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-TINY = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
+# Overrides of flan-t5-small's config.json. base and large are the published google/flan-t5-base and
+# -large shapes; every size keeps small's vocabulary, d_kv 64 and gated-GELU feed-forward.
+SIZES = {
+    "tiny": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2},
+    "small": {},
+    "base": {"d_model": 768, "d_ff": 2048, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12},
+    "large": {"d_model": 1024, "d_ff": 2816, "num_heads": 16, "num_layers": 24, "num_decoder_layers": 24},
+}
 
 
-def build(config_dir, out, tiny=False, seed=0):
-    """Save a random T5 under `out`; returns the path. lm_head gets its own weight (see shared/README)."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-
+def config(config_dir, size="small"):
+    """flan-t5-small's config.json with a size's shape."""
+    from transformers import T5Config
     if not os.path.isfile(os.path.join(config_dir, "config.json")):
         raise UserError(f"{config_dir}: no config.json (expected a flan-t5 folder such as ../shared/flan-t5-small)")
-    config = T5Config.from_pretrained(config_dir, **(TINY if tiny else {}))
+    return T5Config.from_pretrained(config_dir, **SIZES[size])
+
+
+def random_model(config_dir, size="small", seed=0):
+    """A random T5 of that size, in memory; lm_head gets its own weight (see shared/README)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    cfg = config(config_dir, size)
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(cfg)
     # transformers 5.x ties lm_head to shared when building from a config; the real checkpoint
     # does not, so give lm_head an independent weight with T5's own init scale.
-    head = torch.empty_like(model.shared.weight).normal_(0.0, config.d_model ** -0.5)
+    head = torch.empty_like(model.shared.weight).normal_(0.0, cfg.d_model ** -0.5)
     model.lm_head.weight = torch.nn.Parameter(head)
+    return model
+
+
+def build(config_dir, out, tiny=False, seed=0, size="small"):
+    """Save a random T5 (with the tokenizer files) under `out`; returns the path."""
+    model = random_model(config_dir, "tiny" if tiny else size, seed)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -46,10 +64,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.standin", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="folder with config.json and tokenizer files")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
-    p.add_argument("--tiny", action="store_true", help=f"small width/depth for fast tests: {TINY}")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--size", choices=["small", "base", "large"], default="small",
+                       help="flan-t5 shape: small 77M, base 248M, large 783M parameters (fp32: 4 bytes each)")
+    shape.add_argument("--tiny", action="store_true", help=f"small width/depth for fast tests: {SIZES['tiny']}")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    build(a.config, a.out, a.tiny, a.seed)
+    build(a.config, a.out, a.tiny, a.seed, a.size)
     from .modeling import count_parameters, load_model
     print(f"wrote {a.out}: {count_parameters(load_model(a.out))[1]:,} parameters")
 

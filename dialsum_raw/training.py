@@ -268,7 +268,8 @@ def set_up(settings: Settings) -> Run:
     run.raw = build_model(settings, run.resume_from)
     run.raw.to(device).train()
     if settings.gradient_checkpointing:  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
-        run.raw.activation_checkpointing_enable({"use_reentrant": False})
+        enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
     run.log(parameter_report(run.raw))
     run.model = run.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         run.raw, device_ids=[device.index] if device.type == "cuda" else None)

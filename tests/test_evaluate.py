@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,7 +28,8 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
     out = tmp_path / "eval"
     cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--base", tiny, "--instruct", trained["full"],
            "--adapter", trained["lora"], "--data", hub_layout, "--split", "test", "--output-dir", str(out),
-           "--limit", "6", "--batch-size", "4", "--num-beams", "2", "--max-new-tokens", "24", "--show", "2,5"]
+           "--limit", "6", "--batch-size", "4", "--num-beams", "2", "--max-new-tokens", "24", "--show", "2,5",
+           "--bootstrap", "200"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     with open(out / "results.csv", newline="") as f:
@@ -37,18 +39,29 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
     assert len(rows) == 18 and rows[0]["id"] == "test_0_1" and rows[2]["id"] == "test_0_3"
     assert all(r[c] for r in rows for c in rows[0])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"meta", "original", "instruct", "peft"}
+    assert set(metrics) == {"meta", "original", "instruct", "peft", "intervals"}
+    assert metrics["intervals"]["resamples"] == 200 and set(metrics["intervals"]["differences"]) == {
+        "peft vs original", "peft vs instruct", "instruct vs original"}
+    with open(out / "scores.csv", newline="") as f:
+        scores = list(csv.DictReader(f))
+    assert len(scores) == 18 and [s["model"] for s in scores[::6]] == ["original", "instruct", "peft"]
     assert metrics["meta"]["dialogues"] == 6 and metrics["meta"]["rows"] == 18
     for name, column in (("original", "original_model_summaries"), ("peft", "peft_model_summaries"),
                          ("instruct", "instruct_model_summaries")):
         pairs = pair_scores([r[column] for r in rows], [r["human_baseline_summaries"] for r in rows])
         for k, v in metrics[name]["per_row"].items():
             assert v == pytest.approx(sum(p[k] for p in pairs) / 18, abs=1e-12)
+            per_dialogue = [float(s[f"{k}_best"]) for s in scores if s["model"] == name]
+            assert per_dialogue == pytest.approx([max(p[k] for p in pairs[i:i + 3]) for i in range(0, 18, 3)], abs=1e-12)
         assert set(metrics[name]) >= {"per_row", "multi_ref_max", "multi_ref_mean"}
     report = (out / "report.md").read_text()
     for needle in ("| peft vs original |", "| peft vs instruct |", "| instruct vs original |",
-                   "## Dialogue 2 (test_2)", "## Dialogue 5 (test_5)", "- **peft**:"):
+                   "## Dialogue 2 (test_2)", "## Dialogue 5 (test_5)", "- **peft**:",
+                   "paired-bootstrap interval (200 resamples of the dialogues, seed 0)", "- peft vs instruct: "):
         assert needle in report
+    if importlib.util.find_spec("matplotlib"):  # the [plot] extra; tests/test_report.py covers its absence
+        assert (out / "rouge.png").read_bytes()[:4] == b"\x89PNG" and "](rouge.png)" in report
+        assert res.stdout.strip().endswith("report.md, rouge.png")
     assert "## Dialogue 2" in res.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

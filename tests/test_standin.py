@@ -21,3 +21,32 @@ def test_standin_without_config_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", str(tmp_path), "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and res.stderr.strip().startswith(f"error: {tmp_path}: no config.json")
+
+
+# published google/flan-t5-{small,base,large}: d_model, d_ff, heads, layers; parameters with a separate
+# lm_head; LoRA r=8 on q,v trainable parameters: 8 x (d_model + heads x d_kv) per layer, q and v in the encoder's
+# self-attention and the decoder's self- and cross-attention
+SHAPES = {"small": (512, 1024, 6, 8, 76_961_152, 344_064), "base": (768, 2048, 12, 12, 247_577_856, 884_736),
+          "large": (1024, 2816, 16, 24, 783_150_080, 2_359_296)}
+
+
+def test_sizes_have_flan_t5_shapes_and_parameter_counts():
+    import torch
+    from dialsum_raw import lora, standin
+    from dialsum_raw.modeling import count_parameters
+    for size, (d_model, d_ff, heads, layers, total, trainable) in SHAPES.items():
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            model = standin.random_model(FLAN, size)
+        c = model.config
+        assert (c.d_model, c.d_ff, c.num_heads, c.num_layers, c.num_decoder_layers) == (d_model, d_ff, heads, layers, layers)
+        assert (c.d_kv, c.vocab_size, c.feed_forward_proj) == (64, 32128, "gated-gelu")
+        assert model.lm_head.weight is not model.shared.weight
+        assert count_parameters(model)[1] == total
+        lora.inject(model, ("q", "v"), 8, 16)
+        assert count_parameters(model)[0] == trainable == 8 * (d_model + heads * 64) * 2 * 3 * layers
+
+
+def test_size_and_tiny_exclude_each_other(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(tmp_path / "x"),
+                          "--tiny", "--size", "base"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "not allowed with argument" in res.stderr
