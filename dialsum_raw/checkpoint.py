@@ -69,7 +69,7 @@ def atomic_write(path, text):
     _fsync(os.path.dirname(os.path.abspath(path)))
 
 
-def prepare_output_dir(out, overwrite, marker, remove=True, resumable=False):
+def prepare_output_dir(out, overwrite, marker, resumable=False):
     """Refuse to clobber a folder unless asked, before any work is done; --overwrite deletes only
     folders this project wrote (recognised by `marker`, a file it always leaves there)."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -82,8 +82,7 @@ def prepare_output_dir(out, overwrite, marker, remove=True, resumable=False):
     if not os.path.isfile(os.path.join(out, marker)):
         raise UserError(f"--overwrite refuses to delete {out}: it does not look like a dialsum_raw output "
                         f"(no {marker})")
-    if remove:
-        shutil.rmtree(out)
+    shutil.rmtree(out)
 
 
 def find(path):

@@ -157,14 +157,16 @@ def load_examples(settings: Settings, tokenizer, log):
 # metric that picks best/) is fixed by the checkpoint.
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "log_every", "eval_every", "save_every", "tensorboard",
                      "early_stop", "precision", "gradient_checkpointing", "engine", "eval_batch_size"}
+ROUGE_SETTINGS = {"eval_rouge", "num_beams", "max_new_tokens"}  # may change too while val_loss picks best/
 
 
 def check_resume_settings(settings: Settings, state: dict, world: int):
     """Refuse a resume whose flags would change the data order or the schedule, listing every change."""
     saved_path = os.path.join(settings.resume, SETTINGS_FILE)
     saved = vars(Settings(**read_config(saved_path))) if os.path.isfile(saved_path) else {}
+    free = RESUME_MAY_CHANGE | (ROUGE_SETTINGS if settings.best_metric == "val_loss" else set())
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(settings).items()
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+               if k in saved and k not in free and saved[k] != v]
     if state.get("world", world) != world:
         changed.append(f"processes {state['world']} -> {world}")
     if changed:
@@ -219,24 +221,35 @@ def train(settings: Settings) -> dict:
     bar = tqdm(total=run.total, initial=run.progress["step"], disable=run.rank != 0, desc="train", unit="step")
     started = time.time() - run.progress["seconds"]
     with stop_signals() as caught:
-        while run.progress["step"] < run.total:
+        while not done(run):
             stop = train_step(run, started, bar, caught)
-            step = run.progress["step"]
-            validated = at(step, run.settings.eval_every) if run.settings.eval_every else \
-                step % run.steps_per_epoch == 0
-            early = validate(run, bar) if validated or step == run.total else False
-            if validated or step == run.total or at(step, run.settings.save_every) or stop or early:
+            validating = due_validation(run)
+            if validating:
+                validate(run, bar)
+            if validating or at(run.progress["step"], run.settings.save_every) or stop:
                 save(run)
-            if stop:
+            if stop and not done(run):
                 bar.close()
-                raise Stopped(f"stopped by signal {stop} at step {step}: saved {os.path.join(run.out, 'last')}; "
-                              f"continue with: python train.py --resume {run.out}", 128 + stop)
-            if early:
-                run.log(f"early stop: {run.settings.best_metric} has not improved for {run.settings.early_stop} "
-                        f"validations; best/ is step {run.progress['best_step']}")
-                break
+                raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
+                              f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
+                              128 + stop)
     bar.close()
     return finish(run)
+
+
+def done(run) -> bool:
+    """All steps taken, or --early-stop validations in a row without improvement."""
+    return run.progress["step"] >= run.total or stopped_early(run)
+
+
+def stopped_early(run) -> bool:
+    return bool(run.settings.early_stop) and run.progress["stale"] >= run.settings.early_stop
+
+
+def due_validation(run) -> bool:
+    """Every --eval-every steps (else at each epoch's end), and after the last step."""
+    step, every = run.progress["step"], run.settings.eval_every
+    return (at(step, every) if every else step % run.steps_per_epoch == 0) or step == run.total
 
 
 def at(step, every):
@@ -274,9 +287,7 @@ def set_up(settings: Settings) -> Run:
     run.model = run.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         run.raw, device_ids=[device.index] if device.type == "cuda" else None)
 
-    run.steps_per_epoch = len(run.sampler) // settings.grad_accum
-    if run.steps_per_epoch == 0:
-        raise UserError(f"one epoch has {len(run.sampler)} batches, fewer than --grad-accum {settings.grad_accum}")
+    run.steps_per_epoch = len(run.sampler) // settings.grad_accum  # >= 1: the sampler refuses less
     run.total = settings.max_steps or math.ceil(settings.epochs * run.steps_per_epoch)
     warmup = math.ceil(settings.warmup_ratio * run.total)
     run.optimizer = make_optimizer(run.raw, settings)
@@ -300,6 +311,9 @@ def prepare_output(run: Run):
         if run.resume_state["is_adapter"] != s.is_lora:
             raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
                             f"run but --lora-rank is {s.lora_rank}")
+        if os.path.abspath(s.output_dir) != os.path.abspath(s.resume):
+            raise UserError(f"--resume {s.resume} continues that run in its own folder; drop --output-dir "
+                            f"{s.output_dir} (copy the folder first to branch a run)")
         check_resume_settings(s, run.resume_state, run.world)
         return
     verdict = [None]
@@ -341,23 +355,24 @@ def restore(run: Run):
     if run.rank == 0:
         repair_best(run)
         trim_metrics(run)
-    run.log(f"resumed from {os.path.join(run.out, 'last')} at step {run.progress['step']}")
+    run.log(f"resumed from {run.resume_from} at step {run.progress['step']}")
 
 
 def repair_best(run: Run):
     """A crash between writing last/ and copying it to best/ leaves best/ behind: copy it now."""
     best, step = os.path.join(run.out, "best"), run.progress["best_step"]
     if step and step == run.progress["step"] and checkpoint.best_step(best) != step:
-        checkpoint.save_best(os.path.join(run.out, "last"), best, best_info(run))
+        checkpoint.save_best(run.resume_from, best, best_info(run))
         run.log(f"best/ was behind last/ (a crash between the two saves): repaired to step {step}")
 
 
 def trim_metrics(run: Run):
-    """Drop metrics.jsonl lines logged after the checkpoint, rewriting the file whole."""
+    """Drop metrics.jsonl lines logged after the checkpoint (and a line a crash cut short), rewriting
+    the file whole."""
     path = os.path.join(run.out, METRICS_FILE)
     if os.path.isfile(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= run.progress["step"]]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.progress["step"]]
         checkpoint.atomic_write(path, "".join(kept))
 
 
@@ -383,7 +398,9 @@ def train_step(run: Run, started, bar, caught) -> int:
             loss = token_loss_sum(run.model, batch, run.autocast)
             (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
         loss_sum += loss.detach()
-    loss_total, stopping = all_sum([loss_sum.item(), caught["signum"]], run.device, run.world)
+    signum = caught["signum"]
+    loss_total, sigint, sigterm = all_sum([loss_sum.item(), signum == signal.SIGINT, signum == signal.SIGTERM],
+                                          run.device, run.world)
     step_loss = loss_total / tgt
     if not math.isfinite(step_loss):
         bar.close()
@@ -407,7 +424,7 @@ def train_step(run: Run, started, bar, caught) -> int:
     if p["step"] % s.log_every == 0:
         write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
         p["window_loss"], p["window_tokens"] = 0.0, 0
-    return (caught["signum"] or signal.SIGTERM) if stopping else 0
+    return signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0  # the same on every rank
 
 
 def line_base(run: Run) -> dict:
@@ -429,8 +446,9 @@ def write_metrics(run: Run, line: dict):
         run.writer.flush()
 
 
-def validate(run: Run, bar) -> bool:
-    """Validation loss (and ROUGE with --eval-rouge), logged; updates the best. True when --early-stop says stop."""
+def validate(run: Run, bar):
+    """Validation loss (and ROUGE with --eval-rouge), logged; updates the best and the count of
+    validations without improvement that --early-stop reads."""
     s, p = run.settings, run.progress
     val = validation_loss(run.raw, run.val_set, run.collate, s, run.device, run.rank, run.world, run.autocast)
     line = {**line_base(run), "val_loss": round(val, 6)}
@@ -445,7 +463,9 @@ def validate(run: Run, bar) -> bool:
         p["best_step"], p["best_value"], p["stale"] = p["step"], value, 0
     else:
         p["stale"] += 1
-    return bool(s.early_stop) and p["stale"] >= s.early_stop
+    if stopped_early(run):
+        run.log(f"early stop: {s.best_metric} has not improved for {s.early_stop} validations; "
+                f"best/ is step {p['best_step']}")
 
 
 def best_info(run: Run) -> dict:
@@ -475,13 +495,16 @@ def stop_signals():
     """SIGINT and SIGTERM (Ctrl-C, cluster preemption) ask the loop to save and stop at the next step.
 
     Both handlers are installed explicitly: a run started in the background by a script inherits SIGINT
-    as ignored and would never see it. A second signal stops at once, the last checkpoint intact."""
-    caught = {"signum": 0}
+    as ignored and would never see it. One Ctrl-C or preemption often arrives twice (torchrun forwards
+    what the terminal or scheduler already sent each rank), so a repeat within 5 s is the same request;
+    a later one stops at once, the last checkpoint intact."""
+    caught = {"signum": 0, "at": 0.0}
 
     def handler(signum, frame):
-        if caught["signum"]:
+        if caught["signum"] and time.monotonic() - caught["at"] > 5:
             raise KeyboardInterrupt
-        caught["signum"] = signum
+        if not caught["signum"]:
+            caught.update(signum=signum, at=time.monotonic())
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

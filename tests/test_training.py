@@ -183,18 +183,29 @@ def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path)
 
 
 def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
+    from dialsum_raw.config import read_config
     out = tmp_path / "run"
     subprocess.run(_train_cmd(tiny, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"), check=True,
                    capture_output=True)
-    res = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(out), "--batch-size", "4",
-                          "--seed", "7", "--log-every", "3", "--save-every", "5"], capture_output=True, text=True)
+    resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(out)]
+    res = subprocess.run([*resume, "--batch-size", "4", "--seed", "7", "--max-source-len", "256", "--log-every", "3",
+                          "--save-every", "5"], capture_output=True, text=True)
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
-    assert "batch_size 8 -> 4" in last and "seed 42 -> 7" in last
+    assert "batch_size 8 -> 4" in last and "seed 42 -> 7" in last and "max_source_len 128 -> 256" in last
     assert "log_every" not in last and "save_every" not in last  # harmless changes pass
-    res = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(out), "--log-every", "3",
-                          "--max-steps", "4"], capture_output=True, text=True)
+    res = subprocess.run([*resume, "--output-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True)
+    assert res.returncode == 2 and "continues that run in its own folder" in res.stderr
+    s = Settings(**read_config(str(out / "settings.toml")), resume=str(out))
+    with pytest.raises(UserError, match="processes 2 -> 1"):
+        training.check_resume_settings(s, {"world": 2}, 1)
+
+    # lines logged after the checkpoint, and one a crash cut short, are dropped on resume
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 99, "loss": 1.0}) + "\n" + '{"step": 10')
+    res = subprocess.run([*resume, "--log-every", "3", "--max-steps", "4"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-1500:]
+    assert max(m["step"] for m in _metrics(out)) == 4
 
 
 def test_early_stop_after_k_validations_without_improvement(tiny, tmp_path, monkeypatch):
