@@ -1,12 +1,13 @@
 """Benchmarks: figures measured side by side in one run, printed as tables and saved as bench-*.json.
 
-    python -m dialsum_raw.bench train   [--quick]   # our loop vs HF Seq2SeqTrainer + peft
-    python -m dialsum_raw.bench eval    [--quick]   # batched evaluator vs the notebook's per-row generate
-    python -m dialsum_raw.bench memory  [--quick]   # peak RSS LoRA vs full; adapter vs checkpoint size
+    python -m dialsum_raw.bench train   [--quick]   # our loop vs HF Seq2SeqTrainer + peft (notebook, best); MFU
+    python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate, batch 1/8/16/32, fp32 + bf16
+    python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
 
 Models are random-weight stand-ins built from --config (flan-t5-small's exact shape; --tiny for
-learn), data is the real DialogSum corpus from --data. On CUDA the same code runs with bf16 autocast.
+learn), data is the real DialogSum corpus from --data. bf16 autocast runs wherever --precision auto
+picks it (CUDA; CPUs with AMX or AVX512-BF16).
 """
 
 import argparse
@@ -20,11 +21,11 @@ import time
 
 import torch
 
-from . import data, lora, metrics, standin, training
+from . import beam, data, lora, metrics, standin, training
 from .config import Settings, validate
 from .errors import run_cli
-from .generation import generation_kwargs, summarize
-from .modeling import autocast_for, load_model, load_tokenizer
+from .generation import generate_ids, generation_kwargs, summarize
+from .modeling import autocast_for, choose_precision, count_parameters, load_model, load_tokenizer
 
 
 def _table(title, rows):
@@ -41,10 +42,6 @@ def _save(name, result, args):
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {path}")
-
-
-def _real_tokens(examples):
-    return sum(len(e["input_ids"]) + len(e["labels"]) for e in examples)
 
 
 def _lora_settings(args, out, steps, **over):
@@ -81,116 +78,217 @@ def _bare_steps(model, batches, device, autocast):
     return time.perf_counter() - start
 
 
+def _matmul_peak(dtype, device, n=2048):
+    """FLOP/s of a square n x n matmul in `dtype`, best of 3 rounds: the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * n ** 3 / best
+
+
+def _step_flops(model, batch, device):
+    """Forward + backward FLOPs of one batch, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _padded(batch):
+    return batch["input_ids"].numel() + batch["labels"].numel()
+
+
+def _real(batch):
+    return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+
+
+class _KeptBatches:
+    """HF's collator, keeping each batch it forms: HF's real and padded tokens are then counted, not guessed."""
+
+    def __init__(self, collator):
+        self.collator, self.batches = collator, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        return batch
+
+
+def _hf_run(args, tok, pool, steps, out, device, **best):
+    """Seq2SeqTrainer + peft LoRA r=8 q,v, batch 8, `steps` steps over `pool` with HF's own sampler (the
+    notebook's stack; `best` adds the strongest flags HF offers). Returns (its batches, HF's train_runtime)."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(args.model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                              target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    hf_args = Seq2SeqTrainingArguments(output_dir=out, per_device_train_batch_size=8, learning_rate=1e-3,
+                                       max_steps=steps, logging_steps=10 ** 6, save_strategy="no", report_to=[],
+                                       use_cpu=device.type != "cuda", dataloader_pin_memory=device.type == "cuda",
+                                       seed=0, disable_tqdm=True, **best)
+    kept = _KeptBatches(DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8))
+    trainer = Seq2SeqTrainer(model=model, args=hf_args, train_dataset=datasets.Dataset.from_list(pool),
+                             data_collator=kept)
+    seconds = trainer.train().metrics["train_runtime"]
+    return kept.batches[:steps], seconds
+
+
 def bench_train(args):
+    """Four rows, one run, the same example pool and count (steps x 8), each with its own sampler: HF's
+    notebook settings, HF's best settings, ours in fp32, ours at --precision auto. Real tokens/s, ratios
+    to HF best, and MFU against a matmul peak measured here.
+
+    HF's group_by_length sizes its sorted groups from the pool (min(len // 32, 50) batches), so HF samples
+    the whole pool as in a real epoch; handed only our few batches' examples it would barely group."""
     steps = 6 if args.quick else 16
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto, why = choose_precision("auto", device)
     tok = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         s = _lora_settings(args, os.path.join(tmp, "ours"), steps)
-        examples, batches = _consumed(s, tok)
-        used = [examples[i] for b in batches for i in b]
+        pool, batches = _consumed(s, tok)
         collate = data.Collator(tok.pad_token_id)
-        device_batches = [collate([examples[i] for i in b]) for b in batches]
-        def bare_run():
-            model = load_model(args.model)
-            lora.inject(model, ("q", "v"), 8, 16, 0.05)
-            return _bare_steps(model.to(device), device_batches, device, autocast_for("auto", device))
+        ours_batches = [collate([pool[i] for i in b]) for b in batches]
 
-        # The bare loop runs first and last: a fresh process runs its first big steps slower (page
-        # faults, allocator growth), so order matters on CPU; the two bare runs show how much.
-        bare_before = bare_run()
-        ours = training.train(s)
+        peak = {"fp32": _matmul_peak(torch.float32, device), "bf16": _matmul_peak(torch.bfloat16, device)}
+        model = load_model(args.model)
+        lora.inject(model, ("q", "v"), 8, 16, 0.05)
+        model.to(device)
+        for precision in ("fp32", auto):  # warm-up: first big steps of a fresh process run slow (page faults)
+            _bare_steps(model, ours_batches[:1], device, autocast_for(precision, device))
 
-        # the notebook's stack on the very same examples: random batches padded to a multiple of 8
-        import datasets
-        from peft import LoraConfig, get_peft_model
-        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-        torch.manual_seed(0)
-        model = get_peft_model(load_model(args.model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                                  target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
-        hf_args = Seq2SeqTrainingArguments(output_dir=os.path.join(tmp, "hf"), per_device_train_batch_size=8,
-                                           learning_rate=1e-3, num_train_epochs=1, logging_steps=10 ** 6,
-                                           save_strategy="no", report_to=[], bf16=device.type == "cuda",
-                                           use_cpu=device.type != "cuda", dataloader_pin_memory=False, seed=0,
-                                           disable_tqdm=True)
-        collator = DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8)
-        trainer = Seq2SeqTrainer(model=model, args=hf_args, train_dataset=datasets.Dataset.from_list(used),
-                                 data_collator=collator)
-        hf_seconds = trainer.train().metrics["train_runtime"]
-        shuffled = [used[i] for i in torch.randperm(len(used), generator=torch.Generator().manual_seed(0))]
-        hf_batches = [collator(shuffled[i:i + 8]) for i in range(0, len(shuffled), 8)]  # as HF's random sampler
-        hf_padded = sum(b["input_ids"].numel() + b["labels"].numel() for b in hf_batches)
+        notebook = _hf_run(args, tok, pool, steps, os.path.join(tmp, "hf-notebook"), device)
+        hf_best = _hf_run(args, tok, pool, steps, os.path.join(tmp, "hf-best"), device, bf16=auto == "bf16",
+                          train_sampling_strategy="group_by_length")
+        rows = [("HF notebook: random batches, pad to 8, fp32", "fp32", *notebook),  # name, precision,
+                (f"HF best: group_by_length, pad to 8, {auto}", auto, *hf_best)]  # its batches, seconds
+        for precision in ("fp32", "auto"):
+            run = _lora_settings(args, os.path.join(tmp, f"ours-{precision}"), steps, precision=precision)
+            rows.append((f"ours: length-grouped, dynamic padding, {precision}" + (f" = {auto}" if precision == "auto" else ""),
+                         choose_precision(precision, device)[0], ours_batches, training.train(run)["seconds"]))
 
-        bare_after = bare_run()
-        bare = (bare_before + bare_after) / 2
-
-    real = _real_tokens(used)
-    result = {"steps": steps, "batch_size": 8, "examples": len(used), "real_tokens": real,
-              "ours_seconds": ours["seconds"], "hf_seconds": round(hf_seconds, 2),
-              "bare_seconds_before_after": [round(bare_before, 2), round(bare_after, 2)],
-              "ours_real_tokens_per_s": round(real / ours["seconds"], 1),
-              "hf_real_tokens_per_s": round(real / hf_seconds, 1),
-              "speedup_vs_hf": round(hf_seconds / ours["seconds"], 3),
-              "ours_overhead_vs_bare": round(ours["seconds"] / bare - 1, 4),
-              "ours_real_token_fraction": round(1 - ours["padding_fraction"], 4),
-              "hf_real_token_fraction": round(real / hf_padded, 4)}
-    _table(f"train: LoRA r=8 q,v, batch 8, {steps} steps, {len(used)} identical examples ({real:,} real tokens)", [
-        ("ours (length-grouped, dynamic padding)", f"{result['ours_real_tokens_per_s']:>9,.0f} real tok/s"),
-        ("HF Seq2SeqTrainer + peft (pad to 8)", f"{result['hf_real_tokens_per_s']:>9,.0f} real tok/s"),
-        ("speed ratio ours / HF", f"{result['speedup_vs_hf']:.2f}x"),
-        ("real-token fraction ours / HF", f"{result['ours_real_token_fraction']:.1%} / "
-                                          f"{result['hf_real_token_fraction']:.1%}"),
-        ("bare f/b/step, run first / last", f"{bare_before:.1f} s / {bare_after:.1f} s"),
-        ("our loop overhead over bare (mean)", f"{result['ours_overhead_vs_bare']:+.1%}")])
+        result_rows = []
+        for name, precision, row_batches, seconds in rows:
+            median = sorted(row_batches, key=_padded)[len(row_batches) // 2]
+            real, padded = sum(map(_real, row_batches)), sum(map(_padded, row_batches))
+            # FLOPs per step: the median batch counted, scaled to the row's mean padded tokens per step
+            flops = _step_flops(model, median, device) * padded / _padded(median) / len(row_batches)
+            result_rows.append({"row": name, "precision": precision, "steps": len(row_batches),
+                                "seconds": round(seconds, 2), "real_tokens": real,
+                                "real_tokens_per_s": round(real / seconds, 1), "real_token_fraction": round(real / padded, 4),
+                                "gflops_per_step": round(flops / 1e9, 1),
+                                "mfu": round(flops / (seconds / len(row_batches)) / peak[precision], 4)})
+    best = result_rows[1]["real_tokens_per_s"]
+    for r in result_rows:
+        r["vs_hf_best"] = round(r["real_tokens_per_s"] / best, 3)
+    fp32_ours, auto_ours = result_rows[2]["real_tokens_per_s"], result_rows[3]["real_tokens_per_s"]
+    same = result_rows[3 if auto == "bf16" else 2]["real_tokens_per_s"]
+    result = {"steps": steps, "batch_size": 8, "pool_examples": len(pool), "auto_precision": auto, "auto_reason": why,
+              "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "rows": result_rows,
+              "ours_auto_over_ours_fp32": round(auto_ours / fp32_ours, 3),
+              "ours_over_hf_best_same_precision": round(same / best, 3)}
+    _table(f"train: LoRA r=8 q,v, batch 8, {steps} steps each from the same {len(pool):,} examples; matmul peak "
+           f"fp32 {peak['fp32'] / 1e9:,.0f} / bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} ({why})",
+           [(r["row"], f"{r['real_tokens_per_s']:>8,.0f} real tok/s  {r['vs_hf_best']:.2f}x HF best  "
+                       f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)")
+            for r in result_rows] +
+           [("ours auto / ours fp32", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
+            (f"ours / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x")])
     _save("train", result, args)
 
 
-def _per_row_generate(model, tok, texts, settings):
-    """The notebook: one generate call per row, no batching, no de-duplication."""
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            enc = tok(data.prompt(text), return_tensors="pt", max_length=settings.max_source_len, truncation=True)
-            ids = model.generate(**enc, **generation_kwargs(settings))
-            out.append(tok.decode(ids[0], skip_special_tokens=True).strip())
-    return out
+def _timed_ids(model, tok, texts, settings):
+    """(seconds, token ids) of one generate_ids call."""
+    start = time.perf_counter()
+    ids = generate_ids(model, tok, texts, settings, desc=f"{settings.engine} {settings.precision} "
+                                                         f"batch {settings.eval_batch_size}")
+    return time.perf_counter() - start, ids
 
 
 def bench_eval(args):
-    n = 8 if args.quick else 16
-    s = Settings(num_beams=4, max_new_tokens=32 if args.quick else 64)  # default --batch-size
-    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
-    rows = list(data.flatten(data.load_splits(args.data, ("test",))["test"][:n]))
-    row_texts = [d.dialogue for _, d, _ in rows]
-    unique = list(dict.fromkeys(row_texts))
+    """Both engines on the same dialogues, batch by batch size, fp32 and (where the hardware has it)
+    bf16 autocast; outputs checked equal, or near ties of HF's own score; a test-split estimate."""
+    n, steps = (8, 16) if args.quick else (32, 64)
+    sizes = (1, 8) if args.quick else (1, 8, 16, 32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = ("fp32", "bf16") if choose_precision("auto", device)[0] == "bf16" else ("fp32",)  # native bf16 only
+    model, tok = load_model(args.model).eval().to(device), load_tokenizer(args.model)
+    texts = [d.dialogue for d in data.load_splits(args.data, ("test",))["test"][:n]]
+    def settings(engine, size, precision="fp32", tokens=steps):
+        return Settings(engine=engine, eval_batch_size=size, precision=precision, num_beams=4, max_new_tokens=tokens)
+    sources, _ = data.encode_sources(tok, texts, settings("own", 1).max_source_len)
+    for engine in ("own", "hf"):  # warm-up: the first calls pay for page faults and allocator growth
+        _timed_ids(model, tok, texts[:2], settings(engine, 2, tokens=4))
 
-    t = time.perf_counter(); notebook = _per_row_generate(model, tok, row_texts, s); t_notebook = time.perf_counter() - t
-    t = time.perf_counter(); ours = summarize(model, tok, row_texts, s); t_ours = time.perf_counter() - t
-    assert ours == notebook, "batched outputs differ from per-row generate"
-    t = time.perf_counter(); single = _per_row_generate(model, tok, unique, s); t_single = time.perf_counter() - t
-    t = time.perf_counter(); batched = summarize(model, tok, unique, s); t_batched = time.perf_counter() - t
-    assert batched == single
-    result = {"rows": len(rows), "dialogues": len(unique), "generation": generation_kwargs(s),
-              "notebook_per_row_seconds": round(t_notebook, 2), "ours_seconds": round(t_ours, 2),
-              "speedup_vs_notebook": round(t_notebook / t_ours, 2), "outputs_identical": True,
-              "unique_per_example_seconds": round(t_single, 2), "unique_batched_seconds": round(t_batched, 2),
-              "batching_gain": round(t_single / t_batched, 2)}
-    _table(f"eval: {len(rows)} hub-layout test rows ({len(unique)} dialogues x 3 references), beams 4, "
-           f"max_new_tokens {s.max_new_tokens}; outputs identical", [
-               ("notebook: generate per row", f"{t_notebook:7.1f} s"),
-               ("ours: unique dialogues, sorted batches", f"{t_ours:7.1f} s"),
-               ("speed ratio", f"{result['speedup_vs_notebook']:.1f}x"),
-               (f"pure batching gain on {len(unique)} unique dialogues", f"{result['batching_gain']:.1f}x")])
+    seconds, differ = {}, {}
+    for precision in precisions:
+        for size in sizes:
+            for engine in ("own", "hf"):  # alternated, so a noisy neighbour hits both
+                seconds[precision, engine, size], ids = _timed_ids(model, tok, texts, settings(engine, size, precision))
+                if engine == "own":
+                    ours = ids
+            gaps = beam.score_gaps(model, sources, ours, ids, 1.0)
+            if precision == "fp32":  # bf16 rounds far more than 1e-4; there only count
+                assert all(g < 1e-4 for g in gaps.values()), f"own differs from hf beyond a tie at batch {size}: {gaps}"
+            differ[precision, size] = len(gaps)
+
+    best = {(p, e): min(sizes, key=lambda b: seconds[p, e, b]) for p, e, _ in seconds}
+    estimate = {}
+    if not args.quick:  # the random stand-in never ends early: every dialogue runs to the cap, an upper bound
+        for precision in precisions:
+            size = best[precision, "own"]
+            took, _ = _timed_ids(model, tok, texts, settings("own", size, precision, 128))
+            estimate[precision] = {"batch": size, "measured_seconds": round(took, 1),
+                                   "test_split_minutes": round(took * 500 / n / 60, 1)}
+
+    result = {"dialogues": n, "generation": generation_kwargs(settings("own", 1)), "precisions": precisions,
+              "seconds": {f"{p} {e} batch {b}": round(t, 2) for (p, e, b), t in seconds.items()},
+              "best_batch": {f"{p} {e}": b for (p, e), b in best.items()},
+              "outputs_differing_from_hf": {f"{p} batch {b}": k for (p, b), k in differ.items()},
+              "test_split_estimate_own_128_tokens": estimate}
+    header = "   ".join(f"{p + ' ' + e:>9}" for p in precisions for e in ("own", "hf", "hf/own"))
+    rows = [("batch", header)] + [(str(b), "   ".join(
+        f"{seconds[p, 'own', b]:9.1f}   {seconds[p, 'hf', b]:9.1f}   {seconds[p, 'hf', b] / seconds[p, 'own', b]:8.2f}x"
+        for p in precisions)) for b in sizes]
+    rows += [(f"{p} best vs best", f"own {seconds[p, 'own', best[p, 'own']]:.1f} s (batch {best[p, 'own']}) vs "
+                                   f"hf {seconds[p, 'hf', best[p, 'hf']]:.1f} s (batch {best[p, 'hf']}): "
+                                   f"{seconds[p, 'hf', best[p, 'hf']] / seconds[p, 'own', best[p, 'own']]:.2f}x")
+             for p in precisions]
+    rows += [(f"{p} outputs differing from hf", ", ".join(f"{differ[p, b]}/{n}" for b in sizes)
+              + (" (all score ties < 1e-4)" if p == "fp32" else " (bf16 rounding)")) for p in precisions]
+    rows += [(f"{p} test split, own", f"{e['test_split_minutes']} min = {e['measured_seconds']} s measured on {n} "
+                                     f"dialogues at 128 new tokens, batch {e['batch']}, x 500/{n}")
+             for p, e in estimate.items()]
+    _table(f"eval: {n} test dialogues, flan-t5-small stand-in, beams 4, max_new_tokens {steps}; seconds", rows)
     _save("eval", result, args)
 
 
 def bench_memory(args):
-    steps = 3 if args.quick else 6
+    """Peak memory of LoRA training per stand-in size, with and without T5's gradient checkpointing
+    (each run in its own process, so each peak is its own), and the adapter vs checkpoint size."""
+    sizes = ("small", "base") if args.quick else ("small", "base", "large")
+    probes = [(size, "lora", gc) for size in sizes for gc in (False, True)] + [("small", "full", False)]
     runs = {}
-    for mode in ("lora", "full"):
+    for size, mode, gc in probes:
+        # One step: a large step takes minutes on CPU, and step 1 has the peak (the loop's first batch is
+        # its longest of the first few, and AdamW's state is allocated in it).
         cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", args.model, "--data", args.data,
-               "--mode", mode, "--steps", str(steps)]
-        runs[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+               "--config", args.config, "--size", size, "--mode", mode, "--steps", "1"]
+        print(f"probe: {size} {mode}{' + checkpointing' if gc else ''}", flush=True)
+        out = subprocess.run(cmd + ["--checkpointing"] * gc, check=True, capture_output=True, text=True).stdout
+        runs[f"{size} {mode}{' checkpointing' if gc else ''}"] = json.loads(out.strip().splitlines()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(args.model)
         model.save_pretrained(os.path.join(tmp, "full"))
@@ -198,40 +296,51 @@ def bench_memory(args):
         lora.save_adapter(model, os.path.join(tmp, "adapter"), args.model)
         size = {name: sum(os.path.getsize(os.path.join(tmp, name, f)) for f in os.listdir(os.path.join(tmp, name)))
                 for name in ("full", "adapter")}
-    result = {"steps": steps, "batch_size": 8, "peak_rss_mb": {m: r["peak_rss_mb"] for m, r in runs.items()},
-              "peak_cuda_mb": {m: r["peak_cuda_mb"] for m, r in runs.items()},
-              "loaded_rss_mb": {m: r["loaded_rss_mb"] for m, r in runs.items()},
-              "training_rss_mb": {m: round(r["peak_rss_mb"] - r["loaded_rss_mb"], 1) for m, r in runs.items()},
-              "checkpoint_bytes": size["full"], "adapter_bytes": size["adapter"],
-              "checkpoint_over_adapter": round(size["full"] / size["adapter"], 1)}
-    tr, cuda = result["training_rss_mb"], result["peak_cuda_mb"]
-    _table(f"memory: {steps} training steps, batch 8, flan-t5-small shape", [
-        ("peak RSS LoRA / full", f"{runs['lora']['peak_rss_mb']:.0f} MB / {runs['full']['peak_rss_mb']:.0f} MB"),
-        *([("peak CUDA memory LoRA / full", f"{cuda['lora']:.0f} MB / {cuda['full']:.0f} MB")] if cuda["lora"] else []),
-        ("growth over the loaded model LoRA / full", f"{tr['lora']:.0f} MB / {tr['full']:.0f} MB"),
-        ("adapter / full checkpoint", f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
-                                      f"({result['checkpoint_over_adapter']:.0f}x smaller)")])
+    peak = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
+    result = {"batch_size": 8, "steps": 1, "lora": "r=8 q,v", "peak": peak, "runs": runs, "checkpoint_bytes": size["full"],
+              "adapter_bytes": size["adapter"], "checkpoint_over_adapter": round(size["full"] / size["adapter"], 1)}
+    rows = []
+    for s in sizes:
+        plain, gc = runs[f"{s} lora"], runs[f"{s} lora checkpointing"]
+        rows.append((f"{s}: {plain['parameters']:,} parameters, {plain['trainable']:,} LoRA-trainable",
+                     f"{plain[peak]:>7,.0f} MB / {gc[peak]:>7,.0f} MB with checkpointing "
+                     f"({gc[peak] / plain[peak] - 1:+.0%}); {plain['seconds_per_step']:.1f} / "
+                     f"{gc['seconds_per_step']:.1f} s per step"))
+    full = runs["small full"]
+    rows += [("small, full fine-tuning (no checkpointing)", f"{full[peak]:>7,.0f} MB"),
+             ("adapter / full checkpoint (small)", f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
+                                                   f"({result['checkpoint_over_adapter']:.0f}x smaller)")]
+    batch, source, target = runs["small lora"]["batch_shapes"][0]
+    _table(f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of batch {batch} ({source} source, {target} target "
+           f"tokens), LoRA r=8 q,v, {runs['small lora']['precision']}, random stand-ins of each flan-t5 size", rows)
     _save("memory", result, args)
 
 
 def memory_probe(args):
-    """Runs in its own process so each mode's peak RSS is its own."""
+    """One size, mode and checkpointing setting in its own process, on the loop's first batches; prints JSON."""
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tok = load_tokenizer(args.model)
     s = _lora_settings(args, "", args.steps)
     examples, batches = _consumed(s, tok)
-    model = load_model(args.model)
+    model = standin.random_model(args.config, args.size)
+    total = count_parameters(model)[1]
     if args.mode == "lora":
         lora.inject(model, ("q", "v"), 8, 16, 0.05)
+    if args.checkpointing:  # the call training.py makes for --gradient-checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     loaded = rss_mb()
     collate = data.Collator(tok.pad_token_id)
-    _bare_steps(model, [collate([examples[i] for i in b]) for b in batches], device, autocast_for("auto", device))
-    peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
-    print(json.dumps({"mode": args.mode, "loaded_rss_mb": round(loaded, 1), "peak_rss_mb": round(rss_mb(), 1),
-                      "peak_cuda_mb": peak_gpu}))
+    device_batches = [collate([examples[i] for i in b]) for b in batches]
+    seconds = _bare_steps(model, device_batches, device, autocast_for("auto", device))
+    print(json.dumps({"size": args.size, "mode": args.mode, "checkpointing": args.checkpointing, "steps": args.steps,
+                      "precision": " ".join(choose_precision("auto", device)),
+                      "batch_shapes": [[*b["input_ids"].shape, b["labels"].shape[1]] for b in device_batches],
+                      "parameters": total, "trainable": count_parameters(model)[0], "loaded_rss_mb": round(loaded, 1),
+                      "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds / args.steps, 2),
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}))
 
 
 def bench_learn(args):
@@ -277,6 +386,8 @@ def main(argv=None):
     p.add_argument("--out", default=".", help="folder for bench-*.json")
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=list(standin.SIZES), default="small", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.which == "memory-probe":
         return memory_probe(args)

@@ -1,14 +1,16 @@
 """Batched beam search over unique dialogues, original order restored.
 
 Batches are cut from dialogues sorted by source length, so little compute goes to padding, and
-each distinct dialogue is generated once however many reference rows share it. The result is
-token for token what model.generate gives one dialogue at a time with the same settings.
+each distinct dialogue is generated once however many reference rows share it. settings.engine
+picks the search: `own` (beam.py: T5 models, several times faster) or `hf` (model.generate: any
+seq2seq model, and the oracle the tests hold `own` to). Either way the result is token for token
+what model.generate gives one dialogue at a time with the same settings.
 """
 
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import beam, data
 from .modeling import autocast_for
 
 
@@ -20,11 +22,21 @@ def generation_kwargs(settings) -> dict:
             "do_sample": False}
 
 
+def hf_generate(model, input_ids, attention_mask, settings) -> list:
+    """model.generate's best summary per row as token ids, in beam.generate's form: no start token,
+    EOS kept, no padding after it (a row without EOS ran to max_new_tokens, the output's width)."""
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs(settings))
+    return [beam.until_eos(row[1:].tolist(), model.generation_config.eos_token_id) for row in out]
+
+
 @torch.no_grad()
-def summarize(model, tokenizer, dialogues, settings, desc="generate") -> list:
-    """One summary per entry of `dialogues` (texts), generating each distinct text once."""
+def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list:
+    """The summary's token ids per entry of `dialogues` (texts), generating each distinct text once."""
+    search = beam.generate if settings.engine == "own" else hf_generate
+    if settings.engine == "own":
+        beam.check_supported(model)
     unique = list(dict.fromkeys(dialogues))
-    ids, _ = data.tokenize(tokenizer, [data.prompt(d) for d in unique], settings.max_source_len)
+    ids, _ = data.encode_sources(tokenizer, unique, settings.max_source_len)  # the prompt kept whole
     order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))  # longest first: peak memory shows at once
     device = next(model.parameters()).device
     autocast = autocast_for(settings.precision, device)
@@ -37,10 +49,15 @@ def summarize(model, tokenizer, dialogues, settings, desc="generate") -> list:
             chunk = order[start:start + size]
             batch = collate([{"input_ids": ids[i], "labels": [0]} for i in chunk])
             with autocast():
-                out = model.generate(input_ids=batch["input_ids"].to(device),
-                                     attention_mask=batch["attention_mask"].to(device), **generation_kwargs(settings))
-            for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
-                summaries[i] = text.strip()
+                out = search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), settings)
+            for i, tokens in zip(chunk, out):
+                summaries[i] = tokens
             bar.update(len(chunk))
     by_text = dict(zip(unique, summaries))
     return [by_text[d] for d in dialogues]
+
+
+def summarize(model, tokenizer, dialogues, settings, desc="generate") -> list:
+    """One summary text per entry of `dialogues` (texts)."""
+    ids = generate_ids(model, tokenizer, dialogues, settings, desc)
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -72,7 +72,7 @@ def test_base_loaded_once_and_peft_matches_base_plus_adapter(tiny, trained, corp
     real = modeling.load_model
     monkeypatch.setattr(compare, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
     s = Settings(model=tiny, adapter=trained["lora"], data=CORPUS, output_dir=str(tmp_path / "e"), limit=4,
-                 eval_batch_size=4, num_beams=2, max_new_tokens=16)
+                 eval_batch_size=4, num_beams=2, max_new_tokens=16, precision="fp32")
     result = compare.run(s)
     assert loads == [tiny]
     model = real(tiny)

@@ -1,18 +1,22 @@
+"""summarize: deduplication, order, options, through either engine; engine hf against the notebook's
+per-row generate here (engine own against model.generate is tests/test_beam.py)."""
+
 import pytest
 import torch
 
-from dialsum_raw import data
+from dialsum_raw import beam, data, generation
 from dialsum_raw.config import Settings
 from dialsum_raw.generation import generation_kwargs, summarize
 from dialsum_raw.modeling import load_model, load_tokenizer
 
 
 def _reference(model, tokenizer, texts, settings):
-    """The oracle: model.generate called one dialogue at a time, as the notebook does."""
+    """The oracle: model.generate called one dialogue at a time, as the notebook does (on the same source
+    ids: an over-long dialogue is shortened inside the prompt, see data.encode_sources)."""
     out = []
     for text in texts:
-        enc = tokenizer(data.prompt(text), return_tensors="pt", max_length=settings.max_source_len, truncation=True)
-        ids = model.generate(**enc, **generation_kwargs(settings))
+        (source,), _ = data.encode_sources(tokenizer, [text], settings.max_source_len)
+        ids = model.generate(input_ids=torch.tensor([source]), **generation_kwargs(settings))
         out.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
     return out
 
@@ -24,7 +28,7 @@ def test_batched_equals_per_example_generate(trained, tiny, corpus, batch_size, 
     path = trained["full"] if which == "trained" else tiny
     model, tok = load_model(path).eval(), load_tokenizer(path)
     texts = [d.dialogue for d in corpus["test"][:10]]
-    s = Settings(eval_batch_size=batch_size, num_beams=4, max_new_tokens=48, max_source_len=256)
+    s = Settings(precision="fp32", engine="hf", eval_batch_size=batch_size, num_beams=4, max_new_tokens=48, max_source_len=256)
     with torch.no_grad():
         expect = _reference(model, tok, texts, s)
     got = summarize(model, tok, texts, s)
@@ -40,7 +44,8 @@ def test_options_reach_generate_and_no_default_max_length(tiny, corpus):
     model = load_model(tiny).eval()
     tok = load_tokenizer(tiny)
     texts = [d.dialogue for d in corpus["test"][:3]]
-    s = Settings(eval_batch_size=2, num_beams=2, max_new_tokens=40, no_repeat_ngram_size=2, length_penalty=0.5)
+    s = Settings(precision="fp32", engine="hf", eval_batch_size=2, num_beams=2, max_new_tokens=40, no_repeat_ngram_size=2,
+                 length_penalty=0.5)
     got = summarize(model, tok, texts, s)
     assert got == _reference(model, tok, texts, s)
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in got]
@@ -50,14 +55,16 @@ def test_options_reach_generate_and_no_default_max_length(tiny, corpus):
         assert len(bigrams) == len(set(bigrams))
 
 
-def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch):
+@pytest.mark.parametrize("engine", ["own", "hf"])
+def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch, engine):
     model = load_model(tiny).eval()
     tok = load_tokenizer(tiny)
     a, b = corpus["test"][0].dialogue, corpus["test"][1].dialogue
     calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw))
-    s = Settings(eval_batch_size=8, num_beams=2, max_new_tokens=8)
+    owner, name = (beam, "generate") if engine == "own" else (generation, "hf_generate")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda m, ids, *rest: calls.append(ids.shape[0]) or real(m, ids, *rest))
+    s = Settings(precision="fp32", engine=engine, eval_batch_size=8, num_beams=2, max_new_tokens=8)
     got = summarize(model, tok, [a, b, a, a, b, b], s)
     assert calls == [2]
     assert got[0] == got[2] == got[3] and got[1] == got[4] == got[5]
@@ -66,8 +73,9 @@ def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch)
 def test_min_new_tokens_holds_back_eos(trained, corpus):
     model, tok = load_model(trained["full"]).eval(), load_tokenizer(trained["full"])
     texts = [d.dialogue for d in corpus["test"][:4]]
-    free = summarize(model, tok, texts, Settings(num_beams=2, max_new_tokens=40))
-    held = summarize(model, tok, texts, Settings(num_beams=2, max_new_tokens=40, min_new_tokens=20))
+    free = summarize(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40))
+    held = summarize(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40, min_new_tokens=20))
     n = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])
     assert min(n(t) for t in free) < 19 and min(n(t) for t in held) >= 19  # EOS counts as the 20th token
-    assert held == _reference(model, tok, texts, Settings(num_beams=2, max_new_tokens=40, min_new_tokens=20))
+    assert held == _reference(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40,
+                                                          min_new_tokens=20))

@@ -1,0 +1,210 @@
+"""Our own batched beam search for T5: HF's search, without copying what never changes.
+
+HF's generate expands the encoder output num_beams times and, at every step, reorders its whole
+cache by beam, cross-attention keys and values included, though they never change. Here:
+
+- the encoder runs once per dialogue, and each decoder layer's cross-attention K and V are computed
+  once per dialogue; a dialogue's beams share them by folding the beams into the query axis
+  ([dialogues, heads, beams, d] against [dialogues, heads, source, d]);
+- only the self-attention cache, which grows with the summary, is reordered;
+- a dialogue leaves the batch as soon as its search is done, so cost follows the dialogues still running.
+
+The search is transformers 5.x `_beam_search` with early_stopping=True, step for step: log_softmax
+in fp32, the processors (min_new_tokens, no_repeat_ngram_size) on the log-probs, the top 2 x beams
+candidates, finished hypotheses scored by sum / generated_length ** length_penalty, where the length
+counts the new tokens including EOS but not the decoder start token. With early_stopping=True a
+dialogue is done once it holds num_beams finished hypotheses (HF's early-stop heuristic can only
+fire after that), or at max_new_tokens. num_beams=1 is HF's greedy search: one candidate, the argmax.
+
+The forward pass calls the model's own modules (embeddings, layer norms, q/k/v/o, feed-forward,
+lm_head, relative position bias), so LoRALinear layers, merged or not, and any T5 checkpoint that
+loads with from_pretrained work unchanged. The model must be in eval mode (dropout off).
+"""
+
+import torch
+from torch.nn import functional as F
+
+from .errors import UserError
+
+NEG = -1.0e9  # HF's "never pick this" score offset; the same constant keeps ties and sums identical
+GROW = 8  # self-attention cache positions added at a time
+ENCODE_ROWS = 8  # dialogues per encoder call
+
+
+def check_supported(model):
+    """A UserError naming --engine hf for a model this search does not know how to run."""
+    config = model.config
+    eos = model.generation_config.eos_token_id
+    if config.model_type != "t5" or not config.is_encoder_decoder:
+        raise UserError(f"--engine own runs T5 models only; this one is {config.model_type!r}: use --engine hf")
+    if not isinstance(eos, int):
+        raise UserError(f"--engine own expects a single EOS token id, this model has {eos!r}: use --engine hf")
+
+
+def _heads(x, att, rows, length):
+    """[rows * length, heads * d] -> [rows, heads, length, d]."""
+    return x.view(rows, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
+
+
+def _encode(model, input_ids, attention_mask):
+    """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source, d].
+
+    The encoder runs on groups of ENCODE_ROWS dialogues, each group cut to its own longest source
+    (rows arrive sorted by length, padded on the right), so a big batch pays for no more padding in
+    the encoder than small ones; K and V past a source's end stay zero and are masked."""
+    n, src = input_ids.shape
+    kv = None
+    for start in range(0, n, ENCODE_ROWS):
+        mask = attention_mask[start:start + ENCODE_ROWS]
+        width = int(mask.sum(1).max())
+        memory = model.encoder(input_ids=input_ids[start:start + ENCODE_ROWS, :width],
+                               attention_mask=mask[:, :width]).last_hidden_state
+        rows = len(mask)
+        cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
+        part = torch.stack([torch.stack([_heads(a.k(memory), a, rows, width), _heads(a.v(memory), a, rows, width)])
+                            for a in cross])
+        if kv is None:
+            kv = part.new_zeros(*part.shape[:2], n, part.shape[3], src, part.shape[5])
+        kv[:, :, start:start + rows, :, :width] = part
+    return kv
+
+
+def _decode_step(model, tokens, t, cache, cross, cross_mask, bias):
+    """Logits [rows, vocab] for one token per row at position t; writes its self-attention K, V into cache.
+
+    rows = dialogues x beams, beams of a dialogue adjacent; cross/cross_mask are per dialogue."""
+    rows, n = tokens.shape[0], cross.shape[2]
+    beams = rows // n
+    h = model.decoder.embed_tokens(tokens)  # [rows, d_model]
+    for i, block in enumerate(model.decoder.block):
+        norm, att = block.layer[0].layer_norm, block.layer[0].SelfAttention
+        x = norm(h)
+        q = _heads(att.q(x), att, rows, 1)
+        cache[i, 0, :, :, t] = att.k(x).view(rows, att.n_heads, -1)
+        cache[i, 1, :, :, t] = att.v(x).view(rows, att.n_heads, -1)
+        out = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :t + 1], cache[i, 1, :, :, :t + 1],
+                                             attn_mask=bias[:, :, t:t + 1, :t + 1], scale=1.0)  # T5: no 1/sqrt(d)
+        h = h + att.o(out.reshape(rows, -1))
+        norm, att = block.layer[1].layer_norm, block.layer[1].EncDecAttention
+        q = att.q(norm(h)).view(n, beams, att.n_heads, -1).transpose(1, 2)  # beams fold into the query axis
+        out = F.scaled_dot_product_attention(q, cross[i, 0], cross[i, 1], attn_mask=cross_mask, scale=1.0)
+        h = h + att.o(out.transpose(1, 2).reshape(rows, -1))
+        h = block.layer[-1](h)  # T5LayerFF: norm, feed-forward, residual
+    h = model.decoder.final_layer_norm(h)
+    config = model.config  # original T5 rescales before lm_head, T5 v1.1 / FLAN does not (5.x flag; 4.x: tied)
+    if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
+        h = h * config.d_model ** -0.5
+    return model.lm_head(h)
+
+
+def _ban(log_probs, history, t, settings, eos):
+    """HF's processors on the log-probs at step t; history [rows, t + 1] starts with the decoder start
+    token, which n-grams include as HF's do."""
+    if t < settings.min_new_tokens:
+        log_probs[:, eos] = -float("inf")
+    n = settings.no_repeat_ngram_size
+    if n and t + 1 >= n:
+        windows = history.unfold(1, n, 1)
+        repeat = (windows[..., :-1] == history[:, None, t + 2 - n:]).all(-1)  # window starts with the last n-1 tokens
+        row = torch.arange(len(history), device=history.device)[:, None].expand_as(repeat)
+        log_probs[row[repeat], windows[..., -1][repeat]] = -float("inf")
+    return log_probs
+
+
+def until_eos(ids, eos) -> list:
+    """A finished hypothesis's tokens: up to and including the first EOS, or all if it ran to the cap."""
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+@torch.no_grad()
+def sequence_score(model, input_ids, tokens, length_penalty) -> float:
+    """The score beam search ranks a finished summary by, sum of log-probs / len(tokens) ** length_penalty
+    (no processors), from one teacher-forced forward pass: tells a near tie from a real difference."""
+    device = next(model.parameters()).device
+    decoder_input = [model.config.decoder_start_token_id] + tokens[:-1]
+    logits = model(input_ids=torch.tensor([input_ids], device=device),
+                   decoder_input_ids=torch.tensor([decoder_input], device=device)).logits[0]
+    picked = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tokens, device=device)[:, None])
+    return picked.sum().item() / len(tokens) ** length_penalty
+
+
+def score_gaps(model, sources, ours, theirs, length_penalty) -> dict:
+    """{row: |score(ours) - score(theirs)|} for the rows where two searches' summaries differ; a gap
+    within float noise (1e-4) is a tie that either search may break either way."""
+    score = lambda i, tokens: sequence_score(model, sources[i], tokens, length_penalty)
+    return {i: abs(score(i, a) - score(i, b)) for i, (a, b) in enumerate(zip(ours, theirs)) if a != b}
+
+
+def _take(x, index):
+    """x[b, index[b, j], ...] for each dialogue b (HF's _gather_beams)."""
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, settings) -> list:
+    """The best summary's token ids (EOS included when reached, no start token) per row of input_ids."""
+    n, beams, steps = input_ids.shape[0], settings.num_beams, settings.max_new_tokens
+    eos, start = model.generation_config.eos_token_id, model.config.decoder_start_token_id
+    device = input_ids.device
+    cross = _encode(model, input_ids, attention_mask)
+    cross_mask = attention_mask.bool()[:, None, None, :]
+    att0 = model.decoder.block[0].layer[0].SelfAttention
+    bias = att0.compute_bias(steps, steps, device=device).to(cross.dtype)  # causal decoder: bidirectional=False
+    layers, _, _, heads, _, d = cross.shape
+    cache = cross.new_zeros(layers, 2, n * beams, heads, 0, d)
+
+    seqs = torch.full((n, beams, steps + 1), start, dtype=torch.long, device=device)  # running beams
+    scores = torch.full((n, beams), NEG, device=device)
+    scores[:, 0] = 0.0  # only the first beam's continuations count at step 0, as in HF
+    done_seqs, done_scores = seqs.clone(), torch.full((n, beams), NEG, device=device)
+    done = torch.zeros((n, beams), dtype=torch.bool, device=device)
+    width = 2 * beams if beams > 1 else 1  # candidates per dialogue and step
+    in_top_beams = torch.arange(width, device=device) < beams
+    active = torch.arange(n, device=device)  # original row of each dialogue still running
+    results = [None] * n
+
+    for t in range(steps):
+        if cache.shape[4] == t:
+            cache = torch.cat([cache, cache.new_zeros(*cache.shape[:4], GROW, d)], dim=4)
+        rows = len(active) * beams
+        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache, cross, cross_mask, bias)
+        log_probs = _ban(F.log_softmax(logits.float(), dim=-1), seqs.view(rows, -1)[:, :t + 1], t, settings, eos)
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs.view(-1, beams, vocab) + scores[:, :, None]).view(-1, beams * vocab)
+        if beams == 1:  # HF's greedy search: argmax, ties to the lowest id (topk promises no order)
+            top, index = log_probs.max(-1, keepdim=True)
+        else:
+            top, index = log_probs.topk(width)
+        source, token = index // vocab, index % vocab
+        candidates = _take(seqs, source)
+        candidates[:, :, t + 1] = token
+        ends = (token == eos) | (t + 1 >= steps)
+
+        # beams that go on: the best num_beams candidates that did not end
+        running = top + ends.to(torch.float32) * NEG
+        keep = running.topk(beams)[1]
+        seqs, scores, source = _take(candidates, keep), _take(running, keep), _take(source, keep)
+
+        # finished hypotheses: ended among the top num_beams, normalised, merged with the kept ones
+        just = ends & in_top_beams
+        normed = top / ((t + 1) ** settings.length_penalty) + (~just) * NEG
+        best = torch.cat([done_scores, normed], 1).topk(beams)[1]
+        done_seqs = _take(torch.cat([done_seqs, candidates], 1), best)
+        done_scores = _take(torch.cat([done_scores, normed], 1), best)
+        done = _take(torch.cat([done, just], 1), best)
+
+        finished = done.all(1) | (t + 1 >= steps)
+        for b in finished.nonzero().flatten().tolist():
+            results[int(active[b])] = until_eos(done_seqs[b, 0, 1:].tolist(), eos)
+        if finished.all():
+            break
+        stay = (~finished).nonzero().flatten()
+        if len(stay) < len(active):
+            active, seqs, scores = active[stay], seqs[stay], scores[stay]
+            done_seqs, done_scores, done = done_seqs[stay], done_scores[stay], done[stay]
+            cross, cross_mask = cross[:, :, stay], cross_mask[stay]
+            source = source[stay]
+        # the self-attention cache follows the beams (and drops finished dialogues): one copy per step.
+        # Advanced indexing, not index_select: on CPU it is several times faster for these slices.
+        cache = cache[:, :, (stay[:, None] * beams + source).flatten()]
+    return results

@@ -1,0 +1,159 @@
+"""Our beam search (engine own) against its oracle, model.generate one dialogue at a time.
+
+fp32 is pinned (precision="fp32"): the oracle comparison is token for token.
+"""
+
+import pytest
+import torch
+
+from dialsum_raw import beam, data, lora
+from dialsum_raw.config import Settings
+from dialsum_raw.errors import UserError
+from dialsum_raw.generation import generate_ids
+from dialsum_raw.modeling import load_model, load_tokenizer
+
+OPTIONS = {"plain": {}, "min+ngram": {"min_new_tokens": 9, "no_repeat_ngram_size": 2, "length_penalty": 0.6}}
+
+
+def _settings(engine, batch_size, **over):
+    return Settings(engine=engine, eval_batch_size=batch_size, precision="fp32", max_source_len=128, **over)
+
+
+def _oracle(model, tok, texts, **over):
+    """model.generate one dialogue at a time (engine hf, batch 1), as token ids."""
+    return generate_ids(model, tok, texts, _settings("hf", 1, **over))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread costs more in synchronisation than it saves (ten times more when
+    other processes share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def texts(corpus):
+    """30 test dialogues and 2 odd ones that the trained model summarizes at length: dialogues in one
+    batch then finish at different steps."""
+    return [d.dialogue for d in corpus["test"][:30]] + ["a " * 200, "#Person1#: " + "What? " * 50]
+
+
+@pytest.fixture(scope="module")
+def models(trained, tiny):
+    """The trained tiny model ends at EOS (early stopping, dialogues leaving the batch at different
+    steps) but writes nearly the same summary for every dialogue; the random one writes a different
+    summary per dialogue (so it shows cross-attention errors) and runs to the cap."""
+    return {"trained": load_model(trained["full"]).eval(), "random": load_model(tiny).eval()}
+
+
+@pytest.fixture(scope="module")
+def oracles(models, tokenizer, texts):
+    """Oracle outputs, computed once per (model, search settings) and shared by all batch sizes."""
+    cache = {}
+
+    def get(which, **over):
+        key = (which, tuple(sorted(over.items())))
+        if key not in cache:
+            cache[key] = _oracle(models[which], tokenizer, texts, **over)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("beams", [1, 4])
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_own_equals_generate_one_dialogue_at_a_time(models, oracles, tokenizer, texts, which, beams, option,
+                                                    batch_size):
+    over = {"num_beams": beams, "max_new_tokens": 16 if which == "random" else 24, **OPTIONS[option]}
+    expect = oracles(which, **over)
+    assert generate_ids(models[which], tokenizer, texts, _settings("own", batch_size, **over)) == expect
+    if which == "trained":
+        assert sum(x[-1] == 1 for x in expect) >= 30 and len({len(x) for x in expect}) > 1  # EOS at varied steps
+    else:
+        assert len({tuple(x) for x in expect}) == len(texts)  # one distinct summary per dialogue
+
+
+def test_lora_unmerged_and_merged(tiny, trained, tokenizer, texts):
+    model = load_model(tiny).eval()
+    lora.load_adapter(model, trained["lora"])
+    over = {"num_beams": 4, "max_new_tokens": 12}
+    for state in ("unmerged", "merged"):
+        if state == "merged":
+            lora.merge(model)
+        assert lora.lora_layers(model)[0][1].merged == (state == "merged")
+        expect = _oracle(model, tokenizer, texts[:12], **over)
+        assert generate_ids(model, tokenizer, texts[:12], _settings("own", 8, **over)) == expect, state
+
+
+def test_standin_equals_generate_or_ties(small, tokenizer, corpus):
+    """flan-t5-small's shape with random weights: every output equals HF's, or HF's own score of the
+    two outputs is the same within 1e-4 (a near tie that float rounding may order either way)."""
+    model = load_model(small).eval()
+    texts = [d.dialogue for d in corpus["test"][:5]]
+    over = {"num_beams": 4, "max_new_tokens": 10}
+    expect = _oracle(model, tokenizer, texts, **over)
+    got = generate_ids(model, tokenizer, texts, _settings("own", 5, **over))
+    sources, _ = data.encode_sources(tokenizer, texts, 128)
+    gaps = beam.score_gaps(model, sources, got, expect, 1.0)
+    print(f"stand-in: {len(gaps)} of {len(texts)} outputs differ from HF's, score gaps {gaps}")
+    assert all(gap < 1e-4 for gap in gaps.values())
+
+
+def test_sequence_score_is_generates_score(small, tokenizer, corpus):
+    """The tie check above holds only if sequence_score is the score generate ranked by."""
+    model = load_model(small).eval()
+    source, _ = data.encode_sources(tokenizer, [corpus["test"][0].dialogue], 128)
+    out = model.generate(input_ids=torch.tensor(source), num_beams=4, max_new_tokens=6, early_stopping=True,
+                         length_penalty=0.5, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, 1:].tolist()
+    assert beam.sequence_score(model, source[0], tokens, 0.5) == pytest.approx(out.sequences_scores.item(), abs=1e-5)
+
+
+def test_cross_attention_kv_once_per_dialogue(models, tokenizer, texts):
+    """Each decoder layer projects the encoder output to K and V once per batch, for the dialogues, not the beams."""
+    model = models["random"]
+    seen = []
+    hooks = [block.layer[1].EncDecAttention.k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+             for block in model.decoder.block]
+    try:
+        generate_ids(model, tokenizer, texts[:8], _settings("own", 8, num_beams=4, max_new_tokens=5))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [8] * len(model.decoder.block)
+
+
+def test_finished_dialogues_leave_the_batch(models, tokenizer, texts, monkeypatch):
+    model, rows = models["trained"], []
+    step = beam._decode_step
+    monkeypatch.setattr(beam, "_decode_step", lambda m, tokens, *a: rows.append(len(tokens)) or step(m, tokens, *a))
+    generate_ids(model, tokenizer, texts, _settings("own", 32, num_beams=4, max_new_tokens=24))
+    assert rows[0] == 4 * 32 and rows == sorted(rows, reverse=True) and rows[-1] <= 4 * 2
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_bf16_autocast(models, tokenizer, texts, beams):
+    """Under CPU bf16 autocast, with log_softmax in fp32 and greedy's argmax tie-break (bf16 logits tie
+    often), the output is generate's under the same autocast; bf16 rounds differently in the two
+    forward passes, so a rare near tie may go the other way."""
+    model, over = models["random"], {"num_beams": beams, "max_new_tokens": 16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = generate_ids(model, tokenizer, texts[:16], _settings("own", 16, **over))
+        expect = _oracle(model, tokenizer, texts[:16], **over)
+    assert sum(a == b for a, b in zip(got, expect)) >= 14
+
+
+def test_unsupported_model_names_engine_hf(tokenizer, texts):
+    from transformers import BartConfig, BartForConditionalGeneration
+    config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                        decoder_ffn_dim=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                        bos_token_id=0, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(config).eval()
+    with pytest.raises(UserError, match="--engine hf"):
+        generate_ids(model, tokenizer, texts[:1], _settings("own", 1, max_new_tokens=3))
+    assert len(generate_ids(model, tokenizer, texts[:1], _settings("hf", 1, max_new_tokens=3))[0]) == 3
