@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -59,9 +58,9 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
                    "## Dialogue 2 (test_2)", "## Dialogue 5 (test_5)", "- **peft**:",
                    "paired-bootstrap interval (200 resamples of the dialogues, seed 0)", "- peft vs instruct: "):
         assert needle in report
-    if importlib.util.find_spec("matplotlib"):  # the [plot] extra; tests/test_report.py covers its absence
-        assert (out / "rouge.png").read_bytes()[:4] == b"\x89PNG" and "](rouge.png)" in report
-        assert res.stdout.strip().endswith("report.md, rouge.png")
+    # CI installs the [plot] extra; tests/test_report.py covers its absence
+    assert (out / "rouge.png").read_bytes()[:4] == b"\x89PNG" and "](rouge.png)" in report
+    assert res.stdout.strip().endswith("report.md, rouge.png")
     assert "## Dialogue 2" in res.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

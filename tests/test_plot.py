@@ -23,7 +23,6 @@ def _run(folder, rouge):
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures plot draws, kept open for inspection instead of only saved."""
-    pytest.importorskip("matplotlib")
     figures = []
     save = plot._save
     monkeypatch.setattr(plot, "_save", lambda fig, plt, out: figures.append(fig) or save(fig, plt, out))

@@ -25,7 +25,6 @@ META = {"split": "test", "dialogues": 40, "rows": 120, "generation": {"num_beams
 
 def test_report_gives_intervals_and_says_which_exclude_zero(evaluation, tmp_path):
     dialogues, summaries, scores, intervals = evaluation
-    pytest.importorskip("matplotlib")
     assert report.write(str(tmp_path), dialogues, summaries, scores, intervals, [1], META) is None
     text = (tmp_path / "report.md").read_text()
     assert "![ROUGE per model with 95% bootstrap intervals](rouge.png)" in text
