@@ -114,16 +114,12 @@ def set_rng_state(state):
 def save(path, model, tokenizer, base_model, trainer_state: dict):
     """Model or adapter + trainer_state.pt (optimizer, scheduler, per-rank RNG, counters), atomically."""
     with atomic_dir(path) as tmp:
-        save_weights(tmp, model, tokenizer, base_model)
+        if lora_layers(model):
+            save_adapter(model, tmp, base_model)
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
-
-
-def save_weights(folder, model, tokenizer, base_model):
-    if lora_layers(model):
-        save_adapter(model, folder, base_model)
-    else:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
 
 
 def save_best(last, best, info: dict):

@@ -96,19 +96,19 @@ def model_core(model):
 
 
 @torch.no_grad()
-def validation_loss(model, examples, collate, settings, device, rank, world, autocast):
+def validation_loss(run) -> float:
     """Token-weighted mean loss over the validation examples, sharded across ranks."""
-    model.eval()
+    examples, size = run.val_set, run.settings.batch_size * 2
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    size = settings.batch_size * 2
-    chunks = [order[i:i + size] for i in range(0, len(order), size)][rank::world]
+    chunks = [order[i:i + size] for i in range(0, len(order), size)][run.rank::run.world]
+    run.raw.eval()
     total, tokens = 0.0, 0
     for chunk in chunks:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk]).items()}
-        total += token_loss_sum(model, batch, autocast).item()
-        tokens += int((batch["labels"] != -100).sum())
-    model.train()
-    total, tokens = all_sum([total, tokens], device, world)
+        batch = run.collate([examples[i] for i in chunk])
+        tokens += int((batch["labels"] != -100).sum())  # counted on the host, before the copy
+        total += token_loss_sum(run.raw, {k: v.to(run.device) for k, v in batch.items()}, run.autocast).item()
+    run.raw.train()
+    total, tokens = all_sum([total, tokens], run.device, run.world)
     return total / max(tokens, 1)
 
 
@@ -450,7 +450,7 @@ def validate(run: Run, bar):
     """Validation loss (and ROUGE with --eval-rouge), logged; updates the best and the count of
     validations without improvement that --early-stop reads."""
     s, p = run.settings, run.progress
-    val = validation_loss(run.raw, run.val_set, run.collate, s, run.device, run.rank, run.world, run.autocast)
+    val = validation_loss(run)
     line = {**line_base(run), "val_loss": round(val, 6)}
     if s.eval_rouge:
         line.update(validation_rouge(run))
