@@ -71,7 +71,7 @@ class Settings:
     adapter: Optional[str] = None
     split: str = "test"
     limit: int = 0
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     num_beams: int = 4
     max_new_tokens: int = 128
     min_new_tokens: int = 0
