@@ -66,9 +66,11 @@ def choose_precision(precision, device):
         raise UserError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "fp32":
         return "fp32", "--precision fp32"
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        why = "this GPU multiplies bf16 natively" if native else "this GPU predates Ampere, so bf16 runs emulated"
+    if device.type == "cuda":  # bf16 tensor cores came with Ampere, compute capability 8.0 (ROCm GPUs all have bf16)
+        cap = torch.cuda.get_device_capability(device)
+        native = bool(torch.version.hip) or cap >= (8, 0)
+        name = f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]})"
+        why = f"{name} multiplies bf16 natively" if native else f"{name} predates Ampere (8.0), so bf16 runs emulated"
     elif device.type == "cpu":
         units = cpu_bf16_units()
         native = bool(units)

@@ -37,10 +37,16 @@ def test_auto_is_bf16_only_on_a_cpu_that_multiplies_bf16(monkeypatch, units, aut
     assert modeling.autocast_for("fp32", CPU) is nullcontext
 
 
-@pytest.mark.parametrize("native, auto", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cuda_follows_native_bf16(monkeypatch, native, auto):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
-    assert modeling.choose_precision("auto", CUDA)[0] == auto
+@pytest.mark.parametrize("capability, auto", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_bf16_on_cuda_is_native_from_ampere_and_warned_before(monkeypatch, capability, auto):
+    """The rule of the CPU, on a GPU: auto takes bf16 only from compute capability 8.0 (Ampere); an older
+    GPU still runs --precision bf16, emulated, and the reason the run logs says so (torch.cuda faked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    name, why = modeling.choose_precision("auto", CUDA)
+    assert name == auto and f"compute capability {capability[0]}.{capability[1]}" in why
+    name, why = modeling.choose_precision("bf16", CUDA)
+    assert name == "bf16" and ("emulated" in why and "likely slower than fp32" in why) == (auto == "fp32")
     assert modeling.choose_precision("fp32", CUDA)[0] == "fp32"
 
 
