@@ -11,16 +11,11 @@ metrics.json, report.md with paired-bootstrap intervals (--bootstrap N resamples
 
 import sys
 
-from dialsum_raw.config import build_parser, settings_from
+from dialsum_raw.config import EVALUATE, build_parser, settings_from
 from dialsum_raw.errors import run_cli
 
-FIELDS = ["model", "instruct", "adapter", "data", "split", "output_dir", "limit", "eval_batch_size", "num_beams",
-          "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size", "use_stemmer", "show",
-          "max_source_len", "precision", "engine", "bootstrap", "overwrite"]
-
-
 def main(argv=None):
-    parser = build_parser(FIELDS, __doc__.split("\n\n")[0], renames={"model": "--base"}, required=("output_dir",))
+    parser = build_parser(EVALUATE, __doc__.split("\n\n")[0], required=("output_dir",))
     parser.epilog = "example: " + __doc__.split("\n\n")[1].strip()
     args = parser.parse_args(argv)
     settings = settings_from(args)

@@ -15,20 +15,12 @@ would change its data order or schedule are refused.
 import os
 import sys
 
-from dialsum_raw.config import build_parser, settings_from
+from dialsum_raw.config import TRAIN, build_parser, settings_from
 from dialsum_raw.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIELDS = ["model", "data", "output_dir", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora",
-          "dora", "lora_init", "lora_plus_ratio",
-          "lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "weight_decay", "schedule",
-          "clip", "dropout", "precision", "gradient_checkpointing", "seed", "max_source_len", "max_target_len",
-          "subsample", "eval_every", "log_every", "save_every", "eval_rouge", "best_metric", "early_stop",
-          "num_beams", "max_new_tokens", "engine", "tensorboard", "resume", "overwrite"]
-
-
 def main(argv=None):
-    parser = build_parser(FIELDS, __doc__.split("\n\n")[0])
+    parser = build_parser(TRAIN, __doc__.split("\n\n")[0])
     parser.epilog = __doc__.split("\n\n", 1)[1]
     args = parser.parse_args(argv)
     if args.resume:

@@ -19,72 +19,126 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import UserError
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+LORA_VARIANTS = ("lora", "dora", "vera")
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 BEST_METRICS = ("val_loss", "rouge1", "rouge2", "rougeL")
+
+# The fronts a setting can appear on, and what --resume may do with a train.py setting:
+# "fixed" (the default) changes what the run learns or in which order, so a resume refuses it;
+# "free" changes how the run is watched, saved or computed; "rouge" is free while val_loss picks best/.
+TRAIN, EVALUATE, SUMMARIZE = "train", "evaluate", "summarize"
+ALL = (TRAIN, EVALUATE, SUMMARIZE)
+
+
+def option(default, help, fronts=(), resume="fixed", choices=None, flags=None):
+    """A Settings field that declares its own command-line form: `help`, the `fronts` (train / evaluate /
+    summarize) that expose it, its resume policy and its allowed values. The flag is the field name with
+    dashes (--lora-rank) unless `flags` names another one for a front ({"evaluate": "--base"})."""
+    return field(default=default, metadata={"help": help, "fronts": fronts, "resume": resume,
+                                            "choices": choices, "flags": flags or {}})
 
 
 @dataclass
 class Settings:
     # what to train / evaluate
-    model: str = "google/flan-t5-small"
-    data: str = "knkarthick/dialogsum"
-    output_dir: str = "runs/notebook-lora"
+    model: str = option("google/flan-t5-small", "hub id or local folder of the base model", ALL,
+                        flags={EVALUATE: "--base"})
+    data: str = option("knkarthick/dialogsum", "DialogSum: hub id, a folder of jsonl (official) or csv (hub) files",
+                       (TRAIN, EVALUATE))
+    output_dir: str = option("runs/notebook-lora", "where checkpoints, metrics and reports go", (TRAIN, EVALUATE),
+                             resume="free")
     # LoRA (rank 0 = full fine-tuning)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple = ("q", "v")
-    rslora: bool = False
-    dora: bool = False
-    lora_init: str = "kaiming"
-    lora_plus_ratio: float = 1.0
+    lora_rank: int = option(8, "LoRA rank r; 0 = full fine-tuning", (TRAIN,))
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha/r)", (TRAIN,))
+    lora_dropout: float = option(0.05, "dropout on the LoRA input", (TRAIN,))
+    lora_targets: tuple = option(("q", "v"), f"comma list from {','.join(LORA_TARGETS)}", (TRAIN,))
+    lora_variant: str = option("lora", "plain LoRA; DoRA (a trained per-row magnitude times the normalized W + BA); "
+                               "VeRA (shared frozen random projections, trained scaling vectors)", (TRAIN,),
+                               choices=LORA_VARIANTS)
+    dora: bool = option(False, "the same as --lora-variant dora", (TRAIN,))
+    vera_rank: int = option(256, "rank of VeRA's shared random projections", (TRAIN,))
+    rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r", (TRAIN,))
+    lora_init: str = option("kaiming", "how A and B start", (TRAIN,), choices=LORA_INITS)
+    lora_plus_ratio: float = option(1.0, "LoRA+: B's learning rate is K x A's (1 = plain LoRA)", (TRAIN,))
     # optimisation
-    lr: float = 1e-3
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "linear"
-    clip: float = 1.0
-    dropout: Optional[float] = None
-    precision: str = "auto"
-    seed: int = 42
+    lr: float = option(1e-3, "peak learning rate", (TRAIN,))
+    # --batch-size is two settings: examples per micro-batch for train.py, dialogues per generate call for
+    # evaluate.py (eval_batch_size, below). Each front exposes one of them under that flag.
+    batch_size: int = option(8, "examples per process per micro-batch", (TRAIN,))
+    grad_accum: int = option(1, "micro-batches per optimizer step", (TRAIN,))
+    epochs: float = option(1.0, "passes over the training data (ignored with --max-steps)", (TRAIN,))
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = use --epochs)", (TRAIN,))
+    warmup_ratio: float = option(0.0, "fraction of steps with linear warmup", (TRAIN,))
+    weight_decay: float = option(0.0, "AdamW weight decay (never on norms or biases)", (TRAIN,))
+    schedule: str = option("linear", "decay after warmup", (TRAIN,), choices=("linear", "cosine"))
+    clip: float = option(1.0, "gradient-norm clipping (0 = off)", (TRAIN,))
+    dropout: Optional[float] = option(None, "override the model's dropout rate", (TRAIN,))
+    dropout_impl: str = option("fast", "dropout masks: fast (cheap 16-bit lanes) or torch (nn.Dropout bit for bit)",
+                               (TRAIN,), choices=("fast", "torch"))
+    precision: str = option("auto", "auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32), "
+                            "bf16 or fp32", ALL, resume="free", choices=("auto", "bf16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more compute",
+                                          (TRAIN,), resume="free")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP2 (needs torchrun)",
+                        (TRAIN,))
+    seed: int = option(42, "seed for init, shuffling and dropout", (TRAIN,))
     # data
-    max_source_len: int = 512
-    max_target_len: int = 128
-    subsample: int = 1
+    max_source_len: int = option(512, "source tokens kept (prompt + dialogue)", ALL)
+    max_target_len: int = option(128, "summary tokens kept", (TRAIN,))
+    subsample: int = option(1, "keep every K-th example of each split (the notebook: 100)", (TRAIN,))
     # bookkeeping
-    eval_every: int = 0
-    log_every: int = 10
-    save_every: int = 0
-    eval_rouge: int = 0
-    best_metric: str = "val_loss"
-    early_stop: int = 0
-    tensorboard: bool = False
-    gradient_checkpointing: bool = False
-    resume: Optional[str] = None
-    overwrite: bool = False
+    eval_every: int = option(0, "validate and save every N steps (0 = every epoch)", (TRAIN,), resume="free")
+    log_every: int = option(10, "write a metrics.jsonl line every N steps", (TRAIN,), resume="free")
+    save_every: int = option(0, "also save last/ every N steps (0 = only at validation)", (TRAIN,), resume="free")
+    eval_rouge: int = option(0, "at each validation, ROUGE on the first N validation dialogues (0 = off)", (TRAIN,),
+                             resume="rouge")
+    best_metric: str = option("val_loss", "what picks best/", (TRAIN,), choices=BEST_METRICS)
+    early_stop: int = option(0, "stop after K validations without improvement (0 = never)", (TRAIN,), resume="free")
+    tensorboard: bool = option(False, "also write scalars for TensorBoard (pip install -e '.[tensorboard]')",
+                               (TRAIN,), resume="free")
+    resume: Optional[str] = option(None, "continue the run saved in this output dir", (TRAIN,), resume="free")
+    overwrite: bool = option(False, "replace an existing output dir", (TRAIN, EVALUATE), resume="free")
     # evaluation / generation
-    instruct: Optional[str] = None
-    adapter: Optional[str] = None
-    split: str = "test"
-    limit: int = 0
-    eval_batch_size: int = 32
-    num_beams: int = 4
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    use_stemmer: bool = True
-    show: tuple = field(default=())
-    engine: str = "own"
-    bootstrap: int = 1000
+    instruct: Optional[str] = option(None, "a full fine-tuned checkpoint folder ('instruct' model)", (EVALUATE,))
+    adapter: Optional[str] = option(None, "a LoRA adapter folder applied to --base ('peft' model)",
+                                    (EVALUATE, SUMMARIZE))
+    split: str = option("test", "which split to evaluate", (EVALUATE,), choices=("train", "validation", "test"))
+    limit: int = option(0, "evaluate the first N dialogues (0 = all)", (EVALUATE,))
+    eval_batch_size: int = option(32, "dialogues per generate call", (EVALUATE,), resume="free",
+                                  flags={EVALUATE: "--batch-size"})
+    num_beams: int = option(4, "beam width", ALL, resume="rouge")
+    max_new_tokens: int = option(128, "most summary tokens generated", ALL, resume="rouge")
+    min_new_tokens: int = option(0, "fewest summary tokens generated", (EVALUATE,))
+    length_penalty: float = option(1.0, "beam score length exponent", (EVALUATE,))
+    no_repeat_ngram_size: int = option(0, "forbid repeated n-grams (0 = off)", (EVALUATE,))
+    use_stemmer: bool = option(True, "Porter stemming in ROUGE", (EVALUATE,))
+    show: tuple = option((), "dialogue indices to print side by side, e.g. 200,201", (EVALUATE,))
+    engine: str = option("own", "beam search: own (T5-family, fast) or hf (model.generate, any model)", ALL,
+                         resume="free", choices=("own", "hf"))
+    quantize: str = option("none", "int8: dynamic int8 linear layers for quick previews (never for reported "
+                           "ROUGE)", (EVALUATE, SUMMARIZE), choices=("none", "int8"))
+    compile: bool = option(False, "torch.compile the decode step (pays off only on long runs)", (EVALUATE, SUMMARIZE))
+    bootstrap: int = option(1000, "paired-bootstrap resamples for the report's confidence intervals", (EVALUATE,))
 
     @property
     def is_lora(self) -> bool:
         return self.lora_rank > 0
+
+
+def fields_of(front):
+    """The Settings fields a front (train / evaluate / summarize) exposes, in declaration order."""
+    return [f for f in dataclasses.fields(Settings) if front in f.metadata["fronts"]]
+
+
+def flag_of(f, front=TRAIN) -> str:
+    return f.metadata["flags"].get(front, "--" + f.name.replace("_", "-"))
+
+
+def resume_may_change(best_metric: str) -> set:
+    """train.py settings a --resume may change: the "free" ones, and the "rouge" ones while val_loss picks
+    best/. Settings that train.py does not expose never matter to a run."""
+    free = {"free", "rouge"} if best_metric == "val_loss" else {"free"}
+    return {f.name for f in dataclasses.fields(Settings) if f.metadata["resume"] in free or TRAIN not in f.metadata["fronts"]}
 
 
 def _csv(kind):
@@ -96,81 +150,29 @@ def _csv(kind):
     return parse
 
 
-# field -> (flag, parser, help). Each front end picks the fields it exposes.
-FLAGS = {
-    "model": ("--model", str, "hub id or local folder of the base model"),
-    "data": ("--data", str, "DialogSum: hub id, a folder of jsonl (official) or csv (hub) files"),
-    "output_dir": ("--output-dir", str, "where checkpoints, metrics and reports go"),
-    "lora_rank": ("--lora-rank", int, "LoRA rank r; 0 = full fine-tuning"),
-    "lora_alpha": ("--lora-alpha", float, "LoRA alpha (scale = alpha/r)"),
-    "lora_dropout": ("--lora-dropout", float, "dropout on the LoRA input"),
-    "lora_targets": ("--lora-targets", _csv(str), f"comma list from {','.join(LORA_TARGETS)}"),
-    "rslora": ("--rslora", "flag", "scale by alpha/sqrt(r) instead of alpha/r"),
-    "dora": ("--dora", "flag", "DoRA: a trained per-row magnitude times the normalized W + BA"),
-    "lora_init": ("--lora-init", str, "how A and B start: kaiming, gaussian or pissa"),
-    "lora_plus_ratio": ("--lora-plus-ratio", float, "LoRA+: B's learning rate is K x A's (1 = plain LoRA)"),
-    "lr": ("--lr", float, "peak learning rate"),
-    "batch_size": ("--batch-size", int, "examples per process per micro-batch"),
-    "grad_accum": ("--grad-accum", int, "micro-batches per optimizer step"),
-    "epochs": ("--epochs", float, "passes over the training data (ignored with --max-steps)"),
-    "max_steps": ("--max-steps", int, "stop after this many optimizer steps (0 = use --epochs)"),
-    "warmup_ratio": ("--warmup-ratio", float, "fraction of steps with linear warmup"),
-    "weight_decay": ("--weight-decay", float, "AdamW weight decay (never on norms or biases)"),
-    "schedule": ("--schedule", str, "decay after warmup: linear or cosine"),
-    "clip": ("--clip", float, "gradient-norm clipping (0 = off)"),
-    "dropout": ("--dropout", float, "override the model's dropout rate"),
-    "precision": ("--precision", str, "auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32), "
-                                      "bf16 or fp32"),
-    "seed": ("--seed", int, "seed for init, shuffling and dropout"),
-    "max_source_len": ("--max-source-len", int, "source tokens kept (prompt + dialogue)"),
-    "max_target_len": ("--max-target-len", int, "summary tokens kept"),
-    "subsample": ("--subsample", int, "keep every K-th example of each split (the notebook: 100)"),
-    "eval_every": ("--eval-every", int, "validate and save every N steps (0 = every epoch)"),
-    "log_every": ("--log-every", int, "write a metrics.jsonl line every N steps"),
-    "save_every": ("--save-every", int, "also save last/ every N steps (0 = only at validation)"),
-    "eval_rouge": ("--eval-rouge", int, "at each validation, ROUGE on the first N validation dialogues (0 = off)"),
-    "best_metric": ("--best-metric", str, "what picks best/: val_loss, rouge1, rouge2 or rougeL"),
-    "early_stop": ("--early-stop", int, "stop after K validations without improvement (0 = never)"),
-    "tensorboard": ("--tensorboard", "flag", "also write scalars for TensorBoard (pip install -e '.[tensorboard]')"),
-    "gradient_checkpointing": ("--gradient-checkpointing", "flag",
-                               "recompute activations in backward: less memory, more compute"),
-    "resume": ("--resume", str, "continue the run saved in this output dir"),
-    "overwrite": ("--overwrite", "flag", "replace an existing output dir"),
-    "instruct": ("--instruct", str, "a full fine-tuned checkpoint folder ('instruct' model)"),
-    "adapter": ("--adapter", str, "a LoRA adapter folder applied to --base ('peft' model)"),
-    "split": ("--split", str, "train, validation or test"),
-    "limit": ("--limit", int, "evaluate the first N dialogues (0 = all)"),
-    "eval_batch_size": ("--batch-size", int, "dialogues per generate call"),
-    "num_beams": ("--num-beams", int, "beam width"),
-    "max_new_tokens": ("--max-new-tokens", int, "most summary tokens generated"),
-    "min_new_tokens": ("--min-new-tokens", int, "fewest summary tokens generated"),
-    "length_penalty": ("--length-penalty", float, "beam score length exponent"),
-    "no_repeat_ngram_size": ("--no-repeat-ngram-size", int, "forbid repeated n-grams (0 = off)"),
-    "use_stemmer": ("--use-stemmer", "flag", "Porter stemming in ROUGE"),
-    "show": ("--show", _csv(int), "dialogue indices to print side by side, e.g. 200,201"),
-    "engine": ("--engine", str, "beam search: own (T5-family, fast) or hf (model.generate, any model)"),
-    "bootstrap": ("--bootstrap", int, "paired-bootstrap resamples for the report's confidence intervals"),
-}
+def _list_item(name):
+    """What a tuple setting holds: integers for --show, strings otherwise."""
+    return int if name == "show" else str
 
 
-def build_parser(fields, description, renames=None, required=()):
-    """An argparse parser over a subset of Settings; every default is None so files can fill in.
+def build_parser(front, description, required=()):
+    """An argparse parser over the fields `front` exposes; every default is None so files can fill in.
     Fields named in `required` must be given on the command line."""
-    renames = renames or {}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a TOML file from configs/; flags override it")
-    defaults = Settings()
-    for name in fields:
-        flag, kind, help_text = FLAGS[name]
-        flag = renames.get(name, flag)
-        shown = getattr(defaults, name)
-        if shown not in (None, ()) and kind != "flag":
-            help_text = f"{help_text} (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
-        if kind == "flag":
-            help_text += f" (default: {'on' if shown else 'off'})"
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, required=name in required, help=help_text)
+    for f in fields_of(front):
+        kind, shown, help_text = _field_type(f), f.default, f.metadata["help"]
+        if f.metadata["choices"]:
+            help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+        if kind is bool:
+            parser.add_argument(flag_of(f, front), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {'on' if shown else 'off'})")
+            continue
+        if shown not in (None, ()):
+            help_text += f" (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        parse = _csv(_list_item(f.name)) if kind is tuple else kind
+        parser.add_argument(flag_of(f, front), dest=f.name, type=parse, default=None, required=f.name in required,
+                            help=help_text)
     return parser
 
 
@@ -191,7 +193,7 @@ def _typed(path, key, value, kind):
     if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
         raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
     if kind is tuple:
-        item = int if key.replace("-", "_") == "show" else str
+        item = _list_item(key.replace("-", "_"))
         if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise UserError(f"{path}: {key}: expected a list of {'integers' if item is int else 'strings'}, got {value!r}")
         return tuple(value)
@@ -225,14 +227,23 @@ def settings_from(args, default_config=None):
     config = args.config or default_config
     if config:
         values.update(read_config(config))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    values.update(given)
     settings = Settings(**{k: v for k, v in values.items() if k in Settings.__dataclass_fields__})
-    validate(settings)
+    validate(settings, given)
     return settings
 
 
-def validate(s: Settings):
-    """Every check on values in one place, with a message that says what to do."""
+def normalize(s: Settings):
+    """--dora is an alias of --lora-variant dora, kept so older commands and settings.toml files still work."""
+    if s.dora and s.lora_variant == "lora":
+        s.lora_variant = "dora"
+    s.dora = s.lora_variant == "dora"
+
+
+def validate(s: Settings, given=()):
+    """Every check on values in one place, with a message that says what to do. `given`: the settings set on
+    the command line, which may be refused where a config file's own value is not."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
@@ -240,7 +251,13 @@ def validate(s: Settings):
     if str(s.precision).lower() in ("fp16", "float16", "half"):
         raise UserError("precision fp16 is refused: T5 overflows in fp16 (activations exceed 65504 "
                         "and the loss turns NaN); use bf16 or fp32")
-    need(s.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {s.precision!r}")
+    for f in dataclasses.fields(Settings):
+        choices, value = f.metadata["choices"], getattr(s, f.name)
+        if choices and value not in choices:
+            raise UserError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
+    need(not (s.dora and s.lora_variant not in ("lora", "dora")),
+         f"--dora is the same as --lora-variant dora, but --lora-variant is {s.lora_variant}")
+    normalize(s)
     need(s.lora_rank >= 0, f"--lora-rank must be >= 1 for LoRA (or 0 for full fine-tuning), got {s.lora_rank}")
     if s.is_lora:
         need(s.lora_alpha > 0, f"--lora-alpha must be > 0, got {s.lora_alpha}")
@@ -249,11 +266,15 @@ def validate(s: Settings):
         bad = [t for t in s.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
-        need(s.lora_init in LORA_INITS, f"--lora-init must be one of {', '.join(LORA_INITS)}, got {s.lora_init!r}")
         need(s.lora_plus_ratio > 0, f"--lora-plus-ratio must be > 0, got {s.lora_plus_ratio}")
+        need(s.vera_rank >= 1, f"--vera-rank must be >= 1, got {s.vera_rank}")
     else:
-        variant = [flag for flag, on in (("--dora", s.dora), ("--lora-init", s.lora_init != "kaiming"),
-                                         ("--lora-plus-ratio", s.lora_plus_ratio != 1), ("--rslora", s.rslora)) if on]
+        variant = [flag for flag, on in (
+            ("--dora" if "dora" in given else "--lora-variant", s.lora_variant != "lora"),
+            ("--lora-init", s.lora_init != "kaiming"), ("--lora-plus-ratio", s.lora_plus_ratio != 1),
+            ("--rslora", s.rslora),
+            *((f"--{k.replace('_', '-')}", k in given) for k in ("lora_alpha", "lora_targets", "lora_dropout",
+                                                                 "vera_rank"))) if on]
         need(not variant, f"{variant[0] if variant else ''} is a LoRA setting, but --lora-rank 0 is full fine-tuning")
     need(s.lr > 0, f"--lr must be > 0, got {s.lr}")
     need(s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}")
@@ -263,7 +284,6 @@ def validate(s: Settings):
     need(s.max_steps > 0 or s.epochs > 0, f"--epochs must be > 0 (or set --max-steps), got {s.epochs}")
     need(0 <= s.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {s.warmup_ratio}")
     need(s.weight_decay >= 0, f"--weight-decay must be >= 0, got {s.weight_decay}")
-    need(s.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {s.schedule!r}")
     need(s.clip >= 0, f"--clip must be >= 0, got {s.clip}")
     need(s.dropout is None or 0 <= s.dropout < 1, f"--dropout must be in [0, 1), got {s.dropout}")
     need(s.max_source_len >= 8 and s.max_target_len >= 2,
@@ -272,16 +292,12 @@ def validate(s: Settings):
     need(s.eval_every >= 0 and s.log_every >= 1, "--eval-every must be >= 0 and --log-every >= 1")
     need(s.save_every >= 0, f"--save-every must be >= 0, got {s.save_every}")
     need(s.eval_rouge >= 0, f"--eval-rouge must be >= 0, got {s.eval_rouge}")
-    need(s.best_metric in BEST_METRICS, f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {s.best_metric!r}")
     need(s.best_metric == "val_loss" or s.eval_rouge > 0,
          f"--best-metric {s.best_metric} needs ROUGE during training: add --eval-rouge N (e.g. 100)")
     need(s.early_stop >= 0, f"--early-stop must be >= 0, got {s.early_stop}")
-    need(s.engine in ("own", "hf"), f"--engine must be own or hf, got {s.engine!r}")
     need(s.bootstrap >= 1, f"--bootstrap must be >= 1, got {s.bootstrap}")
-    need(s.split in ("train", "validation", "test"), f"--split must be train, validation or test, got {s.split!r}")
     need(s.limit >= 0, f"--limit must be >= 0, got {s.limit}")
     need(s.num_beams >= 1 and s.max_new_tokens >= 1, "--num-beams and --max-new-tokens must be >= 1")
     need(0 <= s.min_new_tokens <= s.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
     need(s.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size must be >= 0")
-    s.lora_targets = tuple(s.lora_targets)
-    s.show = tuple(s.show)
+    need(all(i >= 0 for i in s.show), f"--show takes dialogue indices (>= 0), got {','.join(map(str, s.show))}")

@@ -10,7 +10,7 @@ Lines may be '#Person1#: ...' (DialogSum's form) or 'Name: ...'. Names are turne
 import re
 import sys
 
-from .config import build_parser, settings_from
+from .config import SUMMARIZE, build_parser, settings_from
 from .errors import UserError, run_cli
 
 _SPEAKER = re.compile(r"^\s*([^:#\n]{1,40}?)\s*:\s*(.*)$")
@@ -33,8 +33,7 @@ def to_dialogsum(text):
 
 
 def main(argv=None):
-    parser = build_parser(["model", "adapter", "num_beams", "max_new_tokens", "max_source_len", "precision", "engine"],
-                          __doc__.split("\n\n")[0])
+    parser = build_parser(SUMMARIZE, __doc__.split("\n\n")[0])
     parser.prog = "python -m dialsum_raw.summarize"
     parser.add_argument("file", nargs="?", help="dialogue text file (default: stdin)")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, lora, metrics
-from .config import Settings, read_config
+from .config import Settings, normalize, read_config, resume_may_change
 from .errors import Stopped, UserError
 from .generation import summarize
 from .modeling import autocast_for, choose_precision, count_parameters, load_model, load_tokenizer, parameter_report
@@ -152,19 +152,15 @@ def load_examples(settings: Settings, tokenizer, log):
     return out
 
 
-# Settings a resume may change: how the run is watched, saved and computed, never what it learns from or
-# in which order. Everything else (batch, accumulation, data, seed, lengths, steps, LoRA, optimiser, the
-# metric that picks best/) is fixed by the checkpoint.
-RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "log_every", "eval_every", "save_every", "tensorboard",
-                     "early_stop", "precision", "gradient_checkpointing", "engine", "eval_batch_size"}
-ROUGE_SETTINGS = {"eval_rouge", "num_beams", "max_new_tokens"}  # may change too while val_loss picks best/
-
-
 def check_resume_settings(settings: Settings, state: dict, world: int):
     """Refuse a resume whose flags would change the data order or the schedule, listing every change."""
     saved_path = os.path.join(settings.resume, SETTINGS_FILE)
-    saved = vars(Settings(**read_config(saved_path))) if os.path.isfile(saved_path) else {}
-    free = RESUME_MAY_CHANGE | (ROUGE_SETTINGS if settings.best_metric == "val_loss" else set())
+    saved = {}
+    if os.path.isfile(saved_path):
+        saved = Settings(**read_config(saved_path))
+        normalize(saved)  # a run saved before --lora-variant existed says dora = true
+        saved = vars(saved)
+    free = resume_may_change(settings.best_metric)
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(settings).items()
                if k in saved and k not in free and saved[k] != v]
     if state.get("world", world) != world:
