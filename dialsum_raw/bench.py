@@ -4,6 +4,7 @@
     python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate, batch 1/8/16/32, fp32 + bf16
     python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
+    python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
 Models are random-weight stand-ins built from --config (flan-t5-small's exact shape; --tiny for
 learn), data is the real DialogSum corpus from --data. bf16 autocast runs wherever --precision auto
@@ -36,12 +37,13 @@ def _table(title, rows):
 
 
 def _save(name, result, args):
-    result = {"device": "cuda" if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
-              "torch": torch.__version__, "quick": args.quick, **result}
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"cpu x{torch.get_num_threads()} threads", "torch": torch.__version__, "quick": args.quick, **result}
     path = os.path.join(args.out, f"bench-{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {path}")
+    return result
 
 
 def _lora_settings(args, out, steps, **over):
@@ -65,6 +67,8 @@ def _bare_steps(model, batches, device, autocast):
     """Forward + backward + AdamW step and nothing else: the floor under any loop."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
+    if device.type == "cuda":  # the clock starts once earlier queued GPU work is done, not while it still runs
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -78,8 +82,11 @@ def _bare_steps(model, batches, device, autocast):
     return time.perf_counter() - start
 
 
-def _matmul_peak(dtype, device, n=2048):
-    """FLOP/s of a square n x n matmul in `dtype`, best of 3 rounds: the ceiling MFU is measured against."""
+def _matmul_peak(dtype, device):
+    """FLOP/s of a square n x n matmul in `dtype`, best of 3 rounds: the ceiling MFU is measured against.
+    n is 2048 on a CPU and 8192 on a GPU, where a 2048² product is too small to keep the tensor cores busy
+    and would understate the peak (and so overstate MFU)."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
@@ -138,6 +145,9 @@ def _hf_run(args, tok, pool, steps, out, device, **best):
                                        max_steps=steps, logging_steps=10 ** 6, save_strategy="no", report_to=[],
                                        use_cpu=device.type != "cuda", dataloader_pin_memory=device.type == "cuda",
                                        seed=0, disable_tqdm=True, **best)
+    # One GPU, as ours: on a multi-GPU machine HF would wrap the model in DataParallel over all of them.
+    # transformers 5.x has no flag for it; _n_gpu is what Trainer itself sets to 1 for model parallelism.
+    hf_args._n_gpu = min(hf_args.n_gpu, 1)
     kept = _KeptBatches(DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8))
     trainer = Seq2SeqTrainer(model=model, args=hf_args, train_dataset=datasets.Dataset.from_list(pool),
                              data_collator=kept)
@@ -152,7 +162,7 @@ def bench_train(args):
 
     HF's group_by_length sizes its sorted groups from the pool (min(len // 32, 50) batches), so HF samples
     the whole pool as in a real epoch; handed only our few batches' examples it would barely group."""
-    steps = 6 if args.quick else 16
+    steps = args.steps or (6 if args.quick else 16)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     auto, why = choose_precision("auto", device)
     tok = load_tokenizer(args.model)
@@ -206,7 +216,7 @@ def bench_train(args):
             for r in result_rows] +
            [("ours auto / ours fp32", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
             (f"ours / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x")])
-    _save("train", result, args)
+    return _save("train", result, args)
 
 
 def _timed_ids(model, tok, texts, settings):
@@ -334,13 +344,17 @@ def memory_probe(args):
     loaded = rss_mb()
     collate = data.Collator(tok.pad_token_id)
     device_batches = [collate([examples[i] for i in b]) for b in batches]
-    seconds = _bare_steps(model, device_batches, device, autocast_for("auto", device))
+    autocast = autocast_for("auto", device)
+    if device.type == "cuda":  # an untimed first step sets up cuBLAS and the allocator; same batch, so the peak holds
+        _bare_steps(model, device_batches[:1], device, autocast)
+    seconds = _bare_steps(model, device_batches, device, autocast)
     print(json.dumps({"size": args.size, "mode": args.mode, "checkpointing": args.checkpointing, "steps": args.steps,
                       "precision": " ".join(choose_precision("auto", device)),
                       "batch_shapes": [[*b["input_ids"].shape, b["labels"].shape[1]] for b in device_batches],
                       "parameters": total, "trainable": count_parameters(model)[0], "loaded_rss_mb": round(loaded, 1),
                       "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds / args.steps, 2),
-                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}))
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
+                      "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20 if device.type == "cuda" else None}))
 
 
 def bench_learn(args):
@@ -378,24 +392,30 @@ def bench_learn(args):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.bench", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["train", "eval", "memory", "learn", "memory-probe"])
+    p.add_argument("which", choices=["train", "eval", "memory", "learn", "gpu", "memory-probe"])
     p.add_argument("--quick", action="store_true", help="about a minute instead of about five")
     p.add_argument("--data", default="../shared/dialogsum", help="DialogSum folder or hub id")
     p.add_argument("--config", default="../shared/flan-t5-small", help="flan-t5 config+tokenizer folder for stand-ins")
     p.add_argument("--model", help="model to benchmark (default: a flan-t5-small-shaped stand-in)")
     p.add_argument("--out", default=".", help="folder for bench-*.json")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda where there is one (default); cpu hides the GPUs from this run and its processes")
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--size", choices=list(standin.SIZES), default="small", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cpu":  # before anything starts CUDA; child processes inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.which == "memory-probe":
         return memory_probe(args)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None and args.which != "learn":
             args.model = standin.build(args.config, os.path.join(tmp, "standin"))
-        {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "learn": bench_learn}[args.which](args)
+        from .gpucheck import run as bench_gpu  # it builds on this module
+        {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "learn": bench_learn,
+         "gpu": bench_gpu}[args.which](args)
 
 
 if __name__ == "__main__":
