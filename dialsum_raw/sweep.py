@@ -1,0 +1,240 @@
+"""A grid of ordinary training runs from one file: one train.py run folder per point, resumable.
+
+    python -m dialsum_raw.sweep SWEEP.toml [--dry-run] [--jobs N]
+
+A sweep file (see configs/sweep-*.toml):
+
+    name = "lora-variants"          # the runs go to OUT/<name>/<key=value,...> (default: the file's name)
+    out = "runs/sweeps"             # OUT (the default)
+    base = "notebook-lora.toml"     # optional: a config file, relative to the sweep file
+    [settings]                      # optional: settings for every point, over the base
+    max_steps = 100
+    [[variant]]                     # optional: sets of settings, each crossed with the grid
+    lora_rank = 8
+    [[variant]]
+    lora_rank = 0
+    lr = 1e-4
+    [grid]                          # every combination of these values
+    seed = [1, 2, 3]
+
+A point's settings are base < [settings] < its variant < its grid values, checked like a config file
+before anything runs. Each point's exact settings are written to OUT/<name>/<point>.toml, and the point
+runs as `python train.py --config OUT/<name>/<point>.toml`. Run again, the sweep skips a finished point
+(summary.json), continues an interrupted one with --resume, and starts the others. It ends with the
+`python -m dialsum_raw.runs` table of its folder. --dry-run prints the commands the sweep would run now,
+one per line, for a cluster scheduler (a SLURM job array runs line $SLURM_ARRAY_TASK_ID).
+"""
+
+import argparse
+import dataclasses
+import difflib
+import itertools
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from . import runs
+from .checkpoint import find
+from .config import TRAIN, Settings, _field_type, _typed, fields_of, normalize, read_config, validate
+from .errors import Stopped, UserError, run_cli
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+SWEEP_KEYS = {"name", "out", "base", "settings", "variant", "grid"}
+OWNED = {"output_dir", "resume", "overwrite"}  # the sweep sets these for every point
+
+
+@dataclasses.dataclass
+class Point:
+    name: str       # key=value,... of its variant and grid values that are not the same in every point
+    values: dict    # its settings, as a config file would give them
+    out: str        # its run folder
+
+    @property
+    def config(self):
+        return f"{self.out}.toml"
+
+
+def _setting(path, table, key, value, each=False):
+    """A sweep value checked as a config file's would be: a train.py setting, of its field's type; with
+    each=True a non-empty list of such values (a grid axis)."""
+    fields = {f.name: f for f in fields_of(TRAIN)}
+    name = key.replace("-", "_")
+    where = f"{path} [{table}]"
+    if name in OWNED:
+        raise UserError(f"{where}: {key} is set by the sweep for each point (OUT/<name>/<point>); remove it")
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.4)
+        raise UserError(f"{where}: '{key}' is not a train.py setting" + (f"; did you mean '{close[0]}'?" if close else ""))
+    kind = _field_type(fields[name])
+    if not each:
+        return name, _typed(where, key, value, kind)
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: {key}: expected a non-empty list of values to try, got {value!r}")
+    return name, [_typed(where, key, v, kind) for v in value]
+
+
+def _label(value):
+    """A value as it reads in a folder name: true, 0.0001, q+v."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "+".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace(os.sep, "_")
+
+
+def load(path):
+    """(sweep folder, [Point]) for a sweep file, every point checked; nothing is written."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError:
+        raise UserError(f"sweep file not found: {path}")
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown key '{unknown[0]}': a sweep file has {', '.join(sorted(SWEEP_KEYS))} "
+                        "(settings go under [settings], [[variant]] or [grid])")
+    name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    folder = os.path.join(raw.get("out", "runs/sweeps"), name)
+    base = {}
+    if "base" in raw:
+        base = read_config(os.path.join(os.path.dirname(os.path.abspath(path)), raw["base"]))
+    common = dict(_setting(path, "settings", k, v) for k, v in raw.get("settings", {}).items())
+    variants = [dict(_setting(path, "variant", k, v) for k, v in variant.items()) for variant in raw.get("variant", [{}])]
+    grid = dict(_setting(path, "grid", k, v, each=True) for k, v in raw.get("grid", {}).items())
+    owns = [{**variant, **dict(zip(grid, combo))} for variant in variants for combo in itertools.product(*grid.values())]
+    resolved = [vars(Settings(**{**base, **common, **own})) for own in owns]
+    varying = {k for own in owns for k in own if len({repr(r[k]) for r in resolved}) > 1}
+    points = {}
+    for own in owns:
+        label = ",".join(f"{k}={_label(v)}" for k, v in own.items() if k in varying) or "default"
+        if label in points:
+            raise UserError(f"{path}: two points are both {label}; make the variants differ")
+        out = os.path.join(folder, label)
+        values = {**base, **common, **own, "output_dir": out}
+        try:
+            validate(Settings(**values))
+        except UserError as e:
+            raise UserError(f"{path}: point {label}: {e}")
+        points[label] = Point(label, values, out)
+    return folder, list(points.values())
+
+
+def write_config(point):
+    """The point's settings as a config file train.py reads (the same writer as a run's settings.toml)."""
+    from .training import save_settings  # imports torch: only once the sweep file is known to be sound
+    save_settings(Settings(**point.values), point.config)
+
+
+def plan(point):
+    """(what, train.py arguments) for a point now: None for a finished run, --resume for one with a checkpoint."""
+    check_same_settings(point)
+    if os.path.isfile(os.path.join(point.out, runs.SUMMARY_FILE)):
+        return "finished", None
+    if find(os.path.join(point.out, "last")):
+        return "resume", ["--resume", point.out]
+    if os.path.isfile(os.path.join(point.out, runs.SETTINGS_FILE)):  # killed before its first checkpoint
+        return "restart", ["--config", point.config, "--overwrite"]
+    return "start", ["--config", point.config]
+
+
+def check_same_settings(point):
+    """A run folder left by an earlier version of the sweep file is not continued as if it were this point."""
+    saved = os.path.join(point.out, runs.SETTINGS_FILE)
+    if not os.path.isfile(saved):
+        return
+    old, new = Settings(**read_config(saved)), Settings(**point.values)
+    normalize(old)
+    normalize(new)
+    old, new = vars(old), vars(new)
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k not in OWNED and old[k] != new[k]]
+    if changed:
+        raise UserError(f"{point.out} was run with other settings ({'; '.join(changed)}): the sweep file changed "
+                        "since; delete that folder or give the sweep another name")
+
+
+def command(args):
+    return [sys.executable, TRAIN_PY, *args]
+
+
+def execute(todo, jobs):
+    """Run (point, train.py arguments) pairs, `jobs` at a time; returns [(point, exit code)] of those that
+    failed. With jobs > 1 each point's output goes to OUT/<name>/<point>.log. SIGINT or SIGTERM is passed
+    to the running points, which save last/ and stop; then the sweep stops."""
+    running, failed, queue = [], [], list(todo)
+    stop = {"signum": 0}
+
+    def handler(signum, frame):
+        stop["signum"] = signum
+        for _, proc in running:
+            proc.send_signal(signum)  # a point that also got it from the terminal takes both as one request
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while running or (queue and not stop["signum"]):
+            while queue and len(running) < jobs and not stop["signum"]:
+                point, args = queue.pop(0)
+                print(f"sweep: {point.name}: train.py {' '.join(map(shlex.quote, args))}", file=sys.stderr)
+                log = open(f"{point.out}.log", "a") if jobs > 1 else None
+                running.append((point, subprocess.Popen(command(args), stdout=log, stderr=log)))
+                if log:
+                    log.close()  # the child holds its own copy
+            time.sleep(0.2)
+            for point, proc in [(pt, pr) for pt, pr in running if pr.poll() is not None]:
+                running.remove((point, proc))
+                if proc.returncode:
+                    failed.append((point, proc.returncode))
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if stop["signum"]:
+        raise Stopped(f"sweep stopped by signal {stop['signum']}: run the same command again to continue it",
+                      128 + stop["signum"])
+    return failed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dialsum_raw.sweep", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", metavar="SWEEP.toml", help="the sweep file")
+    p.add_argument("--dry-run", action="store_true", help="write the points' settings files and print the train.py "
+                                                           "commands the sweep would run now, one per line")
+    p.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {a.jobs}")
+    if not os.path.isfile(TRAIN_PY):
+        raise UserError(f"{TRAIN_PY} not found: run the sweep from a checkout of the project (pip install -e .)")
+    folder, points = load(a.sweep)
+    os.makedirs(folder, exist_ok=True)
+    todo = []
+    for point in points:
+        write_config(point)
+        what, args = plan(point)
+        print(f"{point.name}: {what}", file=sys.stderr)
+        if args:
+            todo.append((point, args))
+    if a.dry_run:
+        for _, args in todo:
+            print(" ".join(map(shlex.quote, ["python", os.path.relpath(TRAIN_PY), *args])))
+        return
+    failed = execute(todo, a.jobs)
+    runs.main([folder])
+    if failed:
+        raise UserError(f"{len(failed)} of {len(points)} points failed: " + "; ".join(
+            f"{point.out} (exit {code}{'; see ' + point.out + '.log' if a.jobs > 1 else ''})" for point, code in failed))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,84 @@
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from dialsum_raw import runs
+
+
+def _fake_run(folder, settings, val_losses, summary=True, rouge=None):
+    """A run folder as training.py leaves it: settings.toml, metrics.jsonl, summary.json (numbers chosen here)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "settings.toml"), "w") as f:
+        f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for i, v in enumerate(val_losses, 1):
+            f.write(json.dumps({"step": 10 * i, "lr": 0.1, "tokens": 100 * i, "seconds": i, "loss": v + 1}) + "\n")
+            f.write(json.dumps({"step": 10 * i, "lr": 0.1, "tokens": 100 * i, "seconds": i, "val_loss": v,
+                                **(rouge or {})}) + "\n")
+    if summary:
+        best = min(val_losses)
+        with open(os.path.join(folder, "summary.json"), "w") as f:
+            json.dump({"best_metric": "val_loss", "best_value": best, "best_step": 10 * (val_losses.index(best) + 1),
+                       "seconds": 20.0 * len(val_losses), "tokens_per_second": 1000.0 * len(val_losses)}, f)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two seeds of LoRA r=8 (final val_loss 1 and 3), one of r=64 (with ROUGE), a folder that is not a run,
+    and a run that has not finished, under one sweep-like folder."""
+    root = tmp_path / "sweep"
+    _fake_run(root / "r8-s1", {"lora_rank": 8, "seed": 1, "output_dir": "a"}, [2.0, 1.0])
+    _fake_run(root / "r8-s2", {"lora_rank": 8, "seed": 2, "output_dir": "b"}, [4.0, 3.5, 3.0])
+    _fake_run(root / "r64-s1", {"lora_rank": 64, "seed": 1, "output_dir": "c"}, [5.0],
+              rouge={"rouge1": 0.25, "rouge2": 0.1, "rougeL": 0.2})
+    _fake_run(root / "running", {"lora_rank": 8, "seed": 3}, [2.0], summary=False)
+    os.makedirs(root / "notes" / "empty")
+    return root
+
+
+def test_table_groups_seeds_with_mean_std_and_n(folder, tmp_path, capsys):
+    out = tmp_path / "runs.csv"
+    runs.main([str(folder), str(tmp_path / "nowhere"), "--csv", str(out)])
+    printed, notes = capsys.readouterr()
+    assert "running: not finished" in notes and "python train.py --resume" in notes
+    assert "nowhere: not a folder; skipped" in notes
+    head = printed.splitlines()[0].split()
+    assert head == ["run", "lora_rank", "seed", "best_metric", "best_value", "best_step", "val_loss", "rouge1",
+                    "rouge2", "rougeL", "tokens/s", "wall_s"]  # output_dir differs but is never a column
+    group = next(line for line in printed.splitlines() if line.startswith("lora_rank=8 "))
+    # r8: best 1.0 and 3.0 -> mean 2, sample std sqrt(2); wall 40 s and 60 s -> 50 ± sqrt(200)
+    assert group.split()[:5] == ["lora_rank=8", "2", "2", "±", f"{math.sqrt(2):.4g}"]
+    assert f"50 ± {math.sqrt(200):.4g}" in group
+    assert next(line for line in printed.splitlines() if line.startswith("lora_rank=64 ")).split()[1] == "1"
+
+    rows = list(csv.DictReader(open(out)))
+    by_run = {(r["group"], r["run"]): r for r in rows}
+    assert float(by_run["lora_rank=8", str(folder / "r8-s2")]["val_loss"]) == 3.0
+    assert float(by_run["lora_rank=64", str(folder / "r64-s1")]["rouge1"]) == 0.25
+    mean, std = by_run["lora_rank=8", "mean"], by_run["lora_rank=8", "std"]
+    assert (mean["n"], mean["lora_rank"], float(mean["best_value"]), float(mean["tokens/s"])) == ("2", "8", 2.0, 2500.0)
+    assert float(std["best_value"]) == pytest.approx(math.sqrt(2)) and float(std["best_step"]) == pytest.approx(math.sqrt(50))
+    assert by_run["lora_rank=64", "std"]["best_value"] == ""  # n = 1: no spread
+
+
+def test_only_notes_is_a_user_error(tmp_path, capsys):
+    from dialsum_raw.errors import UserError
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match="no finished training run"):
+        runs.main([str(tmp_path / "x")])
+    assert "not a training run" in capsys.readouterr().err
+
+
+def test_plot_colours_by_group(folder, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn = {}
+    monkeypatch.setattr(runs, "_save", lambda fig, plt, out: drawn.update(
+        {tuple(line.get_ydata()): line.get_color() for line in fig.axes[0].lines}))
+    runs.main([str(folder), "--plot", str(tmp_path / "v.png")])
+    assert drawn[(2.0, 1.0)] == drawn[(4.0, 3.5, 3.0)] != drawn[(5.0,)]  # the seeds of r=8 share a colour
+    monkeypatch.undo()
+    runs.main([str(folder), "--plot", str(tmp_path / "v.png")])
+    assert os.path.getsize(tmp_path / "v.png") > 0

@@ -1,0 +1,120 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import CORPUS, REPO
+from dialsum_raw import checkpoint, sweep
+from dialsum_raw.config import read_config
+from dialsum_raw.errors import UserError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _sweep_file(tmp_path, tiny, out, grid='seed = [1, 2]', extra=""):
+    """Two LoRA points (dropout on, so an exact resume also needs the RNG states) of a few steps each."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'name = "t"\nout = "{out}"\nbase = "{REPO}/configs/tiny-smoke.toml"\n'
+                    f'[settings]\nmodel = "{tiny}"\ndata = "{CORPUS}"\nsubsample = 40\nmax_source_len = 128\n'
+                    'max_target_len = 32\nmax_steps = 8\neval_every = 4\nlog_every = 2\nprecision = "fp32"\n'
+                    f'lora_rank = 4\nlora_dropout = 0.1\nlr = 1e-2\n{extra}[grid]\n{grid}\n')
+    return str(path)
+
+
+def _sweep(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dialsum_raw.sweep", *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
+    straight = _sweep(_sweep_file(tmp_path, tiny, tmp_path / "straight"), "--jobs", "2")
+    (tmp_path / "k").mkdir()
+    killed_file = _sweep_file(tmp_path / "k", tiny, tmp_path / "killed")
+    killed = _sweep(killed_file, start_new_session=True)  # its own process group, to kill it with its runs
+    second = tmp_path / "killed" / "t" / "seed=2"
+    deadline = time.time() + 240
+    while checkpoint.find(str(second / "last")) is None and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert os.path.isfile(tmp_path / "killed" / "t" / "seed=1" / "summary.json"), "the first point had finished"
+    assert not os.path.isfile(second / "summary.json"), "the second point must be killed mid-way"
+
+    rerun = _sweep(killed_file)
+    out, err = rerun.communicate()
+    assert rerun.returncode == 0, err
+    assert "seed=1: finished" in err and "seed=2: resume" in err
+    assert f"resumed from {second / 'last'} at step 4" in out  # continued from its checkpoint, not started over
+    out_straight, err_straight = straight.communicate()
+    assert straight.returncode == 0, err_straight
+    for point in ("seed=1", "seed=2"):
+        a = load_file(tmp_path / "straight" / "t" / point / "last" / "adapter.safetensors")
+        b = load_file(tmp_path / "killed" / "t" / point / "last" / "adapter.safetensors")
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+        assert read_config(tmp_path / "straight" / "t" / point / "settings.toml")["seed"] == int(point[-1])
+    # the table at the end: both seeds in one group, n = 2, and the same validation losses
+    for printed in (out, out_straight):
+        assert any(line.split()[:2] == ["all", "2"] for line in printed.splitlines()), printed
+    val = [[line.split()[5] for line in printed.splitlines() if line.startswith(str(tmp_path / name))]
+           for printed, name in ((out, "killed"), (out_straight, "straight"))]
+    assert val[0] == val[1] and val[0][0] != val[0][1]
+
+    again = _sweep(killed_file, "--dry-run")  # everything finished: nothing left to run
+    out, err = again.communicate()
+    assert again.returncode == 0 and out == "" and err.count(": finished") == 2
+
+
+def test_dry_run_prints_one_train_command_per_point(tiny, tmp_path):
+    path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid='seed = [1, 2]\nlora_init = ["kaiming", "pissa"]')
+    res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--dry-run"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, check=True)
+    folder = tmp_path / "out" / "t"
+    names = ["seed=1,lora_init=kaiming", "seed=1,lora_init=pissa", "seed=2,lora_init=kaiming", "seed=2,lora_init=pissa"]
+    assert res.stdout.splitlines() == [f"python train.py --config {folder / n}.toml" for n in names]
+    assert sorted(os.listdir(folder)) == sorted(f"{n}.toml" for n in names)  # settings files only: nothing ran
+    point = read_config(folder / "seed=2,lora_init=pissa.toml")
+    assert (point["seed"], point["lora_init"], point["lora_rank"], point["output_dir"]) == (
+        2, "pissa", 4, str(folder / "seed=2,lora_init=pissa"))
+
+
+def test_shipped_sweeps_load():
+    folder, points = sweep.load(os.path.join(REPO, "configs", "sweep-lora-variants.toml"))
+    assert len(points) == 15 and len({p.out for p in points}) == 15
+    full = [p.values for p in points if p.values["lora_rank"] == 0]
+    assert sorted(v["seed"] for v in full) == [1, 2, 3]
+    assert {(p.values["lora_rank"], p.values.get("rslora", False), p.values.get("lora_init", "kaiming"))
+            for p in points} == {(8, False, "kaiming"), (64, False, "kaiming"), (64, True, "kaiming"),
+                                 (8, False, "pissa"), (0, False, "kaiming")}
+    notebook = read_config(os.path.join(REPO, "configs", "notebook-lora.toml"))
+    assert all(p.values[k] == notebook[k] for p in points for k in ("data", "epochs", "warmup_ratio", "schedule"))
+    folder, points = sweep.load(os.path.join(REPO, "configs", "sweep-tiny.toml"))
+    assert sorted(p.values["lora_rank"] for p in points) == [0, 0, 8, 8]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ('lora_rnak = [4, 8]', r"\[grid\]: 'lora_rnak' is not a train.py setting; did you mean 'lora_rank'\?"),
+    ('output_dir = ["a"]', r"output_dir is set by the sweep"),
+    ('seed = 3', r"seed: expected a non-empty list of values to try, got 3"),
+    ('seed = [1, 2]\nlora_init = ["kaiming", "svd"]', r"point seed=1,lora_init=svd: --lora-init must be one of"),
+])
+def test_bad_grid_is_a_user_error(tiny, tmp_path, grid, message):
+    with pytest.raises(UserError, match=message):
+        sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", grid=grid))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value", [("lora_rank", "8.5"), ("rslora", '"yes"'), ("lora_targets", '"q,v"')])
+def test_grid_value_of_wrong_type_reads_as_a_config_file_would(tiny, tmp_path, key, value):
+    config = tmp_path / "c.toml"
+    config.write_text(f"{key} = {value}\n")
+    with pytest.raises(UserError) as from_config:
+        read_config(str(config))
+    path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid=f"{key} = [{value}]")
+    with pytest.raises(UserError) as from_sweep:
+        sweep.load(path)
+    assert str(from_config.value) == f"{config}: " + str(from_sweep.value).split(": ", 1)[1]
+    assert str(from_sweep.value).startswith(f"{path} [grid]: {key}: expected")
