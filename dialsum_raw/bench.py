@@ -174,7 +174,7 @@ def bench_train(args):
 
         peak = {"fp32": _matmul_peak(torch.float32, device), "bf16": _matmul_peak(torch.bfloat16, device)}
         model = load_model(args.model)
-        lora.inject(model, ("q", "v"), 8, 16, 0.05)
+        lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05))
         model.to(device)
         for precision in ("fp32", auto):  # warm-up: first big steps of a fresh process run slow (page faults)
             _bare_steps(model, ours_batches[:1], device, autocast_for(precision, device))
@@ -302,7 +302,7 @@ def bench_memory(args):
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(args.model)
         model.save_pretrained(os.path.join(tmp, "full"))
-        lora.inject(model, ("q", "v"), 8, 16)
+        lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16))
         lora.save_adapter(model, os.path.join(tmp, "adapter"), args.model)
         size = {name: sum(os.path.getsize(os.path.join(tmp, name, f)) for f in os.listdir(os.path.join(tmp, name)))
                 for name in ("full", "adapter")}
@@ -336,7 +336,7 @@ def memory_probe(args):
     model = standin.random_model(args.config, args.size)
     total = count_parameters(model)[1]
     if args.mode == "lora":
-        lora.inject(model, ("q", "v"), 8, 16, 0.05)
+        lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05))
     if args.checkpointing:  # the call training.py makes for --gradient-checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,10 +17,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import UserError
+from .lora import INITS, VARIANTS, LoRAConfig
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
-LORA_VARIANTS = ("lora", "dora", "vera")
-LORA_INITS = ("kaiming", "gaussian", "pissa")
+LORA_VARIANTS, LORA_INITS = tuple(VARIANTS), tuple(INITS)  # the lora package's tables: a new one needs no edit here
 BEST_METRICS = ("val_loss", "rouge1", "rouge2", "rougeL")
 
 # The fronts a setting can appear on, and what --resume may do with a train.py setting:
@@ -123,6 +123,12 @@ class Settings:
     @property
     def is_lora(self) -> bool:
         return self.lora_rank > 0
+
+    def lora_config(self) -> LoRAConfig:
+        """The adapter these settings ask for; LoRAConfig refuses, in one line, a combination peft refuses."""
+        return LoRAConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
+                          dropout=self.lora_dropout, rslora=self.rslora, variant=self.lora_variant,
+                          init=self.lora_init, vera_rank=self.vera_rank)
 
 
 def fields_of(front):
@@ -268,6 +274,7 @@ def validate(s: Settings, given=()):
             raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
         need(s.lora_plus_ratio > 0, f"--lora-plus-ratio must be > 0, got {s.lora_plus_ratio}")
         need(s.vera_rank >= 1, f"--vera-rank must be >= 1, got {s.vera_rank}")
+        s.lora_config()
     else:
         variant = [flag for flag, on in (
             ("--dora" if "dora" in given else "--lora-variant", s.lora_variant != "lora"),

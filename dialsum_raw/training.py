@@ -63,7 +63,7 @@ def make_optimizer(model, settings: Settings):
     k = settings.lora_plus_ratio
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if k != 1 and not any(n.endswith("lora_B") for n, _ in named):
-        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers (--lora-rank > 0)")
+        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers whose B trains (--lora-rank > 0, not MiCA)")
     groups = {}  # (fast, decay) -> tensors; ordered so that K = 1 keeps the plain two groups
     for n, p in named:
         groups.setdefault((k != 1 and (n.endswith("lora_B") or p.ndim < 2), p.ndim >= 2), []).append(p)
@@ -333,8 +333,7 @@ def build_model(settings: Settings, resume_from):
     if resume_from:
         lora.load_adapter(model, resume_from)
     else:
-        lora.inject(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
-                    settings.rslora, settings.dora, settings.lora_init)
+        lora.inject(model, settings.lora_config())
     return model
 
 

@@ -109,7 +109,7 @@ def test_existing_output_dir_refused_before_any_work(tmp_path):
 
 def test_adapter_for_another_base_through_evaluate(tiny, small, tmp_path):
     model = load_model(tiny)
-    lora.inject(model, ("q", "v"), rank=4, alpha=8)
+    lora.inject(model, lora.LoRAConfig(("q", "v"), rank=4, alpha=8))
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     _fails([EVAL, "--base", small, "--adapter", str(tmp_path / "ad"), "--data", CORPUS, "--output-dir",
             str(tmp_path / "e"), "--limit", "1"], "does not fit this base model")

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from dialsum_raw import lora, lora_inspect
+from dialsum_raw import lora
+from dialsum_raw.lora import LoRAConfig
+from dialsum_raw.lora import inspect as lora_inspect
 from dialsum_raw.errors import UserError
 from dialsum_raw.modeling import load_model
 
@@ -19,7 +21,7 @@ def _orthonormal(n, k, seed):
 def _adapter_with_spectrum(tiny, directory, sigma, rank=4, alpha=8, seed=0):
     """An adapter whose every layer has s B A = U diag(sigma) V^T for chosen orthonormal U, V."""
     model = load_model(tiny)
-    lora.inject(model, ("q", "v"), rank, alpha)
+    lora.inject(model, LoRAConfig(("q", "v"), rank, alpha))
     with torch.no_grad():
         for i, (_, m) in enumerate(lora.lora_layers(model)):
             u, v = _orthonormal(m.base.out_features, rank, seed + i), _orthonormal(m.base.in_features, rank, 99 + i)
@@ -34,7 +36,7 @@ def test_chosen_spectrum_is_reported_exactly(tiny, tmp_path):
     _adapter_with_spectrum(tiny, tmp_path / "ad", sigma)
     records, cfg, _ = lora_inspect.inspect(tiny, tmp_path / "ad")
     base = load_model(tiny)
-    assert len(records) == 12 and cfg["rank"] == 4
+    assert len(records) == 12 and cfg.rank == 4
     for r in records:
         assert set(r) == set(lora_inspect.KEYS)
         assert r["singular_values"] == pytest.approx(sigma, rel=1e-6)
@@ -67,7 +69,7 @@ def test_amplification_small_along_w_and_large_across_it():
 def test_phi_of_an_adapter_with_itself_is_one(tiny, tmp_path):
     _adapter_with_spectrum(tiny, tmp_path / "ad", [4.0, 3.0, 2.0, 1.0])
     records, _, other = lora_inspect.inspect(tiny, tmp_path / "ad", compare=tmp_path / "ad")
-    assert other["rank"] == 4
+    assert other.rank == 4
     for r in records:
         assert torch.allclose(torch.tensor(r["phi"], dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64))
 
@@ -87,23 +89,29 @@ def test_phi_of_random_subspaces_matches_its_expectation():
     assert phis.mean(0)[0, 0] < 0.1 and phis.mean(0)[-1, -1] == pytest.approx(8 / 32, abs=0.02)
 
 
-def test_dora_and_pissa_updates_are_the_merged_change_of_the_original_weights(tiny, tmp_path):
+@pytest.mark.parametrize("variant", [{"variant": "dora", "init": "pissa"}, {"init": "olora"}, {"init": "mica"}])
+def test_updates_are_the_merged_change_of_the_original_weights(tiny, tmp_path, variant):
+    """Read through each layer's delta_weight(): DoRA's rescaling, the residual W of PiSSA and OLoRA, MiCA's frozen B."""
     torch.manual_seed(0)
     model = load_model(tiny)
-    lora.inject(model, ("q", "v"), 4, 8, dora=True, init="pissa")
+    lora.inject(model, LoRAConfig(("q", "v"), 4, 8, **variant))
     with torch.no_grad():
         for _, m in lora.lora_layers(model):
+            m.lora_A.add_(0.05 * torch.randn_like(m.lora_A))
             m.lora_B.add_(0.05 * torch.randn_like(m.lora_B))
-            m.lora_magnitude.mul_(1.1)
+            if isinstance(m, lora.DoRALinear):
+                m.lora_magnitude.mul_(1.1)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     original = load_model(tiny)
+    weights = {n: p.clone() for n, p in original.named_parameters()}
     cfg, updates = lora_inspect.adapter_updates(original, tmp_path / "ad")
-    assert cfg["rank"] == 8  # PiSSA's saved 2r form
+    assert cfg.rank == 4 and len(updates) == 12
     lora.merge(model)
-    for name, w, dw, _ in updates:
+    for name, w, dw, k in updates:
         merged = model.get_submodule(name).base.weight.double()
-        assert torch.allclose(w, original.get_submodule(name).weight.double())
+        assert torch.equal(w, weights[f"{name}.weight"].double()) and k == 4
         assert (dw - (merged - w)).abs().max() < 1e-5
+        assert dw.abs().max() > 1e-3  # the adapter does change W
 
 
 def test_cli_table_json_and_plots(tiny, tmp_path, capsys):

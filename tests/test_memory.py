@@ -11,7 +11,7 @@ def _loss_and_lora_grads(path, checkpointing):
     first encoder block's attention ran, which a checkpointed backward does twice."""
     torch.manual_seed(0)
     model = load_model(path, dropout=0.1)
-    lora.inject(model, ("q", "v"), 8, 16)
+    lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

@@ -42,7 +42,7 @@ def test_sizes_have_flan_t5_shapes_and_parameter_counts():
         assert (c.d_kv, c.vocab_size, c.feed_forward_proj) == (64, 32128, "gated-gelu")
         assert model.lm_head.weight is not model.shared.weight
         assert count_parameters(model)[1] == total
-        lora.inject(model, ("q", "v"), 8, 16)
+        lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16))
         assert count_parameters(model)[0] == trainable == 8 * (d_model + heads * 64) * 2 * 3 * layers
 
 

@@ -2,16 +2,19 @@
 
     python -m dialsum_raw.lora inspect ADAPTER --base MODEL [--compare ADAPTER2] [--json] [--plot DIR]
 
-ΔW is the change of the effective weight against the original base: s B A, or W' - W for DoRA; a PiSSA
-adapter is saved in its rank-2r form against the original base, so the same formula covers it.
+ΔW is the change of the effective weight against the original base, read through each layer's own
+delta_weight() (plus the change of W itself after a residual init such as PiSSA), so every variant is
+covered without code of its own here. k is the layer's rank (DoRA's or PiSSA's ΔW may have more
+directions; these are its top k). The per-layer figures all come from layer_stats:
 - fro_norm ||ΔW||_F, rel_norm ||ΔW||_F / ||W||_F;
-- singular_values: the top k of ΔW (k = the adapter's saved rank; DoRA's ΔW is full rank, so these are its top k);
+- singular_values: the top k of ΔW;
 - effective_rank: exp of the entropy of those values normalized to sum 1 (Roy & Vetterli, 2007): 1 when one
   direction carries the update, k when all k carry it equally;
 - amplification: ||ΔW||_F / ||U^T W V||_F with U, V the top-k singular vectors of ΔW (LoRA paper, 7.3): large
   when ΔW amplifies directions that W barely uses;
-- with --compare, phi(i, j) = ||V1_i^T V2_j||_F^2 / min(i, j), V the right-singular vectors of each adapter's A
-  (LoRA paper, 7.2): the share of the smaller subspace inside the larger. Random subspaces of R^n give
+- with --compare, phi(i, j) = ||V1_i^T V2_j||_F^2 / min(i, j), V the top right-singular vectors of each
+  adapter's ΔW (LoRA paper, 7.2, which takes them from A; for plain LoRA both span A's row space, ordered here
+  by ΔW's singular values): the share of the smaller subspace inside the larger. Random subspaces of R^n give
   E[phi(i, j)] = max(i, j) / n.
 """
 
@@ -22,8 +25,8 @@ import sys
 
 import torch
 
-from . import lora
-from .errors import UserError
+from ..errors import UserError
+from . import adapter as lora
 
 HELP = "per-layer norms, spectra, amplification and (with --compare) subspace similarity of an adapter"
 KEYS = ("layer", "fro_norm", "rel_norm", "singular_values", "effective_rank", "amplification")
@@ -48,10 +51,11 @@ def layer_stats(w: torch.Tensor, dw: torch.Tensor, k: int) -> dict:
             "effective_rank": effective_rank(s[:k]), "amplification": fro / w_part if fro else 0.0}
 
 
-def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-    """phi(i, j) for all i <= rank(a1), j <= rank(a2), as a matrix whose [i-1, j-1] entry is phi(i, j)."""
-    v1 = torch.linalg.svd(a1.double(), full_matrices=False).Vh  # rows: right-singular vectors, largest first
-    v2 = torch.linalg.svd(a2.double(), full_matrices=False).Vh
+def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, k1=None, k2=None) -> torch.Tensor:
+    """phi(i, j) for i <= k1, j <= k2 (default: all) over the right-singular vectors of a1 and a2, as a matrix whose
+    [i-1, j-1] entry is phi(i, j)."""
+    v1 = torch.linalg.svd(a1.double(), full_matrices=False).Vh[:k1]  # rows: right-singular vectors, largest first
+    v2 = torch.linalg.svd(a2.double(), full_matrices=False).Vh[:k2]
     overlap = ((v1 @ v2.T) ** 2).cumsum(0).cumsum(1)  # [i-1, j-1] = ||V1_i^T V2_j||_F^2
     i = torch.arange(1, len(v1) + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, len(v2) + 1, dtype=torch.float64)[None, :]
@@ -59,37 +63,33 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_updates(model, adapter):
-    """(config, [(layer, W, ΔW, A)]) for an adapter on `model`'s (original) weights, in model order."""
+    """(config, [(layer, W, ΔW, k)]) for an adapter on `model`'s original weights, in model order; this injects
+    the adapter into `model`."""
     cfg, tensors = lora.check_adapter(model, adapter)
-    s = lora.scaling(cfg["alpha"], cfg["rank"], cfg.get("rslora", False))
+    original = {n: model.get_submodule(n).weight.detach().double() for n in lora.target_layers(model, cfg.targets)}
+    lora.apply_adapter(model, cfg, tensors)
     out = []
-    for name, module in model.named_modules():
-        if f"{name}.lora_A" not in tensors:
-            continue
-        w, a = module.weight.detach().double(), tensors[f"{name}.lora_A"].double()
-        dw = s * tensors[f"{name}.lora_B"].double() @ a
-        if cfg.get("dora"):  # W' = m (W + s B A) / ||W + s B A|| per row
-            v = w + dw
-            dw = v * (tensors[f"{name}.lora_magnitude"].double() / v.norm(dim=1))[:, None] - w
-        out.append((name, w, dw, a))
+    with torch.no_grad():
+        for name, m in lora.lora_layers(model):
+            w = original[name]
+            out.append((name, w, (m.base.weight.double() - w) + m.delta_weight().double(), m.rank))
     return cfg, out
 
 
 def inspect(base, adapter, compare=None):
     """(records, config, config of the compared adapter or None); each record has KEYS, plus 'phi' with compare."""
-    from .modeling import load_model
-    model = load_model(base)
-    cfg, updates = adapter_updates(model, adapter)
-    records = [{"layer": name, **layer_stats(w, dw, cfg["rank"])} for name, w, dw, _ in updates]
+    from ..modeling import load_model
+    cfg, updates = adapter_updates(load_model(base), adapter)
+    records = [{"layer": name, **layer_stats(w, dw, k)} for name, w, dw, k in updates]
     other = None
     if compare:
-        other, updates2 = adapter_updates(model, compare)
-        a2 = {name: a for name, _, _, a in updates2}
-        if a2.keys() != {r["layer"] for r in records}:
+        other, updates2 = adapter_updates(load_model(base), compare)
+        theirs = {name: (dw, k) for name, _, dw, k in updates2}
+        if theirs.keys() != {r["layer"] for r in records}:
             raise UserError(f"--compare {compare} adapts other layers than {adapter}; compare adapters with the "
                             "same targets")
-        for record, (name, _, _, a) in zip(records, updates):
-            record["phi"] = subspace_similarity(a, a2[name]).tolist()
+        for record, (name, _, dw, k) in zip(records, updates):
+            record["phi"] = subspace_similarity(dw, theirs[name][0], k, theirs[name][1]).tolist()
     return records, cfg, other
 
 
@@ -111,17 +111,10 @@ def grouped(records):
     return out
 
 
-def _describe(path, cfg):
-    r, alpha = (cfg["pissa"]["rank"], cfg["pissa"]["alpha"]) if cfg.get("pissa") else (cfg["rank"], cfg["alpha"])
-    flags = [f for f in ("rslora", "dora") if cfg.get(f)] + [f"init {cfg.get('init', 'kaiming')}"]
-    saved = f", saved as rank {cfg['rank']} against the original base" if cfg.get("pissa") else ""
-    return f"{path}: rank {r}, alpha {alpha:g}, {', '.join(flags)}{saved}"
-
-
 def table(records, cfg, adapter, base, other=None, compare=None) -> str:
-    lines = [f"adapter {_describe(adapter, cfg)}", f"base    {base}"]
+    lines = [f"adapter {adapter}: {cfg.describe()}", f"base    {base}"]
     if other:
-        lines.append(f"compare {_describe(compare, other)}")
+        lines.append(f"compare {compare}: {other.describe()}")
     head = f"  {'target':<6} {'block':>5} {'fro_norm':>9} {'rel_norm':>9} {'eff_rank':>8} {'amplif':>7}"
     head += f" {'phi(1,1)':>8} {'phi(r,r)':>8}" if other else ""
     head += "  top singular values"

@@ -1,0 +1,25 @@
+"""LoRA from scratch: y = W x + (B A dropout(x)) * scale, with W frozen, and the variants that change it.
+
+    config.py       LoRAConfig: what inject takes, what adapter.json holds
+    layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear)
+    init.py         how A and B start: kaiming, gaussian, pissa, olora, mica (one function each, one table)
+    adapter.py      inject, merge/unmerge, save and load an adapter folder
+    peft_format.py  export-peft
+    inspect.py      what an adapter learned, per layer, from each layer's delta_weight()
+
+Every variant and init is matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (B
+learns K x faster): training.make_optimizer.
+
+    python -m dialsum_raw.lora merge --base MODEL --adapter DIR --out OUT
+    python -m dialsum_raw.lora export-peft --adapter DIR --out OUT
+    python -m dialsum_raw.lora inspect ADAPTER --base MODEL [--compare ADAPTER2] [--json] [--plot DIR]
+"""
+
+from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, apply_adapter, check_adapter, inject,
+                      load_adapter, lora_layers, merge, merge_to_model, read_adapter, save_adapter, target_layers,
+                      unload, unmerge)
+from .cli import main
+from .config import LoRAConfig
+from .init import INITS
+from .layers import VARIANTS, AdapterLinear, DoRALinear, LoRALinear
+from .peft_format import export_peft

@@ -1,0 +1,147 @@
+"""An adapter on a model: inject, merge, and the adapter folder (adapter.json + adapter.safetensors).
+
+Everything here goes through LoRAConfig and the layer class its variant names; nothing is per variant.
+"""
+
+import json
+import os
+
+from torch import nn
+
+from ..errors import UserError
+from .config import LoRAConfig
+from .layers import VARIANTS, AdapterLinear
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+
+
+def target_layers(model, targets):
+    """Names of the Linear layers whose last name part is a target; every target must match one."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in names)]
+    if missing:
+        raise UserError(f"LoRA target {missing[0]!r} matches no Linear layer of this model "
+                        f"(T5 has q, k, v, o in attention and wi_0, wi_1 (or wi), wo in its feed-forward)")
+    return names
+
+
+def inject(model, cfg: LoRAConfig, start: bool = True):
+    """Freeze the model and wrap each target Linear (encoder self-, decoder self- and cross-attention for
+    q/k/v/o) in cfg's variant. start=False leaves the adapter tensors for load() (no SVD, no random draw).
+    Returns the wrapped layer names."""
+    model.requires_grad_(False)
+    names = target_layers(model, cfg.targets)
+    for name in names:
+        parent, child = name.rsplit(".", 1)
+        holder = model.get_submodule(parent)
+        setattr(holder, child, VARIANTS[cfg.variant](getattr(holder, child), cfg, start))
+    return names
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def merge(model):
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+def unload(model):
+    """Merge and put the plain Linear layers back: the result saves as a standard HF model."""
+    for name, m in lora_layers(model):
+        m.merge()
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, m.base)
+    return model
+
+
+def adapter_state_dict(model) -> dict:
+    """'<layer>.<tensor>' for every tensor each layer saves, in the form that applies to the original base."""
+    return {f"{name}.{key}": t for name, m in lora_layers(model) for key, t in m.saved().items()}
+
+
+def save_adapter(model, directory, base_model: str):
+    """adapter.json (the LoRAConfig, the format and the base) and adapter.safetensors (fp32)."""
+    from safetensors.torch import save_file
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA layers to save")
+    cfg = layers[0][1].cfg
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in adapter_state_dict(model).items()},
+              os.path.join(directory, ADAPTER_WEIGHTS))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(cfg.to_json(base_model), f, indent=2)
+
+
+def read_adapter(directory):
+    """(LoRAConfig, tensors, base model name) of an adapter folder; a missing, truncated or corrupted file
+    is a UserError. Adapters written before LoRAConfig existed read as well."""
+    from safetensors.torch import load_file
+    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise UserError(f"{directory} is not an adapter folder (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        cfg = LoRAConfig.from_json(saved)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{cfg_path}: unreadable adapter config ({type(e).__name__}: {e})")
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:
+        raise UserError(f"{w_path}: truncated or corrupted adapter weights ({e})")
+    return cfg, tensors, saved.get("base_model", "?")
+
+
+def check_adapter(model, directory):
+    """(config, tensors) of an adapter, after checking it fits `model` exactly; the model is untouched."""
+    cfg, tensors, base_model = read_adapter(directory)
+    try:
+        names = target_layers(model, cfg.targets)
+    except UserError as e:
+        raise UserError(f"adapter {directory} does not fit this base model: {e}")
+    layer = VARIANTS[cfg.variant]
+    expected = {}
+    for n in names:
+        expected.update({f"{n}.{key}": shape for key, shape in layer.saved_shapes(cfg, model.get_submodule(n)).items()})
+    missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or extra:
+        which = f"base has layer {sorted(missing)[0]} that the adapter lacks" if missing else \
+            f"adapter has {sorted(extra)[0]} that the base lacks"
+        raise UserError(f"adapter {directory} does not fit this base model ({which}; adapter base: {base_model})")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise UserError(f"adapter {directory} does not fit this base model: {key} has shape "
+                            f"{tuple(tensors[key].shape)}, the base needs {shape} (adapter base: {base_model})")
+    return cfg, tensors
+
+
+def apply_adapter(model, cfg: LoRAConfig, tensors):
+    """Inject and fill the layers of an adapter that check_adapter has accepted for this model."""
+    inject(model, cfg, start=False)
+    for name, m in lora_layers(model):
+        m.load({key: tensors[f"{name}.{key}"] for key in type(m).saved_shapes(cfg, m.base)})
+    return cfg
+
+
+def load_adapter(model, directory):
+    """Inject LoRA as the adapter's config says and load its tensors; the base must fit exactly.
+    The result continues training exactly where the saved run stopped (resume calls this)."""
+    return apply_adapter(model, *check_adapter(model, directory))
+
+
+def merge_to_model(base, adapter, out):
+    """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied)."""
+    from ..modeling import load_model, load_tokenizer
+    model = load_model(base)
+    load_adapter(model, adapter)
+    unload(model).save_pretrained(out)
+    load_tokenizer(base).save_pretrained(out)

@@ -1,0 +1,28 @@
+"""python -m dialsum_raw.lora merge | export-peft | inspect"""
+
+import argparse
+
+from .adapter import merge_to_model
+from .peft_format import export_peft
+
+
+def main(argv=None):
+    from . import inspect  # analysis lives in its own module
+    p = argparse.ArgumentParser(prog="python -m dialsum_raw.lora", description="LoRA adapter tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="fold an adapter into its base and save a standard model folder")
+    m.add_argument("--base", required=True, help="hub id or folder of the base model")
+    m.add_argument("--adapter", required=True, help="adapter folder written by train.py")
+    m.add_argument("--out", required=True, help="output model folder")
+    e = sub.add_parser("export-peft", help="write the adapter in peft's format")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--out", required=True)
+    inspect.add_arguments(sub.add_parser("inspect", help=inspect.HELP, description=inspect.HELP))
+    a = p.parse_args(argv)
+    if a.command == "inspect":
+        return inspect.run(a)
+    if a.command == "merge":
+        merge_to_model(a.base, a.adapter, a.out)
+    else:
+        export_peft(a.adapter, a.out)
+    print(f"wrote {a.out}")

@@ -1,0 +1,62 @@
+"""LoRAConfig: the one description of an adapter. inject() takes it whole, every layer keeps it, and
+adapter.json is asdict(config) plus the format and the base model's name."""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import UserError
+
+FORMAT = "dialsum_raw-lora/2"
+OLD_FORMAT = "dialsum_raw-lora/1"  # rank/alpha of the saved form, "dora": bool, PiSSA's own rank in "pissa"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    targets: tuple = ("q", "v")
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    variant: str = "lora"  # a key of layers.VARIANTS: the layer class
+    init: str = "kaiming"  # a key of init.INITS: how A and B start
+    vera_rank: int = 256  # VeRA: rank of the shared random projections (peft's default)
+
+    def __post_init__(self):
+        from .init import INITS
+        from .layers import VARIANTS
+        object.__setattr__(self, "targets", tuple(self.targets))
+        need(self.variant in VARIANTS, f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        need(self.init in INITS, f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
+        need(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        need(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        VARIANTS[self.variant].check(self)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (the update's size then stays steady as r grows)."""
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+    def to_json(self, base_model: str) -> dict:
+        return {"format": FORMAT, "base_model": base_model, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "LoRAConfig":
+        """The config of an adapter.json, this format or the first one (written before LoRAConfig existed)."""
+        saved = dict(saved)
+        if saved.pop("format", OLD_FORMAT) == OLD_FORMAT:
+            pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
+            if pissa:
+                saved.update(rank=pissa["rank"], alpha=pissa["alpha"], init="pissa")
+            saved["variant"] = "dora" if saved.pop("dora", False) else "lora"
+        saved.pop("base_model", None)
+        return cls(**saved)
+
+    def describe(self) -> str:
+        """One line for people: every field but the targets."""
+        return ", ".join(f"{f.name} {getattr(self, f.name):g}" if isinstance(getattr(self, f.name), float)
+                         else f"{f.name} {getattr(self, f.name)}" for f in fields(self) if f.name != "targets")
+
+
+def need(ok, message):
+    if not ok:
+        raise UserError(message)
