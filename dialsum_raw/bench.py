@@ -26,7 +26,7 @@ from . import beam, data, lora, metrics, standin, training
 from .config import Settings, validate
 from .errors import run_cli
 from .generation import generate_ids, generation_kwargs, summarize
-from .modeling import autocast_for, choose_precision, count_parameters, load_model, load_tokenizer
+from .modeling import autocast_for, choose_precision, compute_device, count_parameters, load_model, load_tokenizer
 
 
 def _table(title, rows):
@@ -163,7 +163,7 @@ def bench_train(args):
     HF's group_by_length sizes its sorted groups from the pool (min(len // 32, 50) batches), so HF samples
     the whole pool as in a real epoch; handed only our few batches' examples it would barely group."""
     steps = args.steps or (6 if args.quick else 16)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     auto, why = choose_precision("auto", device)
     tok = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +232,7 @@ def bench_eval(args):
     bf16 autocast; outputs checked equal, or near ties of HF's own score; a test-split estimate."""
     n, steps = (8, 16) if args.quick else (32, 64)
     sizes = (1, 8) if args.quick else (1, 8, 16, 32)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     precisions = ("fp32", "bf16") if choose_precision("auto", device)[0] == "bf16" else ("fp32",)  # native bf16 only
     model, tok = load_model(args.model).eval().to(device), load_tokenizer(args.model)
     texts = [d.dialogue for d in data.load_splits(args.data, ("test",))["test"][:n]]
@@ -339,7 +339,7 @@ def memory_probe(args):
         lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05))
     if args.checkpointing:  # the call training.py makes for --gradient-checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     model.to(device)
     loaded = rss_mb()
     collate = data.Collator(tok.pad_token_id)
@@ -373,11 +373,12 @@ def bench_learn(args):
         test = data.load_splits(args.data, ("test",))["test"][:n_test]
         texts, refs = [d.dialogue for d in test], [d.refs for d in test]
         tok = load_tokenizer(tiny)
+        device = compute_device()
         scores = {
-            "untrained": metrics.rouge(summarize(load_model(tiny), tok, texts, s, desc="untrained"), refs),
+            "untrained": metrics.rouge(summarize(load_model(tiny).to(device), tok, texts, s, desc="untrained"), refs),
             "lead (first 2 utterances)": metrics.rouge([" ".join(d.dialogue.splitlines()[:2]) for d in test], refs),
-            "trained": metrics.rouge(summarize(load_model(os.path.join(s.output_dir, "last")), tok, texts, s,
-                                               desc="trained"), refs),
+            "trained": metrics.rouge(summarize(load_model(os.path.join(s.output_dir, "last")).to(device), tok, texts,
+                                               s, desc="trained"), refs),
         }
     result = {"steps": steps, "seconds": summary["seconds"], "val_loss_curve": curve, "test_dialogues": n_test,
               "rouge_per_row": {k: {m: round(100 * v, 2) for m, v in sc["per_row"].items()} for k, sc in scores.items()}}

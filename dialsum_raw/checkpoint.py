@@ -6,11 +6,14 @@ sampler position and every rank's RNG state, which is what --resume needs to con
 best/ adds only best.json (its step and metric value).
 """
 
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +23,7 @@ from .lora import lora_layers, read_adapter, save_adapter
 
 TRAINER_STATE = "trainer_state.pt"
 BEST_STATE = "best.json"
+LOCK_FILE = ".lock"
 
 
 def _fsync(path):
@@ -74,7 +78,8 @@ def prepare_output_dir(out, overwrite, marker, resumable=False):
     folders this project wrote (recognised by `marker`, a file it always leaves there)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"output dir {out} exists and is a file")
-    if not (os.path.isdir(out) and os.listdir(out)):
+    found = set(os.listdir(out)) - {LOCK_FILE} if os.path.isdir(out) else set()
+    if not found:
         return
     if not overwrite:
         raise UserError(f"output dir {out} already exists and is not empty; pass --overwrite to replace it"
@@ -82,7 +87,40 @@ def prepare_output_dir(out, overwrite, marker, resumable=False):
     if not os.path.isfile(os.path.join(out, marker)):
         raise UserError(f"--overwrite refuses to delete {out}: it does not look like a dialsum_raw output "
                         f"(no {marker})")
-    shutil.rmtree(out)
+    for name in found:  # the lock file stays: a newcomer must find the lock this run holds, not a new file
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+@contextmanager
+def lock(folder):
+    """Hold an exclusive flock on folder/.lock for the with-block, with this process's pid, host and start time
+    in the file. While another process holds it, refused, naming that process. The kernel drops a flock with
+    its process, so a lock file a crash left behind never blocks. A block that fails in a folder that had no
+    lock file takes the file away again: a refused start leaves a folder as it found it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"output dir {folder} exists and is a file")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    new = not os.path.exists(path)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it or stop it")
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        try:
+            yield
+        except BaseException:
+            if new:
+                os.remove(path)
+            raise
 
 
 def find(path):

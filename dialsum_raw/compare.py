@@ -6,12 +6,11 @@ The base is loaded once; its LoRA variant is the same object with the adapter in
 
 import os
 
-import torch
 
 from . import checkpoint, data, lora, metrics, report
 from .errors import UserError
 from .generation import generation_kwargs, summarize
-from .modeling import load_model, load_tokenizer
+from .modeling import compute_device, load_model, load_tokenizer
 
 
 def run(settings) -> dict:
@@ -26,7 +25,7 @@ def run(settings) -> dict:
     if bad:
         raise UserError(f"--show {bad[0]} is out of range: {len(dialogues)} {settings.split} dialogues are evaluated")
     texts = [d.dialogue for d in dialogues]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     tokenizer = load_tokenizer(settings.model)
 
     models = {"original": settings.model}

@@ -27,6 +27,7 @@ FILES = {
     "validation": ("dialogsum.dev.jsonl", "dev.jsonl", "validation.jsonl", "validation.csv", "dev.csv"),
     "test": ("dialogsum.test.jsonl", "test.jsonl", "test.csv"),
 }
+ENCODING = "utf-8-sig"  # UTF-8, and the byte-order mark spreadsheet programs put first is not part of the header
 _FLAT_ID = re.compile(r"^(.+_\d+)_(\d+)$")  # hub test rows: test_12_3 is reference 3 of test_12
 
 
@@ -86,7 +87,7 @@ def read_file(path: str) -> list:
 
 
 def _jsonl_rows(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -100,7 +101,7 @@ def _jsonl_rows(path):
 
 
 def _csv_rows(path):
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames or []

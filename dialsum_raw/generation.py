@@ -36,6 +36,8 @@ def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list
     if settings.engine == "own":
         beam.check_supported(model)
     unique = list(dict.fromkeys(dialogues))
+    if not unique:  # nothing to generate (a rank given no validation dialogues): the tokenizer refuses []
+        return []
     ids, _ = data.encode_sources(tokenizer, unique, settings.max_source_len)  # the prompt kept whole
     order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))  # longest first: peak memory shows at once
     device = next(model.parameters()).device

@@ -44,6 +44,13 @@ def load_model(name_or_path, dropout=None):
         raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}")
 
 
+def compute_device():
+    """Where one process generates or trains: the GPU when there is one, else the CPU. Every single-process
+    command (evaluate, summarize, bench) moves its model here; training under torchrun gives each rank its own."""
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cpu_bf16_units():
     """The bf16 multiply units of this CPU ("AMX-BF16", "AVX512-BF16") or "" without them, as torch's
     own CPU probe reports. Without them oneDNN emulates bf16 and a bf16 step is no faster than fp32.

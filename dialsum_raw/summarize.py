@@ -48,11 +48,12 @@ def main(argv=None):
 
     from . import lora
     from .generation import summarize
-    from .modeling import load_model, load_tokenizer
+    from .modeling import compute_device, load_model, load_tokenizer
     model = load_model(settings.model)
     if settings.adapter:
         lora.load_adapter(model, settings.adapter)
         lora.merge(model)
+    model.to(compute_device())
     (summary,) = summarize(model, load_tokenizer(settings.model), [dialogue], settings, desc="summarize")
     for tag, name in tags.items():
         summary = summary.replace(tag, name)

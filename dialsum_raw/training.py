@@ -9,12 +9,13 @@ process with batch B and N processes with batch B/N then take exactly the same s
 short summary weighs no more than a long one (a mean of per-batch means would).
 """
 
+import datetime
 import json
 import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,25 +36,42 @@ METRICS_FILE = "metrics.jsonl"
 
 # ---------------------------------------------------------------- set-up helpers
 
+# How long a rank waits in a collective for the others: rank 0's fsynced save of a large model included.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
+
+
 def setup_distributed():
-    """(rank, world, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    """(rank, world, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per process,
+    the current device set even for one process (caches, streams and the RNG state follow it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if processes > gpus:  # every rank refuses alike, before any waits for the others
+            raise UserError(f"{processes} processes on this machine but it has {gpus} GPU{'s' * (gpus != 1)}: "
+                            f"run one process per GPU (torchrun --nproc_per_node {gpus})")
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        gpu = {"device_id": device} if cuda else {}  # binds nccl to this rank's GPU (torch >= 2.3)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, **gpu)
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
 def all_sum(values, device, world):
-    """Sum a list of floats over all processes (one collective)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
+    """Sum a list of numbers over all processes (one collective, read back with one wait on the device).
+    One process has nothing to sum: its numbers come back as they are."""
+    if world == 1:
+        return [float(v) for v in values]
+    t = on_device(values, device)
+    dist.all_reduce(t)
     return t.tolist()
+
+
+def on_device(values, device):
+    """Host numbers as a float64 tensor on `device`. The copy does not wait for the work queued there."""
+    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
 
 
 def make_optimizer(model, settings: Settings):
@@ -198,8 +216,9 @@ class Run:
     total: int = 0
     batches: object = None
     writer: object = None          # TensorBoard, rank 0 with --tensorboard
-    resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed
+    resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
     resume_from: str = None        # ... and its folder
+    launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
     # counters a resumed run continues; window_*: the loss since the last train line of metrics.jsonl
     progress: dict = field(default_factory=lambda: {
         "step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
@@ -211,26 +230,31 @@ class Run:
 
 
 def train(settings: Settings) -> dict:
-    """Set up, restore a resumed run, then loop: step, maybe validate, maybe save. Returns summary.json."""
-    run = set_up(settings)
-    restore(run)
-    bar = tqdm(total=run.total, initial=run.progress["step"], disable=run.rank != 0, desc="train", unit="step")
-    started = time.time() - run.progress["seconds"]
-    with stop_signals() as caught:
-        while not done(run):
-            stop = train_step(run, started, bar, caught)
-            validating = due_validation(run)
-            if validating:
-                validate(run, bar)
-            if validating or at(run.progress["step"], run.settings.save_every) or stop:
-                save(run)
-            if stop and not done(run):
-                bar.close()
-                raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
-                              f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
-                              128 + stop)
-    bar.close()
-    return finish(run)
+    """Claim the output folder, set up, restore a resumed run, then loop: step, maybe validate, maybe save.
+    Returns summary.json."""
+    rank, world, device = setup_distributed()
+    run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None),
+              launcher=os.getppid() if "LOCAL_RANK" in os.environ else None)  # torchrun's workers are its children
+    with claim_output(run):
+        set_up(run)
+        restore(run)
+        bar = tqdm(total=run.total, initial=run.progress["step"], disable=run.rank != 0, desc="train", unit="step")
+        started = time.time() - run.progress["seconds"]
+        with stop_signals() as caught:
+            while not done(run):
+                stop = train_step(run, started, bar, caught)
+                validating = due_validation(run)
+                if validating:
+                    validate(run, bar)
+                if validating or at(run.progress["step"], run.settings.save_every) or stop:
+                    save(run)
+                if stop and not done(run):
+                    bar.close()
+                    raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
+                                  f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
+                                  128 + stop)
+        bar.close()
+        return finish(run)
 
 
 def done(run) -> bool:
@@ -252,11 +276,9 @@ def at(step, every):
     return every > 0 and step % every == 0
 
 
-def set_up(settings: Settings) -> Run:
-    """Processes, output dir, data, model (+ LoRA), optimiser and schedule, before any step."""
-    rank, world, device = setup_distributed()
-    run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None))
-    prepare_output(run)
+def set_up(run: Run):
+    """Data, model (+ LoRA), optimiser and schedule, before any step."""
+    settings, rank, world, device = run.settings, run.rank, run.world, run.device
     if settings.tensorboard and rank == 0:
         run.writer = open_tensorboard(run)
     run.precision = choose_precision(settings.precision, device)
@@ -291,38 +313,42 @@ def set_up(settings: Settings) -> Run:
         run.optimizer, lambda s: lr_factor(s, run.total, warmup, settings.schedule))
     if rank == 0:
         save_settings(settings, os.path.join(run.out, SETTINGS_FILE))
-    return run
 
 
-def prepare_output(run: Run):
-    """A new run's output dir is checked (and, with --overwrite, emptied) by rank 0 alone; every rank then
-    gets the same verdict, so no rank sees a half-deleted folder. A resume reads and checks its state."""
+@contextmanager
+def claim_output(run: Run):
+    """The output folder is the run's for the with-block, before any work. Rank 0 locks it (checkpoint.lock:
+    a second run on it is refused, whether it starts, resumes or overwrites), then checks a new run's folder
+    and, with --overwrite, empties it; every rank gets its verdict, so none sees a half-deleted folder. A
+    resume then reads and checks its state on every rank."""
     s = run.settings
-    if s.resume:
-        last = checkpoint.find(os.path.join(s.resume, "last"))
-        if last is None:
-            raise UserError(f"--resume {s.resume}: no checkpoint there (expected "
-                            f"{os.path.join(s.resume, 'last', checkpoint.TRAINER_STATE)})")
-        run.resume_from, run.resume_state = last, checkpoint.load_state(last)
-        if run.resume_state["is_adapter"] != s.is_lora:
-            raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
-                            f"run but --lora-rank is {s.lora_rank}")
-        if os.path.abspath(s.output_dir) != os.path.abspath(s.resume):
-            raise UserError(f"--resume {s.resume} continues that run in its own folder; drop --output-dir "
-                            f"{s.output_dir} (copy the folder first to branch a run)")
-        check_resume_settings(s, run.resume_state, run.world)
-        return
-    verdict = [None]
-    if run.rank == 0:
-        try:
-            checkpoint.prepare_output_dir(run.out, s.overwrite, SETTINGS_FILE, resumable=True)
-            os.makedirs(run.out, exist_ok=True)
-        except UserError as e:
-            verdict = [str(e)]
-    if run.world > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise UserError(verdict[0])
+    last = checkpoint.find(os.path.join(s.resume, "last")) if s.resume else None
+    with ExitStack() as held:
+        verdict = [None]
+        if run.rank == 0:
+            try:
+                if s.resume and last is None:
+                    raise UserError(f"--resume {s.resume}: no checkpoint there (expected "
+                                    f"{os.path.join(s.resume, 'last', checkpoint.TRAINER_STATE)})")
+                held.enter_context(checkpoint.lock(s.resume or run.out))
+                if not s.resume:
+                    checkpoint.prepare_output_dir(run.out, s.overwrite, SETTINGS_FILE, resumable=True)
+            except UserError as e:
+                verdict = [str(e)]
+        if run.world > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise UserError(verdict[0])
+        if s.resume:
+            run.resume_from, run.resume_state = last, checkpoint.load_state(last)
+            if run.resume_state["is_adapter"] != s.is_lora:
+                raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
+                                f"run but --lora-rank is {s.lora_rank}")
+            if os.path.abspath(s.output_dir) != os.path.abspath(s.resume):
+                raise UserError(f"--resume {s.resume} continues that run in its own folder; drop --output-dir "
+                                f"{s.output_dir} (copy the folder first to branch a run)")
+            check_resume_settings(s, run.resume_state, run.world)
+        yield
 
 
 def build_model(settings: Settings, resume_from):
@@ -343,7 +369,8 @@ def restore(run: Run):
     if state is None:
         torch.manual_seed(run.settings.seed + run.rank)  # dropout masks differ per rank
         return
-    run.optimizer.load_state_dict(state["optimizer"])
+    # popped once loaded: on CUDA the optimizer holds GPU copies, and this CPU one would stay for the whole run
+    run.optimizer.load_state_dict(state.pop("optimizer"))
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress.update({k: state[k] for k in run.progress if k in state})
     checkpoint.set_rng_state(state["rng"][run.rank])
@@ -373,7 +400,8 @@ def trim_metrics(run: Run):
 
 def train_step(run: Run, started, bar, caught) -> int:
     """One optimiser step over an accumulation window. Returns the signal to stop on (0 = go on): every
-    rank learns of a signal any rank caught during the step, through the collective that sums the loss.
+    rank learns of a signal any rank caught during the step, through the collective that sums the loss,
+    and stops with the others when any rank's launcher is gone (see launcher_gone).
 
     The loss of the window is summed over tokens on every rank and divided by the window's target
     tokens over all ranks (see the module docstring)."""
@@ -382,10 +410,16 @@ def train_step(run: Run, started, bar, caught) -> int:
     if run.batches is None or within == 0:
         run.sampler.set_epoch(epoch, within * s.grad_accum)
         run.batches = iter(run.loader)
-    window = [next(run.batches) for _ in range(s.grad_accum)]  # counted on the host: no device sync
+    window = [next(run.batches) for _ in range(s.grad_accum)]
+    # Counted on the host, from the loader's tensors. Under torchrun every rank's backward needs the window's
+    # target tokens over all ranks: summed on the device, and read only with the loss below.
     counts = [sum(int((b["labels"] != -100).sum()) for b in window), sum(int(b["attention_mask"].sum()) for b in window),
               sum(b["input_ids"].numel() + b["labels"].numel() for b in window)]
-    tgt, src, padded = all_sum(counts, run.device, run.world)
+    tgt = counts[0]
+    if run.world > 1:
+        counts = on_device(counts, run.device)
+        dist.all_reduce(counts)
+        tgt = counts[0]
     loss_sum = torch.zeros((), device=run.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
@@ -394,8 +428,20 @@ def train_step(run: Run, started, bar, caught) -> int:
             (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
         loss_sum += loss.detach()
     signum = caught["signum"]
-    loss_total, sigint, sigterm = all_sum([loss_sum.item(), signum == signal.SIGINT, signum == signal.SIGTERM],
-                                          run.device, run.world)
+    flags = [signum == signal.SIGINT, signum == signal.SIGTERM, launcher_gone(run)]
+    # The step's one wait on the device: the loss, read once. Under torchrun it is summed with every rank's
+    # stop flags in one collective, and read together with the counts.
+    if run.world > 1:
+        summed = torch.cat([loss_sum.double().view(1), on_device(flags, run.device)])
+        dist.all_reduce(summed)
+        tgt, src, padded, loss_total, *flags = torch.cat([counts, summed]).tolist()
+    else:
+        (tgt, src, padded), loss_total = counts, loss_sum.item()
+    sigint, sigterm, orphaned = flags
+    if orphaned:  # any rank's: all stop here, before this step changes the weights or writes a line
+        bar.close()
+        raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
+                        f"{p['step']} without saving; the last checkpoint is {os.path.join(run.out, 'last')}")
     step_loss = loss_total / tgt
     if not math.isfinite(step_loss):
         bar.close()
@@ -420,6 +466,12 @@ def train_step(run: Run, started, bar, caught) -> int:
         write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
         p["window_loss"], p["window_tokens"] = 0.0, 0
     return signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0  # the same on every rank
+
+
+def launcher_gone(run: Run) -> bool:
+    """torchrun starts each worker in a session of its own, so a killed launcher leaves its workers running,
+    writing the run's folder that a new run may be writing too. A worker whose parent has changed stops."""
+    return run.launcher is not None and os.getppid() != run.launcher
 
 
 def line_base(run: Run) -> dict:

@@ -2,6 +2,13 @@ import os
 
 import pytest
 
+# The suite runs on CPU, GPU machine or not (the 2-process tests mean gloo): set before CUDA starts, and
+# inherited by every test subprocess (train.py, torchrun's workers). GPU checks belong to the GPU bench.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Tiny models: a second thread costs more in synchronisation than it saves, and the 2-process tests would
+# put four threads on two cores. Test subprocesses inherit this; tests that need more threads say so.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("DIALSUM_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 CORPUS = os.path.join(SHARED, "dialogsum")

@@ -93,6 +93,17 @@ def test_non_ascii_and_other_speaker_formats_are_kept(tmp_path):
     assert d.dialogue == "Zoë: Ça va?\nBob: Très bien." and d.refs == ["Zoë greets Bob."]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    """Spreadsheet programs start a UTF-8 CSV with a byte-order mark; read as plain UTF-8 it would glue
+    itself to the first header name ('\ufeffid'), and every row would lack its id."""
+    csv_path, jsonl_path = tmp_path / "test.csv", tmp_path / "test.jsonl"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + "id,dialogue,summary,topic\nt_0,Zoë: Hi,Zoë greets.,x\n".encode())
+    jsonl_path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "t_0", "dialogue": "Zoë: Hi", "summary": "Zoë greets."}).encode())
+    for path in (csv_path, jsonl_path):
+        (d,) = read_file(str(path))
+        assert (d.id, d.dialogue, d.refs) == ("t_0", "Zoë: Hi", ["Zoë greets."])
+
+
 HEAD = "Summarize the following conversation."
 TAIL = "\n\nSummary:"
 

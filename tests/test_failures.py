@@ -104,6 +104,7 @@ def test_existing_output_dir_refused_before_any_work(tmp_path):
     _fails([TRAIN, "--config", SMOKE, "--model", "/no/model", "--output-dir", str(tmp_path), "--overwrite"],
            "--overwrite refuses to delete")
     assert (tmp_path / "notes.txt").read_text() == "precious"
+    assert os.listdir(tmp_path) == ["notes.txt"]  # no lock file left in a folder that was never the run's
     _fails([EVAL, "--base", "/no/model", "--data", CORPUS, "--output-dir", str(tmp_path)], "already exists")
 
 

@@ -338,3 +338,266 @@ def test_rank_picks_the_notebook_preset(tiny, tmp_path, rank, expect):
     saved = tomllib.loads((out / "settings.toml").read_text())
     assert {k: saved[k] for k in expect} == expect
     assert saved["model"] == tiny and saved["max_source_len"] == 64 and saved["max_steps"] == 1
+
+
+# ---------------------------------------------------------------- one writer per folder, GPUs, host waits
+
+def _train_main(argv):
+    """train.py's main in this process: refusals come back as UserError, without a subprocess's start-up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, tmp_path):
+    """The first run is paused (SIGSTOP) while holding its folder, so the attempts meet it for sure: a plain
+    start, --overwrite and --resume are all refused naming it, and it then finishes as if alone."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(_train_cmd(tiny, out, "--max-steps", "6", "--eval-every", "6", "--save-every", "2"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while checkpoint.find(str(out / "last")) is None and time.time() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        holder = (out / ".lock").read_text().strip()
+        assert holder.startswith(f"pid {first.pid} on {os.uname().nodename} since ")
+        start = _train_cmd(tiny, out)[2:]
+        for argv in (start, [*start, "--overwrite"], ["--resume", str(out)]):
+            with pytest.raises(UserError) as refused:
+                _train_main(argv)
+            assert str(refused.value) == f"{out} is in use by {holder}; wait for it or stop it"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert [m["step"] for m in _metrics(out) if "val_loss" not in m] == list(range(1, 7))
+    assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block(tiny, tmp_path):
+    """A run killed while holding its lock leaves the file, naming a process that is gone; the kernel has
+    released the flock, so a new run and --overwrite go ahead, and the file then names the new holder."""
+    out = tmp_path / "run"
+    training.train(_settings(tiny, out, max_steps=1))
+    subprocess.run([sys.executable, "-c", "import fcntl, os, signal, sys; f = open(sys.argv[1], 'w'); "
+                    "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'pid {os.getpid()} on here since then'); f.flush(); "
+                    "os.kill(os.getpid(), signal.SIGKILL)", str(out / ".lock")])
+    assert (out / ".lock").read_text().startswith("pid ")
+    training.train(_settings(tiny, out, max_steps=1, overwrite=True))
+    assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_overwrite_empties_the_folder_but_keeps_the_held_lock(tmp_path):
+    """--overwrite deletes a run's files while holding its lock: the lock file stays, the same file, so a
+    newcomer meets the lock rather than a fresh file of its own."""
+    out = tmp_path / "run"
+    with checkpoint.lock(str(out)):
+        (out / "settings.toml").write_text("")
+        (out / "last").mkdir()
+        (out / "last" / "weights").write_text("old")
+        inode = os.stat(out / ".lock").st_ino
+        checkpoint.prepare_output_dir(str(out), True, "settings.toml")
+        assert os.listdir(out) == [".lock"] and os.stat(out / ".lock").st_ino == inode
+        with pytest.raises(UserError, match=f"^{out} is in use by pid {os.getpid()} on "):
+            with checkpoint.lock(str(out)):
+                pass
+
+
+def _children(pid):
+    """The pids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _files(folder):
+    """Every file under `folder` with its bytes."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return out
+
+
+def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_path):
+    """torchrun runs each worker in a session of its own: SIGKILL to the launcher alone leaves them running.
+    They must notice within a step and stop, leaving last/ and metrics.jsonl as they were at the kill."""
+    out, log = tmp_path / "run", tmp_path / "workers.log"
+    cmd = _train_cmd(tiny, out, "--max-steps", "200", "--save-every", "4", "--eval-every", "1000", "--lora-rank", "4",
+                     "--lr", "1e-2", "--batch-size", "4")
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", *cmd[1:]], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    deadline = time.time() + 180
+    while checkpoint.find(str(out / "last")) is None and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.02)
+    workers = _children(launcher.pid)
+    launcher.kill()
+    launcher.wait()
+    at_kill = _files(out / "last"), (out / "metrics.jsonl").read_bytes()
+    try:
+        assert len(workers) == 2
+        deadline = time.time() + 60
+        while any(map(_running, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, workers)), "the workers outlived their launcher"
+    finally:
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)
+    assert (_files(out / "last"), (out / "metrics.jsonl").read_bytes()) == at_kill
+    saved = checkpoint.load_state(str(out / "last"))["step"]
+    stopped = [line for line in log.read_text().splitlines() if "is gone: stopped at step" in line]
+    assert len(stopped) == 2 and all(saved <= int(line.split(" at step ")[1].split()[0]) <= saved + 3
+                                     for line in stopped), stopped
+
+
+def test_validation_rouge_with_a_rank_that_gets_no_dialogue(tiny, tmp_path):
+    """--eval-rouge 1 over 2 processes: rank 1 has nothing to generate, joins the gather all the same, and
+    the score is one process's on the same weights."""
+    from dialsum_raw import metrics
+    from dialsum_raw.config import read_config
+    from dialsum_raw.data import load_splits
+    from dialsum_raw.generation import summarize
+    from dialsum_raw.modeling import load_model, load_tokenizer
+    out = tmp_path / "run"
+    _torchrun(_train_cmd(tiny, out, "--max-steps", "1", "--eval-every", "1", "--eval-rouge", "1", "--max-new-tokens", "8",
+                         "--batch-size", "4"), check=True, capture_output=True, timeout=300)
+    s = Settings(**read_config(str(out / "settings.toml")))
+    (dialogue,) = load_splits(CORPUS, ("validation",))["validation"][::s.subsample][:1]
+    (summary,) = summarize(load_model(str(out / "last")), load_tokenizer(tiny), [dialogue.dialogue], s)
+    expect = metrics.rouge([summary], [dialogue.refs])["per_row"]
+    assert {k: _metrics(out)[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {
+        k: round(expect[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def test_resume_keeps_no_cpu_copy_of_the_optimizer_state(tiny, tmp_path, monkeypatch):
+    """Once loaded into the optimizer (a GPU copy on CUDA), the checkpoint's optimizer state is dropped."""
+    out = tmp_path / "run"
+    training.train(_settings(tiny, out, max_steps=2))
+    saved = checkpoint.load_state(str(out / "last"))["optimizer"]["state"]
+    seen, real = {}, training.restore
+    monkeypatch.setattr(training, "restore", lambda run: (real(run), seen.update(
+        state=run.resume_state, loaded=run.optimizer.state_dict()["state"])))
+    training.train(_settings(tiny, out, max_steps=2, resume=str(out)))
+    assert seen["state"]["step"] == 2 and "optimizer" not in seen["state"]
+    assert saved.keys() == seen["loaded"].keys()
+    assert all(torch.equal(saved[i]["exp_avg_sq"], seen["loaded"][i]["exp_avg_sq"]) for i in saved)
+
+
+def test_more_processes_than_gpus_is_refused_and_every_gpu_is_set(monkeypatch):
+    """CUDA's rules, with the CUDA calls stubbed: a rank without a GPU of its own is refused before any
+    rank waits for the others; one process still makes its GPU current; the group gets each rank's
+    device and a timeout long enough for rank 0's saves."""
+    import datetime
+    chosen, groups = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(training.dist, "init_process_group", lambda *a, **k: groups.append((a, k)))
+    monkeypatch.setattr(training.dist, "get_rank", lambda: 1)
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^2 processes on this machine but it has 1 GPU: run one process per GPU "
+                                        r"\(torchrun --nproc_per_node 1\)$"):
+        training.setup_distributed()
+    assert chosen == groups == []
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert training.setup_distributed() == (1, 2, torch.device("cuda:1"))
+    assert chosen == [torch.device("cuda:1")]
+    assert groups == [(("nccl",), {"device_id": torch.device("cuda:1"), "timeout": training.COLLECTIVE_TIMEOUT})]
+    assert training.COLLECTIVE_TIMEOUT >= datetime.timedelta(minutes=30)
+
+    chosen.clear()
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert training.setup_distributed() == (0, 1, torch.device("cuda:0")) and chosen == [torch.device("cuda:0")]
+
+
+class _DeviceWaits(torch.overrides.TorchFunctionMode):
+    """Counts, on a CPU run, the places in training.py where a CUDA run's host would wait for the GPU: a read
+    into Python (item, tolist, int, float, bool) of a tensor computed on the device, and a blocking copy of
+    host numbers to the device (torch.tensor(..., device=...), .to(device) without non_blocking). What the
+    data loader made, and what is computed from that alone, is on the host and free to read."""
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
+             torch.Tensor.__bool__, torch.Tensor.__index__}
+    PLUMBING = {torch._tensor.__file__, torch.overrides.__file__, __file__}  # frames between the caller and the op
+
+    def __init__(self):
+        super().__init__()
+        self.host, self.waits = {}, []  # id -> tensor made on the host; what waited
+
+    def _is_host(self, t):
+        return self.host.get(id(t)) is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename in self.PLUMBING:
+            frame = frame.f_back
+        ours = frame.f_code.co_filename == training.__file__
+        tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(t, torch.Tensor)]
+        moves = func is torch.Tensor.to and (any(isinstance(a, (torch.device, str)) for a in args[1:]) or "device" in kwargs)
+        if ours and func in self.READS and not self._is_host(args[0]):
+            self.waits.append(func.__name__)
+        if ours and func is torch.tensor and kwargs.get("device") is not None:
+            self.waits.append("tensor(device=)")
+        if ours and moves and self._is_host(args[0]) and not kwargs.get("non_blocking"):
+            self.waits.append("to(device)")
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            if moves:
+                self.host.pop(id(out), None)
+            elif all(map(self._is_host, tensors)) and (tensors or kwargs.get("device") is None):
+                self.host[id(out)] = out
+        return out
+
+
+def test_a_training_step_waits_on_the_device_once(tiny, tmp_path, monkeypatch):
+    """One process: no collective, and the loss is read once per step (the stop flags and token counts are
+    host values). Counted with _DeviceWaits around each step."""
+    waits, real = [], training.train_step
+
+    def counted(*args):
+        with _DeviceWaits() as mode:
+            stop = real(*args)
+        waits.append(mode.waits)
+        return stop
+
+    monkeypatch.setattr(training, "train_step", counted)
+    training.train(_settings(tiny, tmp_path / "run", max_steps=3))
+    assert waits == [["item"]] * 3
+
+
+def test_summarize_moves_its_model_to_the_gpu_as_the_evaluator_does(tiny, tmp_path, monkeypatch):
+    """With a GPU (stubbed: CUDA says it is there, Module.to records the move and stays on the CPU),
+    summarize moves the model to modeling.compute_device(), the evaluator's device, before generating."""
+    from dialsum_raw import summarize
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (moved.append((type(self).__name__, *a)), self)[1])
+    chat = tmp_path / "chat.txt"
+    chat.write_text("Ann: Lunch at noon?\nBob: Sure.\n")
+    summarize.main(["--model", tiny, "--precision", "fp32", "--max-new-tokens", "4", str(chat)])
+    assert moved == [("T5ForConditionalGeneration", torch.device("cuda"))]
