@@ -6,7 +6,6 @@ The base is loaded once; its LoRA variant is the same object with the adapter in
 
 import os
 
-
 from . import checkpoint, data, lora, metrics, report
 from .errors import UserError
 from .generation import generation_kwargs, summarize
