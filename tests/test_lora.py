@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 from dialsum_raw import lora
-from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear
+from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear, VeRALinear
 from dialsum_raw.config import Settings
 from dialsum_raw.errors import UserError
 from dialsum_raw.modeling import count_parameters, load_model, parameter_report
@@ -28,6 +28,10 @@ def _randomize(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora.lora_layers(model):
+            if isinstance(m, VeRALinear):  # λ_b starts at 0
+                m.vera_lambda_b.copy_(torch.randn(m.vera_lambda_b.shape, generator=g) * 0.1)
+                m.vera_lambda_d.mul_(1 + 0.1 * torch.randn(m.vera_lambda_d.shape, generator=g))
+                continue
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
             if not m.lora_A.any():
                 m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
@@ -98,14 +102,14 @@ def test_dropout_only_on_the_lora_input_as_peft(dora):
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"variant": "dora"}, "gaussian": {"init": "gaussian"},
             "pissa": {"init": "pissa"}, "pissa+dora": {"init": "pissa", "variant": "dora"},
             "olora": {"init": "olora"}, "olora+dora": {"init": "olora", "variant": "dora", "rslora": True},
-            "mica": {"init": "mica"}}
+            "mica": {"init": "mica"}, "vera": {"variant": "vera", "vera_rank": 16}}
 
 
 def _cfg(variant="plain", targets=("q", "v"), rank=4, alpha=8):
     return LoRAConfig(targets, rank, alpha, **VARIANTS[variant])
 
 
-@pytest.mark.parametrize("variant", ["plain", "dora", "pissa+dora"])
+@pytest.mark.parametrize("variant", ["plain", "dora", "pissa+dora", "vera"])
 def test_merge_unmerge_idempotent(tiny, variant):
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant, ("q", "v", "wo")))
@@ -187,6 +191,29 @@ def test_merged_dora_moves_with_its_model_and_unmerges():
     assert layer.base.weight.device.type == "meta" and not layer.merged
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"variant": "vera", "init": "pissa"}, "VeRA takes no --lora-init"), ({"variant": "vera", "rslora": True},
+    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica")])
+def test_combinations_peft_refuses_are_refused_in_one_line(fields, message):
+    with pytest.raises(UserError, match=message) as e:
+        LoRAConfig(**fields)
+    assert "\n" not in str(e.value)
+    from dialsum_raw.config import validate  # the same line at the command line
+    with pytest.raises(UserError, match=message):
+        validate(Settings(lora_variant=fields["variant"], lora_init=fields.get("init", "kaiming"),
+                          rslora=fields.get("rslora", False)))
+
+
+def test_vera_projections_are_shared_and_follow_the_model(tiny):
+    model = load_model(tiny)
+    lora.inject(model, LoRAConfig(("q", "wo"), variant="vera"))
+    shared = {id(m.shared) for _, m in lora.lora_layers(model)}
+    assert len(shared) == 1 and not any("vera_A" in k for k in model.state_dict())
+    model.to(torch.float64)
+    assert {m.shared.vera_A.dtype for _, m in lora.lora_layers(model)} == {torch.float64}
+    assert lora.lora_layers(model)[0][1].shared.vera_A.shape == (256, 128)  # r x the widest input (wo: d_ff)
+
+
 def test_targets_and_errors(tiny):
     model = load_model(tiny)
     names = lora.inject(model, LoRAConfig(("q", "k", "v", "o", "wi_0", "wi_1", "wo"), rank=2, alpha=4))
@@ -239,11 +266,13 @@ PEFT_CONFIG = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora":
                "pissa+dora": {"init_lora_weights": "pissa", "use_dora": True},
                "olora": {"init_lora_weights": "olora"},
                "olora+dora": {"init_lora_weights": "olora", "use_dora": True, "use_rslora": True},
-               "mica": {"init_lora_weights": "mica"}}
-DETERMINISTIC = ("pissa", "pissa+dora", "olora", "olora+dora", "mica")  # SVD or QR starts: peft's own, not copied
+               "mica": {"init_lora_weights": "mica"}, "vera": {"r": 16}}
+DETERMINISTIC = ("pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera")  # SVD, QR, seeded: not copied
 TWIN = {"base.weight": lambda t: t.base_layer.weight, "lora_A": lambda t: t.lora_A["default"].weight,
         "lora_B": lambda t: t.lora_B["default"].weight,
-        "lora_magnitude": lambda t: t.lora_magnitude_vector["default"].weight}  # our tensor -> peft's
+        "lora_magnitude": lambda t: t.lora_magnitude_vector["default"].weight,
+        "vera_lambda_b": lambda t: t.vera_lambda_b["default"], "vera_lambda_d": lambda t: t.vera_lambda_d["default"],
+        "shared.vera_A": lambda t: t.vera_A["default"], "shared.vera_B": lambda t: t.vera_B["default"]}  # ours: peft's
 
 
 def _twin_layers(ours, theirs):
@@ -252,17 +281,24 @@ def _twin_layers(ours, theirs):
 
 
 def _peft_twin(tiny, variant, rank=4, alpha=8, targets=("q", "v")):
-    """peft's LoRA with the matching config on the same base (the oracle)."""
-    from peft import LoraConfig, get_peft_model
-    return get_peft_model(load_model(tiny, dropout=0.0), LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="SEQ_2_SEQ_LM",
-        **PEFT_CONFIG[variant]))
+    """peft's LoRA (or VeRA) with the matching config on the same base (the oracle)."""
+    from peft import LoraConfig, VeraConfig, get_peft_model
+    if variant == "vera":
+        config = VeraConfig(target_modules=list(targets), vera_dropout=0.0, task_type="SEQ_2_SEQ_LM", **PEFT_CONFIG[variant])
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                            task_type="SEQ_2_SEQ_LM", **PEFT_CONFIG[variant])
+    return get_peft_model(load_model(tiny, dropout=0.0), config)
+
+
+def _tensors(m):
+    """A layer's parameters and the shared buffers (VeRA's projections)."""
+    return [*m.named_parameters(), *((n, b) for n, b in m.named_buffers() if n.startswith("shared."))]
 
 
 def _max_diff(ours, theirs):
-    """Largest difference of every tensor of our layers (A, B, m, the base weight) from peft's."""
-    return max((p - TWIN[n](twin)).abs().max().item() for m, twin in _twin_layers(ours, theirs)
-               for n, p in m.named_parameters())
+    """Largest difference of every tensor of our layers (A, B, m, λ, projections, the base weight) from peft's."""
+    return max((p - TWIN[n](twin)).abs().max().item() for m, twin in _twin_layers(ours, theirs) for n, p in _tensors(m))
 
 
 def _copy_to_twin(ours, theirs):
@@ -285,14 +321,16 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     base_before = {k: v.clone() for k, v in ours.state_dict().items()}
     lora.inject(ours, _cfg(variant))
     theirs = _peft_twin(tiny, variant)
-    assert _trainable(ours) == _trainable(theirs)  # MiCA: B frozen in both
+    assert _trainable(ours) == _trainable(theirs)  # MiCA: B frozen in both; VeRA: λ_b and λ_d only
+    assert parameter_report(ours).splitlines()[0] == f"trainable model parameters: {_trainable(theirs):,}"
     x = _inputs()
-    # after injection: PiSSA's and OLoRA's A, B and residual W, MiCA's B, DoRA's m are peft's own (no copying)
+    # after injection: PiSSA's and OLoRA's A, B and residual W, MiCA's B, DoRA's m, VeRA's projections and λ are
+    # peft's own (no copying)
     diffs = {"logits after injection": (ours(**x).logits - theirs(**x).logits).abs().max().item()}
     if variant in DETERMINISTIC:
         diffs["tensors after injection"] = _max_diff(ours, theirs)
     if variant not in ("pissa", "pissa+dora", "olora", "olora+dora"):  # random starts differ by RNG use (and
-        _randomize(ours)  # MiCA's A starts at 0): give both the same non-zero A and B
+        _randomize(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
         _copy_to_twin(ours, theirs)
     ours.train(); theirs.train()
     x["labels"] = x.pop("decoder_input_ids")
@@ -310,7 +348,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     assert max(v for k, v in diffs.items() if not k.startswith("logits")) <= 1e-6
     residual = INITS[_cfg(variant).init].residual
     for key, value in ours.state_dict().items():
-        if "lora_" not in key and not residual:
+        if "lora_" not in key and "vera_" not in key and not residual:
             assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
 
 
@@ -325,7 +363,7 @@ def test_gaussian_init_draws_as_peft():
     assert abs(ours.lora_A.std().item() - 1 / 4) < 0.05  # std 1/r, as peft (not variance 1/r)
 
 
-@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica"])
+@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"])
 def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
     from peft import PeftModel
     model = load_model(tiny).eval()
@@ -339,7 +377,7 @@ def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, varian
     diff = (via_peft(**x).logits - model(**x).logits).abs().max().item()
     print(f"peft oracle, {variant}: export-peft on the original base vs our merged model {diff:.1e}")
     assert diff <= 1e-5
-    assert via_peft.peft_config["default"].use_dora == ("dora" in variant)
+    assert getattr(via_peft.peft_config["default"], "use_dora", False) == ("dora" in variant)
 
 
 def test_merge_and_export_peft_commands(tiny, tmp_path):
@@ -369,12 +407,12 @@ def _step(model, optimizer, seed):
     optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("variant", ["gaussian", "pissa+dora", "olora", "mica"])
+@pytest.mark.parametrize("variant", ["gaussian", "pissa+dora", "olora", "mica", "vera"])
 def test_resume_from_saved_adapter_continues_identically(tiny, tmp_path, variant):
     """The loop resumes with load_adapter on a fresh base: PiSSA and OLoRA come back in their trained rank-r form
     on the residual base, MiCA with B frozen, so the next steps equal those of the run that never stopped, bit for
     bit."""
-    settings = Settings(lr=1e-2, weight_decay=0.1, lora_plus_ratio=1.0 if variant == "mica" else 4.0)  # MiCA: no B
+    settings = Settings(lr=1e-2, weight_decay=0.1, lora_plus_ratio=1.0 if variant in ("mica", "vera") else 4.0)  # no B
     torch.manual_seed(0)
     run = load_model(tiny, dropout=0.0).train()
     lora.inject(run, _cfg(variant))
@@ -453,3 +491,44 @@ def test_make_optimizer_groups():
     # A decays at lr; B decays at 4 lr; DoRA's magnitude and the norm's tensors: 4 lr, no decay
     assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
         (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
+
+
+class LoRAFALinear(LoRALinear):  # README, "Write your own variant": the worked example, verbatim
+    """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
+
+    def __init__(self, base, cfg, start=True, shared=None):
+        super().__init__(base, cfg, start, shared)
+        self.lora_A.requires_grad_(False)
+
+
+def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
+    """The README's template for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
+    A at its start and moves B exactly as plain LoRA's step does (B's gradient does not depend on A training); the rest
+    (merge, save, load) comes from LoRALinear."""
+    monkeypatch.setitem(lora.VARIANTS, "lora-fa", LoRAFALinear)  # in the package: one line in layers.VARIANTS
+    x = _inputs()
+    x["labels"] = x.pop("decoder_input_ids")
+    models = {}
+    for variant in ("lora", "lora-fa"):
+        torch.manual_seed(0)
+        model = models[variant] = load_model(tiny, dropout=0.0).train()
+        lora.inject(model, LoRAConfig(("q", "v"), 4, 8, variant=variant))
+        _randomize(model)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        opt = make_optimizer(model, Settings(lr=1e-2))
+        model(**x).loss.backward()
+        opt.step()
+    fa, plain = dict(models["lora-fa"].named_parameters()), dict(models["lora"].named_parameters())
+    for n in start:
+        if n.endswith("lora_A"):
+            assert torch.equal(fa[n], start[n]) and not torch.equal(plain[n], start[n])
+        else:
+            assert torch.equal(fa[n], plain[n]) and not torch.equal(fa[n], start[n])
+    assert _trainable(models["lora-fa"]) == _trainable(models["lora"]) // 2  # q, v square: A and B the same size
+    lora.save_adapter(models["lora-fa"].eval(), tmp_path / "ad", base_model=tiny)
+    fresh = load_model(tiny, dropout=0.0).eval()
+    lora.load_adapter(fresh, tmp_path / "ad")
+    x.pop("labels")
+    x["decoder_input_ids"] = _inputs()["decoder_input_ids"]
+    assert torch.equal(fresh(**x).logits, models["lora-fa"](**x).logits) and _trainable(fresh) == _trainable(models["lora-fa"])
+

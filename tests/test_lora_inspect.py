@@ -89,18 +89,18 @@ def test_phi_of_random_subspaces_matches_its_expectation():
     assert phis.mean(0)[0, 0] < 0.1 and phis.mean(0)[-1, -1] == pytest.approx(8 / 32, abs=0.02)
 
 
-@pytest.mark.parametrize("variant", [{"variant": "dora", "init": "pissa"}, {"init": "olora"}, {"init": "mica"}])
+@pytest.mark.parametrize("variant", [{"variant": "dora", "init": "pissa"}, {"init": "olora"}, {"init": "mica"},
+                                     {"variant": "vera", "vera_rank": 4}])
 def test_updates_are_the_merged_change_of_the_original_weights(tiny, tmp_path, variant):
-    """Read through each layer's delta_weight(): DoRA's rescaling, the residual W of PiSSA and OLoRA, MiCA's frozen B."""
+    """Read through each layer's delta_weight(): DoRA's rescaling, the residual W of PiSSA and OLoRA, MiCA's frozen B,
+    VeRA's shared projections."""
     torch.manual_seed(0)
     model = load_model(tiny)
     lora.inject(model, LoRAConfig(("q", "v"), 4, 8, **variant))
     with torch.no_grad():
-        for _, m in lora.lora_layers(model):
-            m.lora_A.add_(0.05 * torch.randn_like(m.lora_A))
-            m.lora_B.add_(0.05 * torch.randn_like(m.lora_B))
-            if isinstance(m, lora.DoRALinear):
-                m.lora_magnitude.mul_(1.1)
+        for p in model.parameters():
+            if p.requires_grad:  # what training moves: A, B, m, λ
+                p.add_(0.05 * torch.randn_like(p))
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     original = load_model(tiny)
     weights = {n: p.clone() for n, p in original.named_parameters()}
@@ -124,7 +124,7 @@ def test_cli_table_json_and_plots(tiny, tmp_path, capsys):
                                                                 "cross-attention")]
     assert groups == ["encoder self-attention", "decoder self-attention", "cross-attention"]
     assert "phi(1,1)" in out.out and "wrote" in out.err
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"rel_norm.png", "phi.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"rel_norm.png", "intruders.png", "phi.png"}
     lora.main(["inspect", str(tmp_path / "r4"), "--base", tiny, "--json"])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 12 and all(list(r) == list(lora_inspect.KEYS) for r in records)

@@ -1,7 +1,7 @@
 """LoRA from scratch: y = W x + (B A dropout(x)) * scale, with W frozen, and the variants that change it.
 
     config.py       LoRAConfig: what inject takes, what adapter.json holds
-    layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear)
+    layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear
     init.py         how A and B start: kaiming, gaussian, pissa, olora, mica (one function each, one table)
     adapter.py      inject, merge/unmerge, save and load an adapter folder
     peft_format.py  export-peft
@@ -21,5 +21,5 @@ from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, apply
 from .cli import main
 from .config import LoRAConfig
 from .init import INITS
-from .layers import VARIANTS, AdapterLinear, DoRALinear, LoRALinear
+from .layers import VARIANTS, AdapterLinear, DoRALinear, LoRALinear, VeRALinear
 from .peft_format import export_peft

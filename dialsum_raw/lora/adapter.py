@@ -32,10 +32,12 @@ def inject(model, cfg: LoRAConfig, start: bool = True):
     Returns the wrapped layer names."""
     model.requires_grad_(False)
     names = target_layers(model, cfg.targets)
+    layer = VARIANTS[cfg.variant]
+    shared = layer.make_shared(cfg, [model.get_submodule(n) for n in names])
     for name in names:
         parent, child = name.rsplit(".", 1)
         holder = model.get_submodule(parent)
-        setattr(holder, child, VARIANTS[cfg.variant](getattr(holder, child), cfg, start))
+        setattr(holder, child, layer(getattr(holder, child), cfg, start, shared))
     return names
 
 
@@ -63,8 +65,12 @@ def unload(model):
 
 
 def adapter_state_dict(model) -> dict:
-    """'<layer>.<tensor>' for every tensor each layer saves, in the form that applies to the original base."""
-    return {f"{name}.{key}": t for name, m in lora_layers(model) for key, t in m.saved().items()}
+    """'<layer>.<tensor>' for every tensor each layer saves, in the form that applies to the original base, and
+    the shared module's tensors (VeRA's projections) once, under their own names."""
+    layers = lora_layers(model)
+    shared = layers[0][1].shared if layers else None
+    return {**(shared.saved() if shared is not None else {}),
+            **{f"{name}.{key}": t for name, m in layers for key, t in m.saved().items()}}
 
 
 def save_adapter(model, directory, base_model: str):
@@ -108,10 +114,11 @@ def check_adapter(model, directory):
         names = target_layers(model, cfg.targets)
     except UserError as e:
         raise UserError(f"adapter {directory} does not fit this base model: {e}")
-    layer = VARIANTS[cfg.variant]
-    expected = {}
-    for n in names:
-        expected.update({f"{n}.{key}": shape for key, shape in layer.saved_shapes(cfg, model.get_submodule(n)).items()})
+    layer, bases = VARIANTS[cfg.variant], [model.get_submodule(n) for n in names]
+    shared = layer.make_shared(cfg, bases)
+    expected = {key: tuple(t.shape) for key, t in shared.saved().items()} if shared is not None else {}
+    for n, base in zip(names, bases):
+        expected.update({f"{n}.{key}": shape for key, shape in layer.saved_shapes(cfg, base).items()})
     missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or extra:
         which = f"base has layer {sorted(missing)[0]} that the adapter lacks" if missing else \
@@ -127,7 +134,10 @@ def check_adapter(model, directory):
 def apply_adapter(model, cfg: LoRAConfig, tensors):
     """Inject and fill the layers of an adapter that check_adapter has accepted for this model."""
     inject(model, cfg, start=False)
-    for name, m in lora_layers(model):
+    layers = lora_layers(model)
+    if layers[0][1].shared is not None:
+        layers[0][1].shared.load(tensors)
+    for name, m in layers:
         m.load({key: tensors[f"{name}.{key}"] for key in type(m).saved_shapes(cfg, m.base)})
     return cfg
 

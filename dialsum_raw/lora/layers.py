@@ -1,9 +1,11 @@
-"""One class per structural variant: LoRALinear, DoRALinear(LoRALinear).
+"""One class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear.
 
 Each owns its forward, delta_weight() (what it adds to the wrapped weight, in fp32), merge and unmerge, the
 tensors it saves and their names in peft's format. inject, save, load, export and the inspector only go
 through these, so a new variant is one class here and one entry in VARIANTS.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -23,15 +25,21 @@ class AdapterLinear(nn.Module):
     through delta_weight(). `rank` is the rank of the update (inspect reports its top `rank` directions)."""
     PEFT_NAMES = {}  # saved tensor -> its name in peft's adapter_model.safetensors
 
-    def __init__(self, base: nn.Linear, cfg, rank: int):
+    def __init__(self, base: nn.Linear, cfg, rank: int, shared=None):
         super().__init__()
-        self.base, self.cfg, self.rank = base.requires_grad_(False), cfg, rank
+        self.base, self.cfg, self.rank, self.shared = base.requires_grad_(False), cfg, rank, shared
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
 
     @staticmethod
     def check(cfg):
         """Refuse, in one line, a config this variant cannot honour (as peft refuses it)."""
+
+    @staticmethod
+    def make_shared(cfg, bases):
+        """A module that every layer of one model shares (VeRA's projections): inject builds it once and passes
+        it to each layer as `shared`; it saves and loads its own tensors. None: each layer stands alone."""
+        return None
 
     @property
     def weight(self):
@@ -66,8 +74,8 @@ class LoRALinear(AdapterLinear):
     init.INITS[cfg.init] says; s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
     PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    def __init__(self, base: nn.Linear, cfg, start: bool = True):
-        super().__init__(base, cfg, cfg.rank)
+    def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
+        super().__init__(base, cfg, cfg.rank, shared)
         self.scaling = cfg.scaling
         w, init = base.weight, INITS[cfg.init]
         self.lora_A = nn.Parameter(torch.zeros(cfg.rank, base.in_features, dtype=w.dtype, device=w.device))
@@ -147,7 +155,7 @@ class DoRALinear(LoRALinear):
     learn separately. m trains and starts at ||W||, so the layer starts out equal to its base."""
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "lora_magnitude": "lora_magnitude_vector"}
 
-    def __init__(self, base: nn.Linear, cfg, start: bool = True):
+    def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
         super().__init__(base, cfg, start)
         self.lora_magnitude = nn.Parameter(self.row_norm(super().delta_weight()).to(base.weight.dtype))
         self.register_buffer("merged_norm", None, persistent=False)  # ||W + s B A|| while merged, for unmerge
@@ -216,4 +224,92 @@ class DoRALinear(LoRALinear):
         return {**super().peft_config(cfg), "use_dora": True}
 
 
-VARIANTS = {"lora": LoRALinear, "dora": DoRALinear}
+class VeRAProjections(nn.Module):
+    """VeRA's frozen random A (r x in) and B (out x r), one pair for a whole model, sized for its largest layer;
+    each layer uses the top-left slice it needs. Kaiming-uniform (gain sqrt 2) from a generator seeded with
+    SEED, in this order, as peft's projection_prng_key draws them, so both start from the same matrices.
+    Buffers, not parameters: they never train, and the adapter saves them once."""
+    SEED = 0
+
+    def __init__(self, rank, in_features, out_features, like: torch.Tensor):
+        super().__init__()
+        g = torch.Generator().manual_seed(self.SEED)
+        for name, shape in (("vera_A", (rank, in_features)), ("vera_B", (out_features, rank))):
+            bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # peft's _kaiming_init, to the last bit
+            t = torch.empty(shape).uniform_(-bound, bound, generator=g)
+            self.register_buffer(name, t.to(like.device, like.dtype), persistent=False)
+
+    def saved(self):
+        return {"vera_A": self.vera_A, "vera_B": self.vera_B}
+
+    @torch.no_grad()
+    def load(self, saved):
+        self.vera_A.copy_(saved["vera_A"])
+        self.vera_B.copy_(saved["vera_B"])
+
+
+class VeRALinear(AdapterLinear):
+    """y = W x + Λ_b B Λ_d A dropout(x) (Kopiczko et al., 2024): A and B are frozen random projections shared by
+    every layer, and only the vectors λ_d (r, starts at 0.1) and λ_b (out, starts at 0) train, so the layer
+    starts out equal to its base. No alpha/r scale; r is cfg.vera_rank."""
+    PEFT_NAMES = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d", "vera_A": "vera_A",
+                  "vera_B": "vera_B"}
+    D_INITIAL = 0.1  # peft's d_initial
+
+    def __init__(self, base: nn.Linear, cfg, start: bool = True, shared: VeRAProjections = None):
+        super().__init__(base, cfg, cfg.vera_rank, shared)
+        w = base.weight
+        self.vera_lambda_b = nn.Parameter(torch.zeros(base.out_features, dtype=w.dtype, device=w.device))
+        self.vera_lambda_d = nn.Parameter(torch.full((cfg.vera_rank,), self.D_INITIAL, dtype=w.dtype,
+                                                     device=w.device))
+
+    @staticmethod
+    def check(cfg):
+        need(cfg.init == "kaiming", f"VeRA takes no --lora-init (its A and B are shared random projections), "
+                                    f"got {cfg.init!r}")
+        need(not cfg.rslora, "VeRA has no alpha/r scale, so --rslora does not apply")
+        need(cfg.vera_rank >= 1, f"--vera-rank must be >= 1, got {cfg.vera_rank}")
+
+    @staticmethod
+    def make_shared(cfg, bases):
+        return VeRAProjections(cfg.vera_rank, max(b.in_features for b in bases), max(b.out_features for b in bases),
+                               like=bases[0].weight)
+
+    def _a_b(self):
+        """This layer's slices of the shared A and B."""
+        p = self.shared
+        return p.vera_A[:, :self.base.in_features], p.vera_B[:self.base.out_features]
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.merged:
+            return out
+        a, b = self._a_b()
+        x = self.dropout(x).to(self.vera_lambda_d.dtype)
+        return out + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)
+
+    def delta_weight(self):
+        """Λ_b B Λ_d A in fp32."""
+        a, b = self._a_b()
+        with fp32(a):
+            return (self.vera_lambda_b.float()[:, None] * b.float()) @ (self.vera_lambda_d.float()[:, None] * a.float())
+
+    def saved(self):
+        return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
+
+    @torch.no_grad()
+    def load(self, saved):
+        self.vera_lambda_b.copy_(saved["vera_lambda_b"])
+        self.vera_lambda_d.copy_(saved["vera_lambda_d"])
+
+    @staticmethod
+    def saved_shapes(cfg, base):
+        return {"vera_lambda_b": (base.out_features,), "vera_lambda_d": (cfg.vera_rank,)}
+
+    @staticmethod
+    def peft_config(cfg):
+        return {"peft_type": "VERA", "r": cfg.vera_rank, "vera_dropout": cfg.dropout, "d_initial": VeRALinear.D_INITIAL,
+                "projection_prng_key": VeRAProjections.SEED, "save_projection": True, "init_weights": True}
+
+
+VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}

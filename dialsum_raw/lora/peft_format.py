@@ -17,8 +17,9 @@ def export_peft(directory, out):
     layer = VARIANTS[cfg.variant]
     peft_tensors = {}
     for key, t in tensors.items():
-        name, _, tensor = key.rpartition(".")
-        peft_tensors[f"base_model.model.{name}.{layer.PEFT_NAMES[tensor]}"] = t.contiguous()
+        name, _, tensor = key.rpartition(".")  # no name: a shared tensor (VeRA's projections), kept once
+        peft_tensors[f"base_model.model.{name}.{layer.PEFT_NAMES[tensor]}" if name else
+                     f"base_model.{layer.PEFT_NAMES[tensor]}"] = t.contiguous()
     os.makedirs(out, exist_ok=True)
     save_file(peft_tensors, os.path.join(out, "adapter_model.safetensors"))
     peft_cfg = {"task_type": "SEQ_2_SEQ_LM", "target_modules": list(cfg.targets), "bias": "none",
