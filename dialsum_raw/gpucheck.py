@@ -32,7 +32,7 @@ from . import beam, data, training
 from .bench import _lora_settings, _save, _table, _timed_ids, bench_train
 from .config import Settings, validate
 from .errors import Stopped, UserError
-from .modeling import choose_precision, load_model, load_tokenizer
+from .modeling import choose_precision, compute_device, load_model, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH_GOAL_SECONDS = 30
@@ -174,7 +174,7 @@ def run(args):
         raise UserError("no CUDA GPU is visible; `--device cpu` runs this check on the CPU as a dry run")
     if torch.cuda.is_available() and args.device == "cpu":
         raise UserError("CUDA started before --device cpu could hide it; run with CUDA_VISIBLE_DEVICES= instead")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     info = {"gpus": torch.cuda.device_count(), "cuda": torch.version.cuda,
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if device.type == "cuda" else None,
             "auto_precision": " ".join(choose_precision("auto", device))}
