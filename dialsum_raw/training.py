@@ -54,7 +54,7 @@ def setup_distributed():
                             f"run one process per GPU (torchrun --nproc_per_node {gpus})")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        gpu = {"device_id": device} if cuda else {}  # binds nccl to this rank's GPU (torch >= 2.3)
+        gpu = {"device_id": device} if cuda else {}  # binds nccl to this rank's GPU (torch >= 2.2)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, **gpu)
     return (dist.get_rank() if world > 1 else 0), world, device
 
