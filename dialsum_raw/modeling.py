@@ -51,6 +51,22 @@ def compute_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def set_dropout_impl(model, impl):
+    """With impl "fast", every nn.Dropout of the model (T5's embedding, attention-output, feed-forward and
+    final dropouts, and LoRA's when injected before) becomes dropout.Dropout, and T5's attention, whose
+    probability dropout is a functional call, runs through dropout.attention. "torch" leaves the model
+    as loaded (nn.Dropout and HF's sdpa, bit for bit). Eval outputs are the same either way."""
+    from torch import nn
+    from . import dropout
+    if impl == "fast":
+        for holder in list(model.modules()):
+            for name, child in holder.named_children():
+                if type(child) is nn.Dropout:
+                    setattr(holder, name, dropout.Dropout(child.p))
+        dropout.use_fast_attention(model)
+    return model
+
+
 def cpu_bf16_units():
     """The bf16 multiply units of this CPU ("AMX-BF16", "AVX512-BF16") or "" without them, as torch's
     own CPU probe reports. Without them oneDNN emulates bf16 and a bf16 step is no faster than fp32.

@@ -28,7 +28,8 @@ from . import checkpoint, data, lora, metrics
 from .config import Settings, normalize, read_config, resume_may_change
 from .errors import Stopped, UserError
 from .generation import summarize
-from .modeling import autocast_for, choose_precision, count_parameters, load_model, load_tokenizer, parameter_report
+from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
+                       parameter_report, set_dropout_impl)
 
 SETTINGS_FILE = "settings.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -296,7 +297,7 @@ def set_up(run: Run):
                             pin_memory=device.type == "cuda", generator=torch.Generator())
 
     torch.manual_seed(settings.seed)
-    run.raw = build_model(settings, run.resume_from)
+    run.raw = set_dropout_impl(build_model(settings, run.resume_from), settings.dropout_impl)
     run.raw.to(device).train()
     if settings.gradient_checkpointing:  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
         enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
