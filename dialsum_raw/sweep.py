@@ -106,6 +106,9 @@ def load(path):
         raise UserError(f"{path}: unknown key '{unknown[0]}': a sweep file has {', '.join(sorted(SWEEP_KEYS))} "
                         "(settings go under [settings], [[variant]] or [grid])")
     name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    for key, value in (("name", name), ("out", raw.get("out", "")), ("base", raw.get("base", ""))):
+        if not isinstance(value, str):
+            raise UserError(f"{path}: {key}: expected a string, got {value!r}")
     folder = os.path.join(raw.get("out", "runs/sweeps"), name)
     base = {}
     if "base" in raw:
@@ -133,7 +136,7 @@ def load(path):
 
 def write_config(point):
     """The point's settings as a config file train.py reads (the same writer as a run's settings.toml)."""
-    from .training import save_settings  # imports torch: only once the sweep file is known to be sound
+    from .training import save_settings  # the loop's module (transformers and all): only once points are known
     save_settings(Settings(**point.values), point.config)
 
 
