@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 
-from .config import Settings, read_config
+from .config import Settings, normalize, read_config
 from .errors import UserError, run_cli
 from .plot import _pyplot, _save, read_run
 
@@ -54,9 +54,10 @@ def read(run):
     """A finished run as {"settings": {field: value}, "summary": {...}, "lines": metrics.jsonl}, or a note
     (str) saying why it is left out."""
     try:
-        settings = vars(Settings(**read_config(os.path.join(run, SETTINGS_FILE))))
+        settings = Settings(**read_config(os.path.join(run, SETTINGS_FILE)))
     except UserError as e:
         return f"{run}: unreadable {SETTINGS_FILE} ({e}); skipped"
+    normalize(settings)  # a run saved before --lora-variant existed says dora = true
     try:
         lines = read_run(run)
     except (UserError, ValueError):
@@ -68,7 +69,7 @@ def read(run):
         step = lines[-1]["step"] if lines else 0
         return (f"{run}: not finished (no {SUMMARY_FILE}; logged up to step {step}): still running, or "
                 f"interrupted (continue it with: python train.py --resume {run}); skipped")
-    return {"settings": settings, "summary": summary, "lines": lines}
+    return {"settings": vars(settings), "summary": summary, "lines": lines}
 
 
 def row(run, record, keys):
