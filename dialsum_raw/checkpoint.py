@@ -23,6 +23,7 @@ from .lora import lora_layers, read_adapter, save_adapter
 
 TRAINER_STATE = "trainer_state.pt"
 BEST_STATE = "best.json"
+OPTIMIZER_SHARDS = "optimizer"  # last/'s optimizer moments under --fsdp, one DCP file per rank (sharding.py)
 LOCK_FILE = ".lock"
 
 
@@ -43,16 +44,26 @@ def _fsync_tree(root):
 
 
 @contextmanager
-def atomic_dir(path):
+def atomic_dir(path, lead=True, barrier=None):
     """Yield a temporary folder that replaces `path` only once everything in it is on disk.
 
     A crash (of the process or the machine) before the swap leaves the old `path` untouched; a crash
     between the two renames leaves the complete old checkpoint at `path.old`, which `find` picks up.
+    When several processes write into it (every rank, under --fsdp), all of them enter; the lead alone
+    creates and publishes it, and barrier() lets the others in once it exists and holds the swap until
+    all have written.
     """
     tmp, old = f"{path}.tmp", f"{path}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if barrier:
+        barrier()
     yield tmp
+    if barrier:
+        barrier()
+    if not lead:
+        return
     _fsync_tree(tmp)
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -149,9 +160,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(path, model, tokenizer, base_model, trainer_state: dict):
-    """Model or adapter + trainer_state.pt (optimizer, scheduler, per-rank RNG, counters), atomically."""
-    with atomic_dir(path) as tmp:
+def save(path, model, tokenizer, base_model, trainer_state: dict, shards=None, lead=True, barrier=None):
+    """Model or adapter + trainer_state.pt (optimizer, scheduler, per-rank RNG, counters), atomically.
+    Under --fsdp every rank calls it: each writes its optimizer shards (`shards(folder)`) into the same
+    folder, and the lead (rank 0), which holds the gathered weights, writes the rest."""
+    with atomic_dir(path, lead, barrier) as tmp:
+        if shards:
+            shards(tmp)
+        if not lead:
+            return
         if lora_layers(model):
             save_adapter(model, tmp, base_model)
         else:
@@ -164,7 +181,7 @@ def save_best(last, best, info: dict):
     """best/ from last/: the weights and best.json (step, metric, value), no optimizer state."""
     with atomic_dir(best) as tmp:
         for name in os.listdir(last):
-            if name != TRAINER_STATE:
+            if name not in (TRAINER_STATE, OPTIMIZER_SHARDS):
                 shutil.copy2(os.path.join(last, name), tmp)
         with open(os.path.join(tmp, BEST_STATE), "w") as f:
             json.dump(info, f, indent=2)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, lora, metrics
+from . import checkpoint, data, lora, metrics, sharding
 from .config import Settings, normalize, read_config, resume_may_change
 from .errors import Stopped, UserError
 from .generation import summarize
@@ -234,6 +234,7 @@ def train(settings: Settings) -> dict:
     """Claim the output folder, set up, restore a resumed run, then loop: step, maybe validate, maybe save.
     Returns summary.json."""
     rank, world, device = setup_distributed()
+    sharding.check(settings.fsdp, world)
     run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None),
               launcher=os.getppid() if "LOCAL_RANK" in os.environ else None)  # torchrun's workers are its children
     with claim_output(run):
@@ -298,13 +299,12 @@ def set_up(run: Run):
 
     torch.manual_seed(settings.seed)
     run.raw = set_dropout_impl(build_model(settings, run.resume_from), settings.dropout_impl)
-    run.raw.to(device).train()
+    run.raw.train()  # sharding.wrap puts it on the device
     if settings.gradient_checkpointing:  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
         enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
     run.log(parameter_report(run.raw))
-    run.model = run.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        run.raw, device_ids=[device.index] if device.type == "cuda" else None)
+    run.model = sharding.wrap(run.raw, settings.fsdp, world, device, run.precision[0])
 
     run.steps_per_epoch = len(run.sampler) // settings.grad_accum  # >= 1: the sampler refuses less
     run.total = settings.max_steps or math.ceil(settings.epochs * run.steps_per_epoch)
@@ -371,7 +371,7 @@ def restore(run: Run):
         torch.manual_seed(run.settings.seed + run.rank)  # dropout masks differ per rank
         return
     # popped once loaded: on CUDA the optimizer holds GPU copies, and this CPU one would stay for the whole run
-    run.optimizer.load_state_dict(state.pop("optimizer"))
+    sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress.update({k: state[k] for k in run.progress if k in state})
     checkpoint.set_rng_state(state["rng"][run.rank])
@@ -424,7 +424,7 @@ def train_step(run: Run, started, bar, caught) -> int:
     loss_sum = torch.zeros((), device=run.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        with (nullcontext() if i == len(window) - 1 or run.world == 1 else run.model.no_sync()):
+        with (nullcontext() if i == len(window) - 1 else sharding.no_sync(run.model)):
             loss = token_loss_sum(run.model, batch, run.autocast)
             (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
         loss_sum += loss.detach()
@@ -498,10 +498,11 @@ def validate(run: Run, bar):
     """Validation loss (and ROUGE with --eval-rouge), logged; updates the best and the count of
     validations without improvement that --early-stop reads."""
     s, p = run.settings, run.progress
-    val = validation_loss(run)
-    line = {**line_base(run), "val_loss": round(val, 6)}
-    if s.eval_rouge:
-        line.update(validation_rouge(run))
+    with sharding.whole(run.model):
+        val = validation_loss(run)
+        line = {**line_base(run), "val_loss": round(val, 6)}
+        if s.eval_rouge:
+            line.update(validation_rouge(run))
     write_metrics(run, line)
     bar.set_postfix(val_loss=f"{val:.4f}", **{k: f"{line[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL") if k in line})
     p["best_val_loss"] = min(val, p["best_val_loss"])
@@ -522,18 +523,21 @@ def best_info(run: Run) -> dict:
 
 
 def save(run: Run):
-    """last/ with every rank's RNG state; best/ from it when this step is the best so far."""
+    """last/ with every rank's RNG state; best/ from it when this step is the best so far. Every rank
+    takes part: under --fsdp the weights are gathered to rank 0 and each rank writes its optimizer shards."""
     rng = [checkpoint.rng_state()]
     if run.world > 1:
         rng = [None] * run.world
         dist.all_gather_object(rng, checkpoint.rng_state())
-    if run.rank == 0:
-        last = os.path.join(run.out, "last")
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng,
-                 "world": run.world, **run.progress}
-        checkpoint.save(last, run.raw, run.tokenizer, run.settings.model, state)
-        if run.progress["best_step"] == run.progress["step"]:
-            checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
+    last = os.path.join(run.out, "last")
+    optimizer, shards = sharding.optimizer_state(run.model, run.optimizer)
+    state = {"optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "rng": rng, "world": run.world,
+             **run.progress}
+    with sharding.full_weights(run.raw, run.settings.is_lora) as model:
+        checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
+                        barrier=dist.barrier if shards else None)
+    if run.rank == 0 and run.progress["best_step"] == run.progress["step"]:
+        checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:
         dist.barrier()
 

@@ -50,3 +50,15 @@ def test_size_and_tiny_exclude_each_other(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(tmp_path / "x"),
                           "--tiny", "--size", "base"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and "not allowed with argument" in res.stderr
+
+
+def test_xl_is_counted_on_the_meta_device_with_predicted_memory(tmp_path):
+    """flan-t5-xl (published: 2,849,757,184 parameters with its own lm_head) is built without weights;
+    the prediction is 16 bytes per parameter on each DDP process and 16/N under --fsdp."""
+    res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--size", "xl"],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    lines = res.stdout.splitlines()
+    assert lines[0] == "flan-t5-xl shape: 2,849,757,184 parameters (built on the meta device; nothing written)"
+    gb = 16 * 2_849_757_184 / 1e9
+    assert lines[2] == f"  DDP, any number of processes: {gb:.1f} GB"
+    assert lines[3] == f"  --fsdp: N=2: {gb / 2:.1f} GB, N=4: {gb / 4:.1f} GB, N=8: {gb / 8:.1f} GB"
