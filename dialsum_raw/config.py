@@ -193,15 +193,17 @@ def _field_type(f):
     return next(a for a in kind.__args__ if a is not type(None)) if getattr(kind, "__args__", None) else kind
 
 
-def _typed(path, key, value, kind):
-    """`value` as the field's type, or a UserError 'FILE: key: expected an integer, got 8.9'."""
+def typed(where, key, value):
+    """`value` as setting `key`'s type, or a UserError 'WHERE: key: expected an integer, got 8.9' (config
+    files and sweep grids alike)."""
+    kind = _field_type(Settings.__dataclass_fields__[key.replace("-", "_")])
     allowed, what = _TOML_TYPES[kind]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
-        raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
+        raise UserError(f"{where}: {key}: expected {what}, got {value!r}")
     if kind is tuple:
         item = _list_item(key.replace("-", "_"))
         if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            raise UserError(f"{path}: {key}: expected a list of {'integers' if item is int else 'strings'}, got {value!r}")
+            raise UserError(f"{where}: {key}: expected a list of {'integers' if item is int else 'strings'}, got {value!r}")
         return tuple(value)
     return float(value) if kind is float else value
 
@@ -223,7 +225,7 @@ def read_config(path):
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"{path}: unknown config key '{key}'{hint}")
-        values[name] = _typed(path, key, value, _field_type(names[name]))
+        values[name] = typed(path, key, value)
     return values
 
 

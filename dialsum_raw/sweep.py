@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import runs
 from .checkpoint import find
-from .config import TRAIN, Settings, _field_type, _typed, fields_of, normalize, read_config, validate
+from .config import TRAIN, Settings, fields_of, normalize, read_config, typed, validate
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -73,12 +73,11 @@ def _setting(path, table, key, value, each=False):
     if name not in fields:
         close = difflib.get_close_matches(name, fields, n=1, cutoff=0.4)
         raise UserError(f"{where}: '{key}' is not a train.py setting" + (f"; did you mean '{close[0]}'?" if close else ""))
-    kind = _field_type(fields[name])
     if not each:
-        return name, _typed(where, key, value, kind)
+        return name, typed(where, key, value)
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: {key}: expected a non-empty list of values to try, got {value!r}")
-    return name, [_typed(where, key, v, kind) for v in value]
+    return name, [typed(where, key, v) for v in value]
 
 
 def _label(value):
