@@ -2,7 +2,8 @@
 
     python -m dialsum_raw.bench train   [--quick]   # our loop vs HF Seq2SeqTrainer + peft (notebook, best); MFU
     python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate, batch 1/8/16/32, fp32 + bf16
-    python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size
+    python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size;
+                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding)
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -21,8 +22,9 @@ import tempfile
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from . import beam, data, lora, metrics, standin, training
+from . import beam, data, lora, metrics, sharding, standin, training
 from .config import Settings, validate
 from .errors import run_cli
 from .generation import generate_ids, generation_kwargs, summarize
@@ -287,7 +289,10 @@ def bench_eval(args):
 
 def bench_memory(args):
     """Peak memory of LoRA training per stand-in size, with and without T5's gradient checkpointing
-    (each run in its own process, so each peak is its own), and the adapter vs checkpoint size."""
+    (each run in its own process, so each peak is its own), and the adapter vs checkpoint size; then
+    bench_sharded_memory. --only picks one of the two parts."""
+    if args.only == "sharding":
+        return bench_sharded_memory(args)
     sizes = ("small", "base") if args.quick else ("small", "base", "large")
     probes = [(size, "lora", gc) for size in sizes for gc in (False, True)] + [("small", "full", False)]
     runs = {}
@@ -324,6 +329,90 @@ def bench_memory(args):
     _table(f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of batch {batch} ({source} source, {target} target "
            f"tokens), LoRA r=8 q,v, {runs['small lora']['precision']}, random stand-ins of each flan-t5 size", rows)
     _save("memory", result, args)
+    if args.only is None:
+        bench_sharded_memory(args)
+
+
+def bench_sharded_memory(args):
+    """Full fine-tuning at 2 processes under torchrun, wrapped as train.py wraps: DDP against --fsdp. Per rank:
+    the bytes of parameters, gradients and AdamW state it holds (counted from its tensors) and its peak
+    memory. A probe predicted not to fit in the memory free now is skipped, saying so."""
+    sizes = (args.size,) if args.size else ("base",) if args.quick else ("base", "large")
+    runs, skipped = {}, {}
+    for size in sizes:
+        with torch.device("meta"):
+            parameters = count_parameters(standin.random_model(args.config, size))[1]
+        for wrapping in ("ddp", "fsdp"):
+            # per rank: the state (DDP: + 4 bytes of gradient buckets; FSDP: 1/2 of it) and ~1.5 GB of
+            # interpreter, data and activations
+            need = 2 * (parameters * (20 if wrapping == "ddp" else 16 / 2) + 1.5e9)
+            free = standin.free_bytes()
+            if not torch.cuda.is_available() and free is not None and need > free:
+                skipped[f"{size} {wrapping}"] = f"not run: about {need / 1e9:.0f} GB needed, {free / 1e9:.0f} GB free"
+                continue
+            print(f"probe: {size} full fine-tuning, 2 processes, {wrapping}", flush=True)
+            res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  "2", "-m", "dialsum_raw.bench", "memory-probe", "--model", args.model, "--data",
+                                  args.data, "--config", args.config, "--size", size, "--sharding", wrapping],
+                                 capture_output=True, text=True)
+            ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"size"')]
+            if res.returncode or len(ranks) != 2:  # e.g. killed for memory by the OS: say so, measure the rest
+                skipped[f"{size} {wrapping}"] = f"failed (exit {res.returncode}): {res.stderr.strip()[-300:]}"
+                continue
+            runs[f"{size} {wrapping}"] = max(ranks, key=lambda r: r["peak_rss_mb"])  # the fuller rank
+    peak = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
+    rows = []
+    for name, r in runs.items():
+        state = r["parameter_bytes"] + r["gradient_bytes"] + r["optimizer_bytes"]
+        ddp = runs.get(name.replace("fsdp", "ddp"))
+        versus = ""
+        if name.endswith("fsdp") and ddp:
+            ddp_state = ddp["parameter_bytes"] + ddp["gradient_bytes"] + ddp["optimizer_bytes"]
+            r["state_over_ddp"] = round(state / ddp_state, 3)
+            versus = f" = {r['state_over_ddp']:.2f} of DDP's (1/N = 0.50)"
+        rows.append((f"{name.replace('ddp', 'DDP').replace('fsdp', 'FSDP')}: {r['parameters']:,} parameters",
+                     f"params {r['parameter_bytes'] / 1e6:,.0f} + grads {r['gradient_bytes'] / 1e6:,.0f} + AdamW "
+                     f"{r['optimizer_bytes'] / 1e6:,.0f} = {state / 1e6:,.0f} MB{versus}; peak {r[peak]:,.0f} MB; "
+                     f"{r['seconds_per_step']:.1f} s per step"))
+    rows += list(skipped.items())
+    shape = next(iter(runs.values()))["batch_shape"] if runs else "?"
+    _table(f"memory per rank: full fine-tuning at 2 processes, fp32, batch {shape} per rank (examples, source, "
+           f"target tokens), one step, random stand-ins", rows)
+    _save("memory-sharded", {"peak": peak, "runs": runs, "skipped": skipped}, args)
+
+
+def _local_bytes(tensors):
+    """Bytes of these tensors held by this process: a DTensor's local shard, a plain tensor whole."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
+
+
+def sharded_probe(args):
+    """This rank's part of one full fine-tuning step under torchrun (DDP or FSDP, fp32); prints JSON."""
+    rank, world, device = training.setup_distributed()
+    tok = load_tokenizer(args.model)
+    s = _lora_settings(args, "", 1, max_source_len=128, max_target_len=32)
+    examples, batches = _consumed(s, tok)
+    batch = data.Collator(tok.pad_token_id)([examples[i] for i in batches[0][rank::world]])
+    model = standin.random_model(args.config, args.size)
+    parameters = count_parameters(model)[1]
+    model = sharding.wrap(model, args.sharding == "fsdp", world, device, "fp32")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    start = time.perf_counter()
+    model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+    gradients = _local_bytes(p.grad for p in model.parameters())
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(json.dumps({"size": args.size, "sharding": args.sharding, "rank": rank, "parameters": parameters,
+                      "batch_shape": [*batch["input_ids"].shape, batch["labels"].shape[1]],
+                      "parameter_bytes": _local_bytes(model.parameters()), "gradient_bytes": gradients,
+                      "optimizer_bytes": _local_bytes(t for state in optimizer.state.values() for t in state.values()),
+                      "seconds_per_step": round(time.perf_counter() - start, 2),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}),
+          flush=True)
+    torch.distributed.destroy_process_group()
+
 
 
 def memory_probe(args):
@@ -403,13 +492,15 @@ def main(argv=None):
                    help="cuda where there is one (default); cpu hides the GPUs from this run and its processes")
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--size", choices=list(standin.SIZES), default="small", help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only")
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["lora", "sharding"], help="memory: only one of its two parts")
     args = p.parse_args(argv)
     if args.device == "cpu":  # before anything starts CUDA; child processes inherit it
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.which == "memory-probe":
-        return memory_probe(args)
+        return sharded_probe(args) if args.sharding else memory_probe(args)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None and args.which != "learn":
