@@ -129,16 +129,21 @@ def load_optimizer(model, optimizer, saved: dict, folder):
     if "sharded" not in saved:
         optimizer.load_state_dict(saved)
         return
-    path = os.path.join(folder, saved["sharded"])
     state = get_optimizer_state_dict(model, optimizer)["state"]  # this rank's shards, filled in place below
-    try:
-        dcp.load({"state": state}, storage_reader=_SafeReader(path), planner=_TensorsOnly())
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path}: unreadable optimizer shards ({type(e).__name__}); delete {folder} to restart, "
-                        "or resume from another run")
+    read_shards({"state": state}, os.path.join(folder, saved["sharded"]))
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": saved["param_groups"]})
+
+
+def read_shards(state: dict, path):
+    """Fill the tensors of `state` from the DCP folder `path`, refusing anything that would run pickled code."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly())
+    except (Exception, dcp.CheckpointException) as e:  # the latter a BaseException, wrapping each rank's error
+        cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]
+        if isinstance(cause, UserError):
+            raise cause
+        raise UserError(f"{path}: unreadable optimizer shards ({type(cause).__name__}: {cause}); delete the run's "
+                        "last/ to restart, or resume from another run")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -104,3 +104,34 @@ def test_fsdp_best_scores_through_evaluate_as_ddp_best(tiny, tmp_path, two_proce
     fsdp = _summaries(tiny, tmp_path, "fsdp", two_process("full", "fsdp") / "best", two_process("lora", "fsdp") / "best")
     ddp = _summaries(tiny, tmp_path, "ddp", two_process("full", "ddp") / "best", two_process("lora", "ddp") / "best")
     assert fsdp == ddp and len(fsdp) == 12
+
+
+def test_optimizer_shards_load_tensors_only_and_refuse_pickled_code(tmp_path):
+    """DCP reads .metadata with pickle and non-tensor items with torch.load(weights_only=False); the reader
+    used on resume allows only DCP's record classes in the metadata and tensors in the shards."""
+    import os as os_module
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from dialsum_raw import sharding
+    from dialsum_raw.errors import UserError
+
+    saved = {"exp_avg": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3.0)}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    loaded = {k: torch.zeros_like(v) for k, v in saved.items()}
+    sharding.read_shards(loaded, str(tmp_path / "ok"))
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    dcp.save({"lr": 0.5}, checkpoint_id=str(tmp_path / "object"), no_dist=True)  # stored pickled
+    with pytest.raises(UserError, match="refused: lr is a pickled object, not a tensor"):
+        sharding.read_shards({"lr": 0.0}, str(tmp_path / "object"))
+
+    class Exploit:
+        def __reduce__(self):
+            return os_module.system, ("touch " + str(tmp_path / "pwned"),)
+
+    (tmp_path / "ok" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UserError, match=r"refused: the metadata asks to load the Python object (posix|os)\.system"):
+        sharding.read_shards(loaded, str(tmp_path / "ok"))
+    assert not (tmp_path / "pwned").exists()
