@@ -6,7 +6,8 @@ cache by beam, cross-attention keys and values included, though they never chang
 - the encoder runs once per dialogue, and each decoder layer's cross-attention K and V are computed
   once per dialogue; a dialogue's beams share them by folding the beams into the query axis
   ([dialogues, heads, beams, d] against [dialogues, heads, source, d]);
-- only the self-attention cache, which grows with the summary, is reordered;
+- only the self-attention cache, which grows with the summary, is reordered: its live positions are
+  copied into a second buffer, both allocated once for max_new_tokens;
 - a dialogue leaves the batch as soon as its search is done, so cost follows the dialogues still running.
 
 The search is transformers 5.x `_beam_search` with early_stopping=True, step for step: log_softmax
@@ -14,12 +15,15 @@ in fp32, the processors (min_new_tokens, no_repeat_ngram_size) on the log-probs,
 candidates, finished hypotheses scored by sum / generated_length ** length_penalty, where the length
 counts the new tokens including EOS but not the decoder start token. With early_stopping=True a
 dialogue is done once it holds num_beams finished hypotheses (HF's early-stop heuristic can only
-fire after that), or at max_new_tokens. num_beams=1 is HF's greedy search: one candidate, the argmax.
+fire after that), or at max_new_tokens. num_beams=1 is HF's greedy search: the argmax of the processed
+logits.
 
 The forward pass calls the model's own modules (embeddings, layer norms, q/k/v/o, feed-forward,
 lm_head, relative position bias), so LoRALinear layers, merged or not, and any T5 checkpoint that
 loads with from_pretrained work unchanged. The model must be in eval mode (dropout off).
 """
+
+import functools
 
 import torch
 from torch.nn import functional as F
@@ -27,7 +31,6 @@ from torch.nn import functional as F
 from .errors import UserError
 
 NEG = -1.0e9  # HF's "never pick this" score offset; the same constant keeps ties and sums identical
-GROW = 8  # self-attention cache positions added at a time
 ENCODE_ROWS = 8  # dialogues per encoder call
 
 
@@ -53,12 +56,13 @@ def _encode(model, input_ids, attention_mask):
     (rows arrive sorted by length, padded on the right), so a big batch pays for no more padding in
     the encoder than small ones; K and V past a source's end stay zero and are masked."""
     n, src = input_ids.shape
+    lengths = attention_mask.sum(1).tolist()  # one read on the host per batch, not one per group
     kv = None
     for start in range(0, n, ENCODE_ROWS):
-        mask = attention_mask[start:start + ENCODE_ROWS]
-        width = int(mask.sum(1).max())
+        width = max(lengths[start:start + ENCODE_ROWS])
+        mask = attention_mask[start:start + ENCODE_ROWS, :width]
         memory = model.encoder(input_ids=input_ids[start:start + ENCODE_ROWS, :width],
-                               attention_mask=mask[:, :width]).last_hidden_state
+                               attention_mask=mask).last_hidden_state
         rows = len(mask)
         cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
         part = torch.stack([torch.stack([_heads(a.k(memory), a, rows, width), _heads(a.v(memory), a, rows, width)])
@@ -69,25 +73,27 @@ def _encode(model, input_ids, attention_mask):
     return kv
 
 
-def _decode_step(model, tokens, t, cache, cross, cross_mask, bias):
-    """Logits [rows, vocab] for one token per row at position t; writes its self-attention K, V into cache.
+def _decode_step(model, tokens, t, cache, cross, cross_bias, bias):
+    """Logits [rows, vocab] for one token per row at position t; writes its self-attention K and V into
+    cache [layers, 2, rows, heads, positions, d] at t.
 
-    rows = dialogues x beams, beams of a dialogue adjacent; cross/cross_mask are per dialogue."""
+    rows = dialogues x beams, beams of a dialogue adjacent; cross and cross_bias (0, or NEG past a source's
+    end) are per dialogue. The one step every search calls: a fused or static-cache form replaces this."""
     rows, n = tokens.shape[0], cross.shape[2]
     beams = rows // n
     h = model.decoder.embed_tokens(tokens)  # [rows, d_model]
     for i, block in enumerate(model.decoder.block):
         norm, att = block.layer[0].layer_norm, block.layer[0].SelfAttention
         x = norm(h)
-        q = _heads(att.q(x), att, rows, 1)
         cache[i, 0, :, :, t] = att.k(x).view(rows, att.n_heads, -1)
         cache[i, 1, :, :, t] = att.v(x).view(rows, att.n_heads, -1)
+        q = att.q(x).view(rows, att.n_heads, 1, -1)
         out = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :t + 1], cache[i, 1, :, :, :t + 1],
                                              attn_mask=bias[:, :, t:t + 1, :t + 1], scale=1.0)  # T5: no 1/sqrt(d)
         h = h + att.o(out.reshape(rows, -1))
         norm, att = block.layer[1].layer_norm, block.layer[1].EncDecAttention
         q = att.q(norm(h)).view(n, beams, att.n_heads, -1).transpose(1, 2)  # beams fold into the query axis
-        out = F.scaled_dot_product_attention(q, cross[i, 0], cross[i, 1], attn_mask=cross_mask, scale=1.0)
+        out = F.scaled_dot_product_attention(q, cross[i, 0], cross[i, 1], attn_mask=cross_bias, scale=1.0)
         h = h + att.o(out.transpose(1, 2).reshape(rows, -1))
         h = block.layer[-1](h)  # T5LayerFF: norm, feed-forward, residual
     h = model.decoder.final_layer_norm(h)
@@ -97,18 +103,27 @@ def _decode_step(model, tokens, t, cache, cross, cross_mask, bias):
     return model.lm_head(h)
 
 
-def _ban(log_probs, history, t, settings, eos):
-    """HF's processors on the log-probs at step t; history [rows, t + 1] starts with the decoder start
-    token, which n-grams include as HF's do."""
+@functools.cache
+def _compiled_step():
+    """_decode_step through torch.compile (--compile), compiled once per process for any shape."""
+    return torch.compile(_decode_step, dynamic=True)
+
+
+def _ban(scores, history, t, settings, eos):
+    """HF's processors at step t on the log-probs (beam search) or logits (greedy); history [rows, t + 1]
+    starts with the decoder start token, which n-grams include as HF's do. The banned tokens are scattered
+    into a mask, so nothing is read on the host."""
     if t < settings.min_new_tokens:
-        log_probs[:, eos] = -float("inf")
+        scores[:, eos] = -float("inf")
     n = settings.no_repeat_ngram_size
     if n and t + 1 >= n:
         windows = history.unfold(1, n, 1)
         repeat = (windows[..., :-1] == history[:, None, t + 2 - n:]).all(-1)  # window starts with the last n-1 tokens
-        row = torch.arange(len(history), device=history.device)[:, None].expand_as(repeat)
-        log_probs[row[repeat], windows[..., -1][repeat]] = -float("inf")
-    return log_probs
+        vocab = scores.shape[-1]
+        banned = torch.where(repeat, windows[..., -1], vocab)  # a window that does not repeat bans a spare column
+        mask = torch.zeros(len(scores), vocab + 1, dtype=torch.bool, device=scores.device).scatter_(1, banned, True)
+        scores.masked_fill_(mask[:, :vocab], -float("inf"))
+    return scores
 
 
 def until_eos(ids, eos) -> list:
@@ -142,16 +157,22 @@ def _take(x, index):
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, settings) -> list:
-    """The best summary's token ids (EOS included when reached, no start token) per row of input_ids."""
+    """The best summary's token ids (EOS included when reached, no start token) per row of input_ids.
+
+    On the host it reads once per step (which dialogues finished), once more on a step where some finish
+    (their summaries), and once per batch (the encoder widths): on a GPU each read waits for the queue."""
     n, beams, steps = input_ids.shape[0], settings.num_beams, settings.max_new_tokens
     eos, start = model.generation_config.eos_token_id, model.config.decoder_start_token_id
     device = input_ids.device
     cross = _encode(model, input_ids, attention_mask)
-    cross_mask = attention_mask.bool()[:, None, None, :]
+    cross_bias = torch.zeros(n, 1, 1, input_ids.shape[1], dtype=cross.dtype, device=device).masked_fill(
+        attention_mask[:, None, None, :] == 0, NEG)  # additive, built once: a boolean mask is converted per call
     att0 = model.decoder.block[0].layer[0].SelfAttention
     bias = att0.compute_bias(steps, steps, device=device).to(cross.dtype)  # causal decoder: bidirectional=False
     layers, _, _, heads, _, d = cross.shape
-    cache = cross.new_zeros(layers, 2, n * beams, heads, 0, d)
+    # Two self-attention caches for all max_new_tokens, allocated once: each step copies the live positions
+    # of the beams that go on from one into the other, with no allocation (a fresh one page-faults).
+    cache, spare = cross.new_empty(2, layers, 2, n * beams, heads, steps, d)
 
     seqs = torch.full((n, beams, steps + 1), start, dtype=torch.long, device=device)  # running beams
     scores = torch.full((n, beams), NEG, device=device)
@@ -160,21 +181,22 @@ def generate(model, input_ids, attention_mask, settings) -> list:
     done = torch.zeros((n, beams), dtype=torch.bool, device=device)
     width = 2 * beams if beams > 1 else 1  # candidates per dialogue and step
     in_top_beams = torch.arange(width, device=device) < beams
-    active = torch.arange(n, device=device)  # original row of each dialogue still running
+    everyone = torch.arange(n, device=device)
+    active = list(range(n))  # original row of each dialogue still running
     results = [None] * n
 
+    step = _compiled_step() if settings.compile else _decode_step
     for t in range(steps):
-        if cache.shape[4] == t:
-            cache = torch.cat([cache, cache.new_zeros(*cache.shape[:4], GROW, d)], dim=4)
         rows = len(active) * beams
-        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache, cross, cross_mask, bias)
-        log_probs = _ban(F.log_softmax(logits.float(), dim=-1), seqs.view(rows, -1)[:, :t + 1], t, settings, eos)
-        vocab = log_probs.shape[-1]
-        log_probs = (log_probs.view(-1, beams, vocab) + scores[:, :, None]).view(-1, beams * vocab)
-        if beams == 1:  # HF's greedy search: argmax, ties to the lowest id (topk promises no order)
-            top, index = log_probs.max(-1, keepdim=True)
+        logits = step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, bias).float()
+        history, vocab = seqs.view(rows, -1)[:, :t + 1], logits.shape[-1]
+        if beams == 1:  # HF's greedy search: the argmax of the processed logits, ties to the lowest id; a
+            # running score added first would merge near ties once it is large (fp32 rounding)
+            index = _ban(logits, history, t, settings, eos).argmax(-1, keepdim=True)
+            top = scores  # greedy ranks no candidates: the score stays 0
         else:
-            top, index = log_probs.topk(width)
+            log_probs = _ban(F.log_softmax(logits, dim=-1), history, t, settings, eos)
+            top, index = (log_probs.view(-1, beams, vocab) + scores[:, :, None]).view(-1, beams * vocab).topk(width)
         source, token = index // vocab, index % vocab
         candidates = _take(seqs, source)
         candidates[:, :, t + 1] = token
@@ -193,18 +215,21 @@ def generate(model, input_ids, attention_mask, settings) -> list:
         done_scores = _take(torch.cat([done_scores, normed], 1), best)
         done = _take(torch.cat([done, just], 1), best)
 
-        finished = done.all(1) | (t + 1 >= steps)
-        for b in finished.nonzero().flatten().tolist():
-            results[int(active[b])] = until_eos(done_seqs[b, 0, 1:].tolist(), eos)
-        if finished.all():
-            break
-        stay = (~finished).nonzero().flatten()
-        if len(stay) < len(active):
-            active, seqs, scores = active[stay], seqs[stay], scores[stay]
+        finished = (done.all(1) | (t + 1 >= steps)).tolist()  # the step's one read on the host
+        stay = everyone[:len(active)]
+        if any(finished):
+            ended = [b for b, f in enumerate(finished) if f]
+            for b, ids in zip(ended, done_seqs[ended, 0, 1:].tolist()):
+                results[active[b]] = until_eos(ids, eos)
+            if len(ended) == len(active):
+                break
+            kept = [b for b, f in enumerate(finished) if not f]
+            active, stay = [active[b] for b in kept], torch.tensor(kept, device=device)
+            seqs, scores, source = seqs[stay], scores[stay], source[stay]
             done_seqs, done_scores, done = done_seqs[stay], done_scores[stay], done[stay]
-            cross, cross_mask = cross[:, :, stay], cross_mask[stay]
-            source = source[stay]
-        # the self-attention cache follows the beams (and drops finished dialogues): one copy per step.
-        # Advanced indexing, not index_select: on CPU it is several times faster for these slices.
-        cache = cache[:, :, (stay[:, None] * beams + source).flatten()]
+            cross, cross_bias = cross[:, :, stay], cross_bias[stay]
+        # the self-attention cache follows the beams (and drops finished dialogues): positions 0..t only
+        parents = (stay[:, None] * beams + source).flatten()
+        torch.index_select(cache[:, :, :, :, :t + 1], 2, parents, out=spare[:, :, :len(parents), :, :t + 1])
+        cache, spare = spare, cache
     return results

@@ -67,6 +67,13 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
              f"ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
              f"notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
              "", chart_note or "![ROUGE per model with 95% bootstrap intervals](rouge.png)", ""]
+    if meta.get("int8_agreement"):
+        lines += ["**int8 preview** (`--quantize int8`): not for reporting. Its agreement with the same model "
+                  "unquantized, on the first dialogues:", ""]
+        lines += [f"- {n}: {a['identical']}/{a['dialogues']} summaries identical; ROUGE difference "
+                  + ", ".join(f"{k} {_signed(v)}" for k, v in a["rouge_difference"].items() if k in ROUGE_TYPES)
+                  for n, a in meta["int8_agreement"].items()]
+        lines.append("")
     header = "| model | " + " | ".join(ROUGE_TYPES) + " |"
     rule = "|---" * (len(ROUGE_TYPES) + 1) + "|"
     pairs = [(a, b) for a, b in IMPROVEMENTS if a in scores and b in scores]

@@ -1,8 +1,11 @@
 """summarize: deduplication, order, options, through either engine; engine hf against the notebook's
 per-row generate here (engine own against model.generate is tests/test_beam.py)."""
 
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dialsum_raw import beam, data, generation
 from dialsum_raw.config import Settings
@@ -79,3 +82,41 @@ def test_min_new_tokens_holds_back_eos(trained, corpus):
     assert min(n(t) for t in free) < 19 and min(n(t) for t in held) >= 19  # EOS counts as the 20th token
     assert held == _reference(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40,
                                                           min_new_tokens=20))
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Records each cast (aten._to_copy) of one of `weights` (data pointers), as autocast issues them."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.casts = weights, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.weights:
+            self.casts.append(args[0].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("engine", ["own", "hf"])
+def test_bf16_casts_each_frozen_weight_once_per_batch(tiny, corpus, engine):
+    """Autocast caches a weight's bf16 copy only if it requires grad: frozen weights (the base under LoRA,
+    a merged adapter) would be cast again at every decode step."""
+    model, tok = load_model(tiny).eval().requires_grad_(False), load_tokenizer(tiny)
+    texts = [d.dialogue for d in corpus["test"][:3]]
+    counter = _WeightCasts({p.data_ptr() for p in model.parameters()})
+    with counter:
+        summarize(model, tok, texts, Settings(precision="bf16", engine=engine, eval_batch_size=4, num_beams=2,
+                                              max_new_tokens=6))
+    assert counter.casts and len(counter.casts) == len(set(counter.casts))
+    assert not any(p.requires_grad for p in model.parameters())  # the flags are given back
+
+
+def test_int8_preview_leaves_the_model_alone(tiny, corpus):
+    """--quantize int8 generates with a dynamic-int8 copy: linear layers replaced there, not in the model."""
+    model, tok = load_model(tiny).eval(), load_tokenizer(tiny)
+    texts = [d.dialogue for d in corpus["test"][:3]]
+    s = Settings(precision="fp32", engine="own", eval_batch_size=4, num_beams=2, max_new_tokens=6)
+    int8 = generation.quantized(model)
+    assert isinstance(int8.lm_head, torch.ao.nn.quantized.dynamic.Linear) and isinstance(model.lm_head, torch.nn.Linear)
+    assert len(summarize(model, tok, texts, dataclasses.replace(s, quantize="int8"))) == 3
+    assert isinstance(model.lm_head, torch.nn.Linear)
