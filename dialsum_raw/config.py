@@ -229,12 +229,24 @@ def read_config(path):
     return values
 
 
+SETTINGS_FILE = "settings.toml"  # a run's exact settings, in its output folder
+# Settings added after runs were already saved: a run whose settings.toml lacks one ran with this value,
+# not with today's default, so a resume or a run table must read it so.
+BEFORE_THEY_EXISTED = {"dropout_impl": "torch"}
+
+
+def read_run_settings(path) -> dict:
+    """A run's settings.toml as a {field: value} dict, with the values it ran with for settings it predates."""
+    return {**BEFORE_THEY_EXISTED, **read_config(path)}
+
+
 def settings_from(args, default_config=None):
     """Merge defaults < config file < flags, then validate. `args` is an argparse Namespace."""
     values = {}
     config = args.config or default_config
     if config:
-        values.update(read_config(config))
+        run = os.path.basename(config) == SETTINGS_FILE  # a run's own file (--resume): read as the run ran
+        values.update(read_run_settings(config) if run else read_config(config))
     given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     values.update(given)
     settings = Settings(**{k: v for k, v in values.items() if k in Settings.__dataclass_fields__})
@@ -275,7 +287,6 @@ def validate(s: Settings, given=()):
         if bad:
             raise UserError(f"unknown LoRA target {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
         need(s.lora_plus_ratio > 0, f"--lora-plus-ratio must be > 0, got {s.lora_plus_ratio}")
-        need(s.vera_rank >= 1, f"--vera-rank must be >= 1, got {s.vera_rank}")
         s.lora_config()
     else:
         variant = [flag for flag, on in (

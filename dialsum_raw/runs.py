@@ -19,11 +19,11 @@ import os
 import statistics
 import sys
 
-from .config import Settings, normalize, read_config
+from .config import SETTINGS_FILE, Settings, normalize, read_run_settings
 from .errors import UserError, run_cli
 from .plot import _pyplot, _save, read_run
 
-SETTINGS_FILE, SUMMARY_FILE = "settings.toml", "summary.json"  # what training.py writes into a run folder
+SUMMARY_FILE = "summary.json"  # what training.py writes into a run folder, beside SETTINGS_FILE
 NOT_COMPARED = {"output_dir", "resume", "overwrite"}  # differ between any two runs, or say nothing about them
 ROUGE = ("rouge1", "rouge2", "rougeL")
 METRICS = ("best_value", "best_step", "val_loss", *ROUGE, "tokens/s", "wall_s")
@@ -54,7 +54,7 @@ def read(run):
     """A finished run as {"settings": {field: value}, "summary": {...}, "lines": metrics.jsonl}, or a note
     (str) saying why it is left out."""
     try:
-        settings = Settings(**read_config(os.path.join(run, SETTINGS_FILE)))
+        settings = Settings(**read_run_settings(os.path.join(run, SETTINGS_FILE)))
     except UserError as e:
         return f"{run}: unreadable {SETTINGS_FILE} ({e}); skipped"
     normalize(settings)  # a run saved before --lora-variant existed says dora = true

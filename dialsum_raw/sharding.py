@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .checkpoint import OPTIMIZER_SHARDS
+from .lora import AdapterLinear
 from .errors import UserError
 
 
@@ -96,6 +97,11 @@ def full_weights(model, trainable_only: bool):
         return
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=trainable_only))
+    if trainable_only:  # an adapter's frozen tensors (MiCA's B) are saved with it: gathered too, on every rank alike
+        for owner, module in model.named_modules():
+            if isinstance(module, AdapterLinear):
+                full.update({f"{owner}.{name}": p.full_tensor().cpu()
+                             for name, p in module.named_parameters(recurse=False) if not p.requires_grad})
     swapped, whole_of = [], {}  # (module, name, shard); a tied shard gets one whole tensor, so it stays tied
     for key, tensor in full.items():
         owner, _, name = key.rpartition(".")

@@ -37,8 +37,10 @@ def stable_rank(dw) -> float:
 
 def shares(w0, dw, r):
     """(top_share, bottom_share) of ΔW in W0's r largest and r smallest left singular directions; they sum to
-    at most 1, and to 1 exactly when ΔW's columns lie in those 2r directions."""
+    at most 1, and to 1 exactly when ΔW's columns lie in those 2r directions. r is capped at half of W0's
+    directions (VeRA's rank 256 exceeds it on small layers), so the two spans never overlap."""
     u0, dw = _left(w0), dw.double()
+    r = min(r, u0.shape[1] // 2)
     total = float(dw.norm() ** 2)
     if total == 0:
         return 0.0, 0.0

@@ -43,7 +43,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import runs
 from .checkpoint import find
-from .config import TRAIN, Settings, fields_of, normalize, read_config, typed, validate
+from .config import (SETTINGS_FILE, TRAIN, Settings, fields_of, normalize, read_config, read_run_settings, typed,
+                     validate)
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -108,6 +109,11 @@ def load(path):
     for key, value in (("name", name), ("out", raw.get("out", "")), ("base", raw.get("base", ""))):
         if not isinstance(value, str):
             raise UserError(f"{path}: {key}: expected a string, got {value!r}")
+    for key, kind, what in (("settings", dict, "a table, [settings]"), ("grid", dict, "a table, [grid]"),
+                            ("variant", list, "tables, [[variant]]")):
+        value = raw.get(key, kind())
+        if not isinstance(value, kind) or kind is list and not all(isinstance(v, dict) for v in value):
+            raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
     folder = os.path.join(raw.get("out", "runs/sweeps"), name)
     base = {}
     if "base" in raw:
@@ -146,17 +152,17 @@ def plan(point):
         return "finished", None
     if find(os.path.join(point.out, "last")):
         return "resume", ["--resume", point.out]
-    if os.path.isfile(os.path.join(point.out, runs.SETTINGS_FILE)):  # killed before its first checkpoint
+    if os.path.isfile(os.path.join(point.out, SETTINGS_FILE)):  # killed before its first checkpoint
         return "restart", ["--config", point.config, "--overwrite"]
     return "start", ["--config", point.config]
 
 
 def check_same_settings(point):
     """A run folder left by an earlier version of the sweep file is not continued as if it were this point."""
-    saved = os.path.join(point.out, runs.SETTINGS_FILE)
+    saved = os.path.join(point.out, SETTINGS_FILE)
     if not os.path.isfile(saved):
         return
-    old, new = Settings(**read_config(saved)), Settings(**point.values)
+    old, new = Settings(**read_run_settings(saved)), Settings(**point.values)
     normalize(old)
     normalize(new)
     old, new = vars(old), vars(new)
@@ -232,7 +238,8 @@ def main(argv=None):
             print(" ".join(map(shlex.quote, ["python", os.path.relpath(TRAIN_PY), *args])))
         return
     failed = execute(todo, a.jobs)
-    runs.main([folder])
+    if len(failed) < len(points):
+        runs.main([folder])
     if failed:
         raise UserError(f"{len(failed)} of {len(points)} points failed: " + "; ".join(
             f"{point.out} (exit {code}{'; see ' + point.out + '.log' if a.jobs > 1 else ''})" for point, code in failed))

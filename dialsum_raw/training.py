@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, lora, metrics, sharding
-from .config import Settings, normalize, read_config, resume_may_change
+from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resume_may_change
 from .errors import Stopped, UserError
 from .generation import summarize
 from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
                        parameter_report, set_dropout_impl)
 
-SETTINGS_FILE = "settings.toml"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -82,7 +81,7 @@ def make_optimizer(model, settings: Settings):
     k = settings.lora_plus_ratio
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if k != 1 and not any(n.endswith("lora_B") for n, _ in named):
-        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers whose B trains (--lora-rank > 0, not MiCA)")
+        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers whose B trains (--lora-rank > 0, not MiCA or VeRA)")
     groups = {}  # (fast, decay) -> tensors; ordered so that K = 1 keeps the plain two groups
     for n, p in named:
         groups.setdefault((k != 1 and (n.endswith("lora_B") or p.ndim < 2), p.ndim >= 2), []).append(p)
@@ -176,7 +175,7 @@ def check_resume_settings(settings: Settings, state: dict, world: int):
     saved_path = os.path.join(settings.resume, SETTINGS_FILE)
     saved = {}
     if os.path.isfile(saved_path):
-        saved = Settings(**read_config(saved_path))
+        saved = Settings(**read_run_settings(saved_path))
         normalize(saved)  # a run saved before --lora-variant existed says dora = true
         saved = vars(saved)
     free = resume_may_change(settings.best_metric)
@@ -323,12 +322,11 @@ def claim_output(run: Run):
     and, with --overwrite, empties it; every rank gets its verdict, so none sees a half-deleted folder. A
     resume then reads and checks its state on every rank."""
     s = run.settings
-    last = checkpoint.find(os.path.join(s.resume, "last")) if s.resume else None
     with ExitStack() as held:
         verdict = [None]
         if run.rank == 0:
-            try:
-                if s.resume and last is None:
+            try:  # a folder without a checkpoint is refused before it gets a lock file
+                if s.resume and checkpoint.find(os.path.join(s.resume, "last")) is None:
                     raise UserError(f"--resume {s.resume}: no checkpoint there (expected "
                                     f"{os.path.join(s.resume, 'last', checkpoint.TRAINER_STATE)})")
                 held.enter_context(checkpoint.lock(s.resume or run.out))
@@ -341,6 +339,7 @@ def claim_output(run: Run):
         if verdict[0]:
             raise UserError(verdict[0])
         if s.resume:
+            last = checkpoint.find(os.path.join(s.resume, "last"))  # found again under the lock: no writer now
             run.resume_from, run.resume_state = last, checkpoint.load_state(last)
             if run.resume_state["is_adapter"] != s.is_lora:
                 raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "

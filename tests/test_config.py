@@ -73,3 +73,17 @@ def test_a_presets_own_lora_values_do_not_count_as_given():
 def test_negative_show_index_is_refused():
     with pytest.raises(UserError, match=r"--show takes dialogue indices \(>= 0\), got -1"):
         _settings(EVALUATE, ["--show", "-1", "--output-dir", "x"])
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_ran_with(tmp_path):
+    """Runs saved before --dropout-impl used nn.Dropout: a resume must not switch them to the fast masks."""
+    from dialsum_raw import training
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / config.SETTINGS_FILE).write_text('lora_rank = 8\nlr = 0.001\nseed = 3\n')
+    s = _settings(TRAIN, ["--resume", str(run)], default_config=str(run / config.SETTINGS_FILE))
+    assert s.dropout_impl == "torch"
+    training.check_resume_settings(s, {}, 1)  # nothing changed
+    s.dropout_impl = "fast"
+    with pytest.raises(UserError, match="dropout_impl 'torch' -> 'fast'"):
+        training.check_resume_settings(s, {}, 1)

@@ -478,6 +478,18 @@ def test_old_adapters_load(tiny, tmp_path, variant):
     assert (fresh(**x).logits - model(**x).logits).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("change,message", [({"format": "dialsum_raw-lora/9"}, "adapter format 'dialsum_raw-lora/9' is not"),
+                                            ({"targets": "qv"}, "adapter targets must be a list, got 'qv'")])
+def test_an_adapter_config_from_elsewhere_is_refused_naming_the_file(tiny, tmp_path, change, message):
+    model = load_model(tiny).eval()
+    lora.inject(model, _cfg("rslora"))
+    lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
+    path = tmp_path / "ad" / "adapter.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(UserError, match=f"{path}: {message}"):
+        lora.load_adapter(load_model(tiny), tmp_path / "ad")
+
+
 def test_make_optimizer_groups():
     model = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}),
                                  "norm": torch.nn.LayerNorm(8)})

@@ -16,25 +16,27 @@ from test_training import _max_diff, _metrics, _torchrun, _torchrun_killed, _tra
 # full fine-tuning at lr 1e-2 amplifies summation-order noise in the embedding's near-zero gradients
 # through AdamW's eps past 1e-5 (DDP included); at 1e-3 every run here agrees to ~2e-6
 MODES = {"full": ["--lora-rank", "0", "--lr", "1e-3"],
-         "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"]}  # + the dropout of the test
+         "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"],  # + the dropout of the test
+         "mica": ["--lora-rank", "4", "--lora-init", "mica", "--lr", "1e-2", "--lora-dropout"]}  # B frozen, saved
 DROPOUT_ON = ["--max-steps", "8", "--save-every", "3", "--eval-every", "4", "--dropout", "0.1", "--batch-size", "4"]
 
 
 def _mode(name, dropout):
-    return MODES[name] + ([dropout] if name == "lora" else [])
+    return MODES[name] + ([dropout] if name != "full" else [])
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "mica"])
 def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode):
     """Dropout off: 2 processes x batch 4 with --fsdp take the steps of 1 process x batch 8, with accumulation
-    (FSDP reduces each micro-batch) and clipping (the total norm over shards); LoRA's run also recomputes
-    its blocks (--gradient-checkpointing). Validation and its ROUGE run on the gathered weights and equal
-    one process's. last/ holds the optimizer as DCP shards, best/ not."""
+    (FSDP reduces each micro-batch) and clipping (the total norm over shards); the LoRA run (MiCA, whose
+    frozen B is part of the adapter and must be gathered too) also recomputes its blocks
+    (--gradient-checkpointing). Validation and its ROUGE run on the gathered weights and equal one
+    process's. last/ holds the optimizer as DCP shards, best/ not."""
     common = ["--max-steps", "4", "--dropout", "0", "--grad-accum", "2", "--eval-every", "4", "--eval-rouge", "6",
               "--max-new-tokens", "12", *_mode(mode, "0")]
     subprocess.run(_train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
     _torchrun(_train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
-                         *["--gradient-checkpointing"] * (mode == "lora")), check=True, capture_output=True)
+                         *["--gradient-checkpointing"] * (mode == "mica")), check=True, capture_output=True)
     assert _max_diff(_weights(tmp_path / "one" / "last"), _weights(tmp_path / "two" / "last")) <= 1e-5
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
@@ -83,9 +85,10 @@ def test_fsdp_is_refused_alone_and_at_another_world_size(tiny, tmp_path, two_pro
     res = subprocess.run(_train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: --fsdp shards the model over processes: start it with torchrun")
-    res = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(two_process("lora", "fsdp"))],
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "--fsdp shards the model over processes" in res.stderr.strip().splitlines()[-1]
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                            os.path.join(REPO, "train.py"), "--resume", str(two_process("lora", "fsdp"))],
+                           capture_output=True, text=True)
+    assert three.returncode != 0 and "would change its data order or schedule: processes 2 -> 3" in three.stderr
 
 
 def _summaries(tiny, tmp_path, name, instruct, adapter):

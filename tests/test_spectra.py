@@ -58,3 +58,14 @@ def test_shares_sum_to_one_inside_the_top_and_bottom_spans(w0):
     top, bottom = spectra.shares(w, torch.randn(40, 40, generator=g, dtype=torch.float64), r=4)
     assert 0 < top + bottom < 1 and top == pytest.approx(4 / 40, abs=0.06)  # a random update: about r / n each
     assert spectra.shares(w, torch.zeros(40, 40), r=4) == (0.0, 0.0)
+
+
+def test_shares_never_overlap_when_r_exceeds_half_the_directions(w0):
+    """VeRA's rank (256) exceeds half of a small layer's directions: the spans are capped at n // 2 each,
+    so a random update splits into halves that still sum to at most 1."""
+    w, u0, _, _ = w0
+    n = u0.shape[1]
+    dw = torch.randn(40, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    top, bottom = spectra.shares(w, dw, r=256)
+    assert (top, bottom) == spectra.shares(w, dw, r=n // 2)
+    assert top + bottom <= 1 + 1e-12

@@ -118,3 +118,10 @@ def test_grid_value_of_wrong_type_reads_as_a_config_file_would(tiny, tmp_path, k
         sweep.load(path)
     assert str(from_config.value) == f"{config}: " + str(from_sweep.value).split(": ", 1)[1]
     assert str(from_sweep.value).startswith(f"{path} [grid]: {key}: expected")
+
+
+def test_a_variant_written_as_one_table_is_a_user_error(tiny, tmp_path):
+    """[variant] (one table) instead of [[variant]] (a list of them): one line, not an AttributeError."""
+    path = _sweep_file(tmp_path, tiny, tmp_path / "out", extra='[variant]\nlora_rank = 8\n')
+    with pytest.raises(UserError, match=r"variant: expected tables, \[\[variant\]\], got \{'lora_rank': 8\}"):
+        sweep.load(path)

@@ -100,6 +100,8 @@ def read_adapter(directory):
         cfg = LoRAConfig.from_json(saved)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{cfg_path}: unreadable adapter config ({type(e).__name__}: {e})")
+    except UserError as e:
+        raise UserError(f"{cfg_path}: {e}")
     try:
         tensors = load_file(w_path)
     except Exception as e:

@@ -43,7 +43,11 @@ class LoRAConfig:
     def from_json(cls, saved: dict) -> "LoRAConfig":
         """The config of an adapter.json, this format or the first one (written before LoRAConfig existed)."""
         saved = dict(saved)
-        if saved.pop("format", OLD_FORMAT) == OLD_FORMAT:
+        version = saved.pop("format", OLD_FORMAT)
+        need(version in (FORMAT, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
+                                              f"({FORMAT} or {OLD_FORMAT}); update dialsum_raw")
+        need(isinstance(saved.get("targets"), list), f"adapter targets must be a list, got {saved.get('targets')!r}")
+        if version == OLD_FORMAT:
             pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
             if pissa:
                 saved.update(rank=pissa["rank"], alpha=pissa["alpha"], init="pissa")
