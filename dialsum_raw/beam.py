@@ -23,8 +23,6 @@ lm_head, relative position bias), so LoRALinear layers, merged or not, and any T
 loads with from_pretrained work unchanged. The model must be in eval mode (dropout off).
 """
 
-import functools
-
 import torch
 from torch.nn import functional as F
 
@@ -103,12 +101,6 @@ def _decode_step(model, tokens, t, cache, cross, cross_bias, bias):
     return model.lm_head(h)
 
 
-@functools.cache
-def _compiled_step():
-    """_decode_step through torch.compile (--compile), compiled once per process for any shape."""
-    return torch.compile(_decode_step, dynamic=True)
-
-
 def _ban(scores, history, t, settings, eos):
     """HF's processors at step t on the log-probs (beam search) or logits (greedy); history [rows, t + 1]
     starts with the decoder start token, which n-grams include as HF's do. The banned tokens are scattered
@@ -185,10 +177,9 @@ def generate(model, input_ids, attention_mask, settings) -> list:
     active = list(range(n))  # original row of each dialogue still running
     results = [None] * n
 
-    step = _compiled_step() if settings.compile else _decode_step
     for t in range(steps):
         rows = len(active) * beams
-        logits = step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, bias).float()
+        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, bias).float()
         history, vocab = seqs.view(rows, -1)[:, :t + 1], logits.shape[-1]
         if beams == 1:  # HF's greedy search: the argmax of the processed logits, ties to the lowest id; a
             # running score added first would merge near ties once it is large (fp32 rounding)
