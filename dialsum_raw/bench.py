@@ -224,8 +224,8 @@ def bench_train(args):
 def _timed_ids(model, tok, texts, settings):
     """(seconds, token ids) of one generate_ids call."""
     start = time.perf_counter()
-    ids = generate_ids(model, tok, texts, settings, desc=f"{settings.engine} {settings.precision} "
-                                                         f"batch {settings.eval_batch_size}")
+    kind = "int8" if settings.quantize == "int8" else settings.precision
+    ids = generate_ids(model, tok, texts, settings, desc=f"{settings.engine} {kind} batch {settings.eval_batch_size}")
     return time.perf_counter() - start, ids
 
 
