@@ -128,3 +128,19 @@ def test_compile_is_refused_with_the_reason(tiny, corpus):
     model, tok = load_model(tiny).eval(), load_tokenizer(tiny)
     with pytest.raises(UserError, match="--compile is not offered"):
         summarize(model, tok, [corpus["test"][0].dialogue], Settings(compile=True))
+
+
+def test_int8_agreement_in_the_report(tiny, tmp_path):
+    """An evaluation with --quantize int8 states in report.md, per model, how many of its first summaries equal
+    the unquantized ones (and the ROUGE difference on them); each model's generation is timed."""
+    from conftest import CORPUS
+    from dialsum_raw import compare
+    s = Settings(model=tiny, data=CORPUS, output_dir=str(tmp_path / "e"), limit=3, eval_batch_size=4, num_beams=2,
+                 max_new_tokens=6, precision="fp32", quantize="int8", bootstrap=10)
+    result = compare.run(s)
+    exact = summarize(load_model(tiny).eval(), load_tokenizer(tiny), [d.dialogue for d in result["dialogues"]],
+                      dataclasses.replace(s, quantize="none"))
+    same = sum(a == b for a, b in zip(result["summaries"]["original"], exact))
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert f"- original: {same}/3 summaries identical; ROUGE difference rouge1 " in report
+    assert result["seconds"]["original"] > 0
