@@ -1,6 +1,6 @@
 """Benchmarks: figures measured side by side in one run, printed as tables and saved as bench-*.json.
 
-    python -m dialsum_raw.bench train   [--quick]   # our loop vs HF Seq2SeqTrainer + peft (notebook, best); MFU
+    python -m dialsum_raw.bench train   [--quick]   # our loop (torch/fast dropout) vs HF Seq2SeqTrainer + peft; long pool; MFU
     python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate and CTranslate2, batch 1/8/16/32
     python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size;
                                                     # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding)
@@ -49,9 +49,9 @@ def _save(name, result, args):
 
 
 def _lora_settings(args, out, steps, **over):
-    s = Settings(model=args.model, data=args.data, output_dir=out, lora_rank=8, lora_alpha=16, lora_dropout=0.05,
-                 lr=1e-3, batch_size=8, max_steps=steps, subsample=10, eval_every=steps, log_every=steps,
-                 seed=0, **over)
+    s = Settings(**{**dict(model=args.model, data=args.data, output_dir=out, lora_rank=8, lora_alpha=16,
+                           lora_dropout=0.05, lr=1e-3, batch_size=8, max_steps=steps, subsample=10, eval_every=steps,
+                           log_every=steps, seed=0), **over})
     validate(s)
     return s
 
@@ -157,10 +157,24 @@ def _hf_run(args, tok, pool, steps, out, device, **best):
     return kept.batches[:steps], seconds
 
 
+def _long_data(dialogues, examples, n, folder):
+    """A data folder whose train split is the n dialogues of `examples` with the longest prompts (the
+    long-sequence pool; 8 of them also serve as the validation split the loop needs)."""
+    longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[:n]
+    os.makedirs(folder)
+    for name, rows in (("dialogsum.train.jsonl", sorted(longest)), ("dialogsum.dev.jsonl", longest[:8])):
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(json.dumps({"fname": dialogues[i].id, "dialogue": dialogues[i].dialogue,
+                                     "summary": dialogues[i].refs[0]}) + "\n" for i in rows)
+    return folder
+
+
 def bench_train(args):
-    """Four rows, one run, the same example pool and count (steps x 8), each with its own sampler: HF's
-    notebook settings, HF's best settings, ours in fp32, ours at --precision auto. Real tokens/s, ratios
-    to HF best, and MFU against a matmul peak measured here.
+    """One run, each row with its own sampler over the same example pool and count (steps x 8). The default
+    pool: HF's notebook settings, HF's best settings, ours in fp32 and at --precision auto, each with torch's
+    and our fast dropout. The long pool (the steps x 8 training dialogues with the longest prompts): HF best
+    and ours at auto with both dropouts. Real tokens/s, ratios to HF best of the same pool, and MFU against
+    a matmul peak measured here.
 
     HF's group_by_length sizes its sorted groups from the pool (min(len // 32, 50) batches), so HF samples
     the whole pool as in a real epoch; handed only our few batches' examples it would barely group."""
@@ -171,8 +185,12 @@ def bench_train(args):
     with tempfile.TemporaryDirectory() as tmp:
         s = _lora_settings(args, os.path.join(tmp, "ours"), steps)
         pool, batches = _consumed(s, tok)
+        long_data = _long_data(data.load_splits(args.data, ("train",))["train"][::s.subsample], pool, steps * 8,
+                               os.path.join(tmp, "long-data"))
+        long_pool, long_batches = _consumed(_lora_settings(args, "", steps, data=long_data, subsample=1), tok)
         collate = data.Collator(tok.pad_token_id)
         ours_batches = [collate([pool[i] for i in b]) for b in batches]
+        ours_long = [collate([long_pool[i] for i in b]) for b in long_batches]
 
         peak = {"fp32": _matmul_peak(torch.float32, device), "bf16": _matmul_peak(torch.bfloat16, device)}
         model = load_model(args.model)
@@ -181,43 +199,64 @@ def bench_train(args):
         for precision in ("fp32", auto):  # warm-up: first big steps of a fresh process run slow (page faults)
             _bare_steps(model, ours_batches[:1], device, autocast_for(precision, device))
 
-        notebook = _hf_run(args, tok, pool, steps, os.path.join(tmp, "hf-notebook"), device)
-        hf_best = _hf_run(args, tok, pool, steps, os.path.join(tmp, "hf-best"), device, bf16=auto == "bf16",
-                          train_sampling_strategy="group_by_length")
-        rows = [("HF notebook: random batches, pad to 8, fp32", "fp32", *notebook),  # name, precision,
-                (f"HF best: group_by_length, pad to 8, {auto}", auto, *hf_best)]  # its batches, seconds
-        for precision in ("fp32", "auto"):
-            run = _lora_settings(args, os.path.join(tmp, f"ours-{precision}"), steps, precision=precision)
-            rows.append((f"ours: length-grouped, dynamic padding, {precision}" + (f" = {auto}" if precision == "auto" else ""),
-                         choose_precision(precision, device)[0], ours_batches, training.train(run)["seconds"]))
+        def hf(name, pool_, **best):
+            return _hf_run(args, tok, pool_, steps, os.path.join(tmp, name), device, **best)
 
-        result_rows = []
-        for name, precision, row_batches, seconds in rows:
+        def ours(name, batches_, **over):
+            run = _lora_settings(args, os.path.join(tmp, name), steps, **over)
+            return batches_, training.train(run)["seconds"]
+
+        best = dict(bf16=auto == "bf16", train_sampling_strategy="group_by_length")
+        rows = [("default", "HF notebook: random batches, pad to 8, fp32", "fp32", *hf("hf-notebook", pool)),
+                ("default", f"HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-best", pool, **best))]
+        for precision in ("fp32", "auto"):  # rows: pool, name, precision, its batches, seconds
+            name = precision + (f" = {auto}" if precision == "auto" else "")
+            rows += [("default", f"ours {name}, {impl} dropout", choose_precision(precision, device)[0],
+                      *ours(f"ours-{precision}-{impl}", ours_batches, precision=precision, dropout_impl=impl))
+                     for impl in ("torch", "fast")]
+        rows += [("long", f"long: HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-long", long_pool, **best))]
+        rows += [("long", f"long: ours auto = {auto}, {impl} dropout", auto,
+                  *ours(f"ours-long-{impl}", ours_long, data=long_data, subsample=1, dropout_impl=impl))
+                 for impl in ("torch", "fast")]
+
+        result_rows, flops_of = [], {}
+        for pool_name, name, precision, row_batches, seconds in rows:
             median = sorted(row_batches, key=_padded)[len(row_batches) // 2]
             real, padded = sum(map(_real, row_batches)), sum(map(_padded, row_batches))
+            if id(median) not in flops_of:  # the ours rows of a pool share their batches: counted once
+                flops_of[id(median)] = _step_flops(model, median, device)
             # FLOPs per step: the median batch counted, scaled to the row's mean padded tokens per step
-            flops = _step_flops(model, median, device) * padded / _padded(median) / len(row_batches)
-            result_rows.append({"row": name, "precision": precision, "steps": len(row_batches),
+            flops = flops_of[id(median)] * padded / _padded(median) / len(row_batches)
+            result_rows.append({"pool": pool_name, "row": name, "precision": precision, "steps": len(row_batches),
                                 "seconds": round(seconds, 2), "real_tokens": real,
                                 "real_tokens_per_s": round(real / seconds, 1), "real_token_fraction": round(real / padded, 4),
                                 "gflops_per_step": round(flops / 1e9, 1),
                                 "mfu": round(flops / (seconds / len(row_batches)) / peak[precision], 4)})
-    best = result_rows[1]["real_tokens_per_s"]
+    speed = {r["row"]: r["real_tokens_per_s"] for r in result_rows}
+    hf_best = {r["pool"]: r["real_tokens_per_s"] for r in result_rows if "HF best" in r["row"]}
     for r in result_rows:
-        r["vs_hf_best"] = round(r["real_tokens_per_s"] / best, 3)
-    fp32_ours, auto_ours = result_rows[2]["real_tokens_per_s"], result_rows[3]["real_tokens_per_s"]
-    same = result_rows[3 if auto == "bf16" else 2]["real_tokens_per_s"]
-    result = {"steps": steps, "batch_size": 8, "pool_examples": len(pool), "auto_precision": auto, "auto_reason": why,
+        r["vs_hf_best"] = round(r["real_tokens_per_s"] / hf_best[r["pool"]], 3)
+    fast_auto, fast_long = f"ours auto = {auto}, fast dropout", f"long: ours auto = {auto}, fast dropout"
+    result = {"steps": steps, "batch_size": 8, "pool_examples": len(pool), "long_pool_examples": len(long_pool),
+              "auto_precision": auto, "auto_reason": why,
               "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "rows": result_rows,
-              "ours_auto_over_ours_fp32": round(auto_ours / fp32_ours, 3),
-              "ours_over_hf_best_same_precision": round(same / best, 3)}
-    _table(f"train: LoRA r=8 q,v, batch 8, {steps} steps each from the same {len(pool):,} examples; matmul peak "
-           f"fp32 {peak['fp32'] / 1e9:,.0f} / bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} ({why})",
+              "ours_auto_over_ours_fp32": round(speed[fast_auto] / speed["ours fp32, fast dropout"], 3),
+              "ours_over_hf_best_same_precision": round(speed[fast_auto] / hf_best["default"], 3),
+              "ours_over_hf_best_same_precision_long": round(speed[fast_long] / hf_best["long"], 3),
+              "fast_over_torch_dropout": {
+                  "fp32": round(speed["ours fp32, fast dropout"] / speed["ours fp32, torch dropout"], 3),
+                  auto: round(speed[fast_auto] / speed[f"ours auto = {auto}, torch dropout"], 3),
+                  f"{auto} long": round(speed[fast_long] / speed[f"long: ours auto = {auto}, torch dropout"], 3)}}
+    _table(f"train: LoRA r=8 q,v, batch 8, {steps} steps each from the same {len(pool):,} examples (long: the "
+           f"{len(long_pool)} with the longest prompts); matmul peak fp32 {peak['fp32'] / 1e9:,.0f} / bf16 "
+           f"{peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} ({why})",
            [(r["row"], f"{r['real_tokens_per_s']:>8,.0f} real tok/s  {r['vs_hf_best']:.2f}x HF best  "
                        f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)")
             for r in result_rows] +
-           [("ours auto / ours fp32", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
-            (f"ours / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x")])
+           [("ours auto / ours fp32 (fast dropout)", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
+            (f"ours (fast dropout) / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x; "
+                                                            f"long pool {result['ours_over_hf_best_same_precision_long']:.2f}x"),
+            ("fast dropout / torch dropout", ", ".join(f"{k} {v:.2f}x" for k, v in result["fast_over_torch_dropout"].items()))])
     return _save("train", result, args)
 
 
@@ -486,7 +525,6 @@ def sharded_probe(args):
                       "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}),
           flush=True)
     torch.distributed.destroy_process_group()
-
 
 
 def memory_probe(args):
