@@ -117,7 +117,6 @@ class Settings:
                          resume="free", choices=("own", "hf"))
     quantize: str = option("none", "int8: dynamic int8 linear layers for quick previews (never for reported "
                            "ROUGE)", (EVALUATE, SUMMARIZE), choices=("none", "int8"))
-    compile: bool = option(False, "torch.compile the decode step (pays off only on long runs)", (EVALUATE, SUMMARIZE))
     bootstrap: int = option(1000, "paired-bootstrap resamples for the report's confidence intervals", (EVALUATE,))
 
     @property

@@ -65,9 +65,6 @@ def quantized(model):
 @torch.no_grad()
 def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list:
     """The summary's token ids per entry of `dialogues` (texts), generating each distinct text once."""
-    if settings.compile:  # measured: recompiles at every step, then runs no faster (README, Performance)
-        raise UserError("--compile is not offered: torch.compile of the decode step measured no faster here "
-                        "and took minutes to compile (README, Performance)")
     search = beam.generate if settings.engine == "own" else hf_generate
     if settings.engine == "own":
         beam.check_supported(model)

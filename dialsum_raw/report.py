@@ -64,8 +64,8 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
     lines = [f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference rows",
              "", "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
              f"Generation: {meta['generation']}", "",
-             f"ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
-             f"notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
+             "ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
+             "notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
              "", chart_note or "![ROUGE per model with 95% bootstrap intervals](rouge.png)", ""]
     if meta.get("int8_agreement"):
         lines += ["**int8 preview** (`--quantize int8`): not for reporting. Its agreement with the same model "

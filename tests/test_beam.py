@@ -11,7 +11,7 @@ from dialsum_raw import beam, data, lora
 from dialsum_raw.config import Settings
 from dialsum_raw.errors import UserError
 from dialsum_raw.generation import generate_ids
-from dialsum_raw.modeling import load_model, load_tokenizer
+from dialsum_raw.modeling import load_model
 
 OPTIONS = {"plain": {}, "min+ngram": {"min_new_tokens": 9, "no_repeat_ngram_size": 2, "length_penalty": 0.6}}
 

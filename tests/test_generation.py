@@ -9,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dialsum_raw import beam, data, generation
 from dialsum_raw.config import Settings
-from dialsum_raw.errors import UserError
 from dialsum_raw.generation import generation_kwargs, summarize
 from dialsum_raw.modeling import load_model, load_tokenizer
 
@@ -121,13 +120,6 @@ def test_int8_preview_leaves_the_model_alone(tiny, corpus):
     assert isinstance(int8.lm_head, torch.ao.nn.quantized.dynamic.Linear) and isinstance(model.lm_head, torch.nn.Linear)
     assert len(summarize(model, tok, texts, dataclasses.replace(s, quantize="int8"))) == 3
     assert isinstance(model.lm_head, torch.nn.Linear)
-
-
-def test_compile_is_refused_with_the_reason(tiny, corpus):
-    """torch.compile of the decode step measured no faster (README, Performance): the flag says so."""
-    model, tok = load_model(tiny).eval(), load_tokenizer(tiny)
-    with pytest.raises(UserError, match="--compile is not offered"):
-        summarize(model, tok, [corpus["test"][0].dialogue], Settings(compile=True))
 
 
 def test_int8_agreement_in_the_report(tiny, tmp_path):

@@ -2,7 +2,6 @@
 update here is built from W0's own singular vectors, so its figures are known before the inspector runs."""
 
 import json
-import math
 
 import pytest
 import torch
