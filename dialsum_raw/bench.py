@@ -42,6 +42,7 @@ def _save(name, result, args):
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"cpu x{torch.get_num_threads()} threads", "torch": torch.__version__, "quick": args.quick, **result}
     path = os.path.join(args.out, f"bench-{name}.json")
+    os.makedirs(args.out, exist_ok=True)  # --out may name a new folder
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {path}")

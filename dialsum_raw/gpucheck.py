@@ -54,9 +54,9 @@ def part_steps(args, device, tmp):
 
 
 def part_train(args, device, tmp):
-    """bench train's --quick rows (quick here: 2 steps per row); it prints its own table and saves bench-train.json."""
+    """bench train's --quick rows (quick here: 1 step per row); it prints its own table and saves bench-train.json."""
     quick = copy.copy(args)
-    quick.quick, quick.steps = True, 2 if args.quick else None
+    quick.quick, quick.steps = True, 1 if args.quick else None
     result = bench_train(quick)
     return {k: result[k] for k in ("steps", "matmul_peak_gflops", "ours_auto_over_ours_fp32",
                                    "ours_over_hf_best_same_precision")} | {
