@@ -207,6 +207,12 @@ def typed(where, key, value):
     return float(value) if kind is float else value
 
 
+def did_you_mean(name, names, cutoff=0.6) -> str:
+    """"; did you mean 'lora_rank'?" for the closest of `names`, or "" (config files and sweep grids alike)."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def read_config(path):
     """A TOML config as a {field: value} dict; unknown keys and values of the wrong type name the file."""
     if not os.path.isfile(path):
@@ -221,9 +227,7 @@ def read_config(path):
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{path}: unknown config key '{key}'{hint}")
+            raise UserError(f"{path}: unknown config key '{key}'{did_you_mean(name, names)}")
         values[name] = typed(path, key, value)
     return values
 

@@ -27,7 +27,6 @@ one per line, for a cluster scheduler (a SLURM job array runs line $SLURM_ARRAY_
 
 import argparse
 import dataclasses
-import difflib
 import itertools
 import os
 import shlex
@@ -43,8 +42,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import runs
 from .checkpoint import find
-from .config import (SETTINGS_FILE, TRAIN, Settings, fields_of, normalize, read_config, read_run_settings, typed,
-                     validate)
+from .config import (SETTINGS_FILE, TRAIN, Settings, did_you_mean, fields_of, normalize, read_config, read_run_settings,
+                     typed, validate)
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -72,8 +71,7 @@ def _setting(path, table, key, value, each=False):
     if name in OWNED:
         raise UserError(f"{where}: {key} is set by the sweep for each point (OUT/<name>/<point>); remove it")
     if name not in fields:
-        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.4)
-        raise UserError(f"{where}: '{key}' is not a train.py setting" + (f"; did you mean '{close[0]}'?" if close else ""))
+        raise UserError(f"{where}: '{key}' is not a train.py setting{did_you_mean(name, fields, cutoff=0.4)}")
     if not each:
         return name, typed(where, key, value)
     if not isinstance(value, list) or not value:
