@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .errors import UserError
 
 NEG = -1.0e9  # HF's "never pick this" score offset; the same constant keeps ties and sums identical
-ENCODE_ROWS = 8  # dialogues per encoder call
+GROUP_ROWS = 8  # dialogues per encoder call, and per cross-attention call in the decoder
 
 
 def check_supported(model):
@@ -47,42 +47,81 @@ def _heads(x, att, rows, length):
     return x.view(rows, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
 
 
-def _encode(model, input_ids, attention_mask):
-    """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source, d].
+def _feed_forward(layer, h, dtype):
+    """T5LayerFF (norm, feed-forward, residual) with its input cast to the compute dtype once. Under autocast
+    HF's casts the same input once per projection, and its gated form takes the activations back to fp32
+    before wo (to the weight's dtype) for autocast to cast them down again: exact, but two more copies."""
+    ff = layer.DenseReluDense
+    x = layer.layer_norm(h).to(dtype)
+    hidden = ff.act(ff.wi_0(x)) * ff.wi_1(x) if hasattr(ff, "wi_0") else ff.act(ff.wi(x))
+    return h + ff.wo(hidden)
 
-    The encoder runs on groups of ENCODE_ROWS dialogues, each group cut to its own longest source
+
+def _encoder(model, input_ids, attention_mask):
+    """The encoder's last hidden state, T5's own blocks called one by one with the position bias and the
+    padding mask summed once per call; HF's encoder sums them again in every layer, a fresh
+    [rows, heads, source, source] tensor each time (on CPU a large allocation page-faults)."""
+    encoder, (rows, width) = model.encoder, input_ids.shape
+    att0 = encoder.block[0].layer[0].SelfAttention
+    bias = att0.compute_bias(width, width, device=input_ids.device).masked_fill(  # bidirectional (encoder)
+        attention_mask[:, None, None, :] == 0, NEG)
+    h = encoder.embed_tokens(input_ids)
+    device = input_ids.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype  # q/k/v's dtype
+    for block in encoder.block:
+        norm, att = block.layer[0].layer_norm, block.layer[0].SelfAttention
+        x = norm(h).to(dtype)  # once, not once per projection
+        q, k, v = (_heads(proj(x), att, rows, width) for proj in (att.q, att.k, att.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        h = h + att.o(out.transpose(1, 2).reshape(rows, width, -1))
+        h = _feed_forward(block.layer[-1], h, dtype)
+    return encoder.final_layer_norm(h)
+
+
+def _encode(model, input_ids, attention_mask):
+    """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source, d],
+    and the groups the decoder reads them by.
+
+    The encoder runs on groups of GROUP_ROWS dialogues, each group cut to its own longest source
     (rows arrive sorted by length, padded on the right), so a big batch pays for no more padding in
-    the encoder than small ones; K and V past a source's end stay zero and are masked."""
+    the encoder than small ones; K and V past a source's end are finite and masked."""
     n, src = input_ids.shape
     lengths = attention_mask.sum(1).tolist()  # one read on the host per batch, not one per group
+    cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
     kv = None
-    for start in range(0, n, ENCODE_ROWS):
-        width = max(lengths[start:start + ENCODE_ROWS])
-        mask = attention_mask[start:start + ENCODE_ROWS, :width]
-        memory = model.encoder(input_ids=input_ids[start:start + ENCODE_ROWS, :width],
-                               attention_mask=mask).last_hidden_state
-        rows = len(mask)
-        cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
-        part = torch.stack([torch.stack([_heads(a.k(memory), a, rows, width), _heads(a.v(memory), a, rows, width)])
-                            for a in cross])
-        if kv is None:
-            kv = part.new_zeros(*part.shape[:2], n, part.shape[3], src, part.shape[5])
-        kv[:, :, start:start + rows, :, :width] = part
-    return kv
+    for start in range(0, n, GROUP_ROWS):
+        width = max(lengths[start:start + GROUP_ROWS])
+        memory = _encoder(model, input_ids[start:start + GROUP_ROWS, :width], attention_mask[start:start + GROUP_ROWS, :width])
+        rows = len(memory)
+        for i, a in enumerate(cross):
+            for j, proj in enumerate((a.k, a.v)):
+                x = _heads(proj(memory), a, rows, width)
+                if kv is None:  # its dtype is the projection's (bf16 under autocast)
+                    kv = x.new_empty(len(cross), 2, n, a.n_heads, src, a.key_value_proj_dim)
+                kv[i, j, start:start + rows, :, :width] = x
+        kv[:, :, start:start + rows, :, width:] = 0  # finite, for groups formed once dialogues have left
+    return kv, lengths
 
 
-def _decode_step(model, tokens, t, cache, cross, cross_bias, bias):
+def _groups(lengths):
+    """(first, end, width) per run of GROUP_ROWS dialogues (sorted by source length): cross-attention reads
+    each run's K and V up to its own longest source, not the batch's."""
+    return [(a, a + len(lengths[a:a + GROUP_ROWS]), max(lengths[a:a + GROUP_ROWS])) for a in range(0, len(lengths), GROUP_ROWS)]
+
+
+def _decode_step(model, tokens, t, cache, cross, cross_bias, groups, bias):
     """Logits [rows, vocab] for one token per row at position t; writes its self-attention K and V into
     cache [layers, 2, rows, heads, positions, d] at t.
 
     rows = dialogues x beams, beams of a dialogue adjacent; cross and cross_bias (0, or NEG past a source's
-    end) are per dialogue. The one step every search calls: a fused or static-cache form replaces this."""
-    rows, n = tokens.shape[0], cross.shape[2]
+    end) are per dialogue, read by groups (_groups). The one step every search calls: a fused or
+    static-cache form replaces this."""
+    rows, n, dtype = tokens.shape[0], cross.shape[2], cross.dtype  # the projections' dtype (bf16 under autocast)
     beams = rows // n
     h = model.decoder.embed_tokens(tokens)  # [rows, d_model]
     for i, block in enumerate(model.decoder.block):
         norm, att = block.layer[0].layer_norm, block.layer[0].SelfAttention
-        x = norm(h)
+        x = norm(h).to(dtype)  # once, not once per projection
         cache[i, 0, :, :, t] = att.k(x).view(rows, att.n_heads, -1)
         cache[i, 1, :, :, t] = att.v(x).view(rows, att.n_heads, -1)
         q = att.q(x).view(rows, att.n_heads, 1, -1)
@@ -91,9 +130,11 @@ def _decode_step(model, tokens, t, cache, cross, cross_bias, bias):
         h = h + att.o(out.reshape(rows, -1))
         norm, att = block.layer[1].layer_norm, block.layer[1].EncDecAttention
         q = att.q(norm(h)).view(n, beams, att.n_heads, -1).transpose(1, 2)  # beams fold into the query axis
-        out = F.scaled_dot_product_attention(q, cross[i, 0], cross[i, 1], attn_mask=cross_bias, scale=1.0)
+        out = torch.cat([F.scaled_dot_product_attention(q[a:b], cross[i, 0, a:b, :, :w], cross[i, 1, a:b, :, :w],
+                                                        attn_mask=cross_bias[a:b, :, :, :w], scale=1.0)
+                         for a, b, w in groups])
         h = h + att.o(out.transpose(1, 2).reshape(rows, -1))
-        h = block.layer[-1](h)  # T5LayerFF: norm, feed-forward, residual
+        h = _feed_forward(block.layer[-1], h, dtype)
     h = model.decoder.final_layer_norm(h)
     config = model.config  # original T5 rescales before lm_head, T5 v1.1 / FLAN does not (5.x flag; 4.x: tied)
     if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
@@ -156,7 +197,8 @@ def generate(model, input_ids, attention_mask, settings) -> list:
     n, beams, steps = input_ids.shape[0], settings.num_beams, settings.max_new_tokens
     eos, start = model.generation_config.eos_token_id, model.config.decoder_start_token_id
     device = input_ids.device
-    cross = _encode(model, input_ids, attention_mask)
+    cross, lengths = _encode(model, input_ids, attention_mask)
+    groups = _groups(lengths)
     cross_bias = torch.zeros(n, 1, 1, input_ids.shape[1], dtype=cross.dtype, device=device).masked_fill(
         attention_mask[:, None, None, :] == 0, NEG)  # additive, built once: a boolean mask is converted per call
     att0 = model.decoder.block[0].layer[0].SelfAttention
@@ -179,7 +221,8 @@ def generate(model, input_ids, attention_mask, settings) -> list:
 
     for t in range(steps):
         rows = len(active) * beams
-        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, bias).float()
+        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, groups,
+                              bias).float()
         history, vocab = seqs.view(rows, -1)[:, :t + 1], logits.shape[-1]
         if beams == 1:  # HF's greedy search: the argmax of the processed logits, ties to the lowest id; a
             # running score added first would merge near ties once it is large (fp32 rounding)
@@ -219,6 +262,8 @@ def generate(model, input_ids, attention_mask, settings) -> list:
             seqs, scores, source = seqs[stay], scores[stay], source[stay]
             done_seqs, done_scores, done = done_seqs[stay], done_scores[stay], done[stay]
             cross, cross_bias = cross[:, :, stay], cross_bias[stay]
+            groups = _groups([lengths[b] for b in kept])
+            lengths = [lengths[b] for b in kept]
         # the self-attention cache follows the beams (and drops finished dialogues): positions 0..t only
         parents = (stay[:, None] * beams + source).flatten()
         torch.index_select(cache[:, :, :, :, :t + 1], 2, parents, out=spare[:, :, :len(parents), :, :t + 1])

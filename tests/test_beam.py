@@ -5,6 +5,7 @@ fp32 is pinned (precision="fp32"): the oracle comparison is token for token.
 
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dialsum_raw import beam, data, lora
@@ -17,7 +18,7 @@ OPTIONS = {"plain": {}, "min+ngram": {"min_new_tokens": 9, "no_repeat_ngram_size
 
 
 def _settings(engine, batch_size, **over):
-    return Settings(engine=engine, eval_batch_size=batch_size, precision="fp32", max_source_len=128, **over)
+    return Settings(engine=engine, eval_batch_size=batch_size, precision="fp32", **{"max_source_len": 128, **over})
 
 
 def _oracle(model, tok, texts, **over):
@@ -128,6 +129,51 @@ def test_cross_attention_kv_once_per_dialogue(models, tokenizer, texts):
     assert seen == [8] * len(model.decoder.block)
 
 
+def _sorted_batch(tokenizer, texts, max_len=128):
+    """texts as generate_ids batches them: sorted by source length, longest first, padded on the right."""
+    sources, _ = data.encode_sources(tokenizer, texts, max_len)
+    return data.Collator(tokenizer.pad_token_id)([{"input_ids": x, "labels": [0]}
+                                                  for x in sorted(sources, key=len, reverse=True)])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_is_t5s_encoder_to_the_bit(models, tokenizer, texts, precision):
+    """The own encoder loop (position bias and padding mask summed once, each layer's input cast once) gives
+    T5's encoder output exactly, padded positions included, in fp32 and under bf16 autocast."""
+    model, batch = models["random"], _sorted_batch(tokenizer, texts[:8])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        expect = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = beam._encoder(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(got, expect)
+
+
+def test_cross_attention_reads_each_groups_own_width(models, tokenizer, texts, monkeypatch):
+    """At a decode step, cross-attention reads each group of GROUP_ROWS dialogues up to its own longest source,
+    not the batch's longest."""
+    model, batch = models["random"], _sorted_batch(tokenizer, texts, 512)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    widths, sdpa = [], F.scaled_dot_product_attention
+    def spy(q, k, v, **kw):
+        if q.shape[2] == 4 and k.shape[2] != 4:  # cross-attention: the 4 beams fold into the query axis
+            widths.append((q.shape[0], k.shape[2]))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    beam.generate(model, batch["input_ids"], batch["attention_mask"], _settings("own", 32, num_beams=4, max_new_tokens=1))
+    step = widths[:len(widths) // len(model.decoder.block)]  # the first layer's calls
+    expect = [(len(lengths[a:a + beam.GROUP_ROWS]), max(lengths[a:a + beam.GROUP_ROWS]))
+              for a in range(0, len(lengths), beam.GROUP_ROWS)]
+    assert step == expect and len({w for _, w in expect}) > 1
+
+
+def test_padding_in_the_cross_cache_is_finite(models, oracles, tokenizer, texts, monkeypatch):
+    """Once dialogues leave, groups re-form and may read a row past its own encoder group's width: those K and
+    V must be finite (and masked), whatever the memory held. Here every new_empty tensor starts as NaN."""
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda x, *a, **k: new_empty(x, *a, **k).fill_(float("nan")))
+    over = {"num_beams": 4, "max_new_tokens": 24, "max_source_len": 512}  # sources of many lengths
+    assert generate_ids(models["trained"], tokenizer, texts, _settings("own", 32, **over)) == oracles("trained", **over)
+
+
 def test_finished_dialogues_leave_the_batch(models, tokenizer, texts, monkeypatch):
     model, rows = models["trained"], []
     step = beam._decode_step
@@ -169,9 +215,7 @@ def test_host_reads_per_step(models, tokenizer, texts, monkeypatch, which, ngram
     """At most two reads per decode step (which dialogues finished; the summaries of those that did) and one
     per batch (the encoder widths): with dialogues finishing at different steps (trained), and with the
     n-gram ban on (random)."""
-    sources, _ = data.encode_sources(tokenizer, texts, 128)
-    batch = data.Collator(tokenizer.pad_token_id)([{"input_ids": x, "labels": [0]}
-                                                   for x in sorted(sources, key=len, reverse=True)])
+    batch = _sorted_batch(tokenizer, texts)
     reads, steps = [], []
     step, tolist = beam._decode_step, torch.Tensor.tolist
     monkeypatch.setattr(beam, "_decode_step", lambda *a: steps.append(1) or step(*a))
