@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from . import beam, data, lora, metrics, sharding, standin, training
 from .config import Settings, validate
 from .errors import run_cli
 from .generation import generate_ids, generation_kwargs, summarize
-from .modeling import autocast_for, choose_precision, compute_device, count_parameters, load_model, load_tokenizer
+from .modeling import (autocast_for, choose_precision, compute_device, count_parameters, cpu_bf16_units, load_model,
+                       load_tokenizer)
 
 
 def _table(title, rows):
@@ -39,9 +41,20 @@ def _table(title, rows):
         print(f"  {name:<{width}}  {value}")
 
 
+def _cpu():
+    """This CPU's model name, bf16 units and our thread count: a speed ratio belongs to one machine."""
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {cpu_bf16_units() or 'no bf16 units'}, {torch.get_num_threads()} threads"
+
+
 def _save(name, result, args):
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"cpu x{torch.get_num_threads()} threads", "torch": torch.__version__, "quick": args.quick, **result}
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu(),
+              "torch": torch.__version__, "quick": args.quick, **result}
     path = os.path.join(args.out, f"bench-{name}.json")
     os.makedirs(args.out, exist_ok=True)  # --out may name a new folder
     with open(path, "w") as f:
@@ -432,8 +445,9 @@ def bench_eval(args):
     rows += [(f"{p} test split, own", f"{e['test_split_minutes']} min = {e['measured_seconds']} s measured on {n} "
                                      f"dialogues at 128 new tokens, batch {e['batch']}, x 500/{n}")
              for p, e in estimate.items()]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else _cpu()
     _table(f"eval: {n} test dialogues, flan-t5-small stand-in, beams 4, max_new_tokens {steps}, "
-           f"{torch.get_num_threads()} threads per engine, best of {args.repeat}; seconds", rows)
+           f"{torch.get_num_threads()} threads per engine, best of {args.repeat}; seconds\n{machine}", rows)
     return _save("eval", result, args)
 
 
