@@ -6,6 +6,9 @@ cache by beam, cross-attention keys and values included, though they never chang
 - the encoder runs once per dialogue, and each decoder layer's cross-attention K and V are computed
   once per dialogue; a dialogue's beams share them by folding the beams into the query axis
   ([dialogues, heads, beams, d] against [dialogues, heads, source, d]);
+- the encoder runs on length-sorted groups of GROUP_ROWS dialogues, each cut to its longest source, with
+  the position bias and padding mask summed once per group (HF's sums them in every layer), and each
+  group's cross-attention reads K and V only up to that width;
 - only the self-attention cache, which grows with the summary, is reordered: its live positions are
   copied into a second buffer, both allocated once for max_new_tokens;
 - a dialogue leaves the batch as soon as its search is done, so cost follows the dialogues still running.
@@ -18,9 +21,10 @@ dialogue is done once it holds num_beams finished hypotheses (HF's early-stop he
 fire after that), or at max_new_tokens. num_beams=1 is HF's greedy search: the argmax of the processed
 logits.
 
-The forward pass calls the model's own modules (embeddings, layer norms, q/k/v/o, feed-forward,
-lm_head, relative position bias), so LoRALinear layers, merged or not, and any T5 checkpoint that
-loads with from_pretrained work unchanged. The model must be in eval mode (dropout off).
+The forward pass calls the model's own modules (embeddings, layer norms, q/k/v/o, the feed-forward's
+projections and activation, lm_head, relative position bias), so LoRALinear layers, merged or not, and
+T5 checkpoints (gated or not) with fp32 weights, as load_model loads them, work unchanged; bf16 comes
+from autocast (fp16 weights are not supported: T5 overflows in fp16). The model must be in eval mode.
 """
 
 import torch
@@ -80,7 +84,7 @@ def _encoder(model, input_ids, attention_mask):
 
 def _encode(model, input_ids, attention_mask):
     """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source, d],
-    and the groups the decoder reads them by.
+    and the source lengths.
 
     The encoder runs on groups of GROUP_ROWS dialogues, each group cut to its own longest source
     (rows arrive sorted by length, padded on the right), so a big batch pays for no more padding in

@@ -49,7 +49,7 @@ def _cpu():
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, {cpu_bf16_units() or 'no bf16 units'}, {torch.get_num_threads()} threads"
+    return f"cpu: {name}, {cpu_bf16_units() or 'no bf16 units'}, {torch.get_num_threads()} threads"
 
 
 def _save(name, result, args):
@@ -285,33 +285,47 @@ def _timed_ids(model, tok, texts, settings):
 
 def _ct2_serve(conn, path, threads):
     """CTranslate2's side of the race, in a process of its own: fp32 and int8 translators of the converted
-    folder answer (kind, batches, options) with (seconds spent translating, best hypothesis per source)."""
-    import ctranslate2
-    translators = {kind: ctranslate2.Translator(path, device="cpu", compute_type=kind, intra_threads=threads)
-                   for kind in ("float32", "int8")}
-    for kind, batches, options in iter(conn.recv, None):
-        start = time.perf_counter()
-        hypotheses = [r.hypotheses[0] for batch in batches for r in translators[kind].translate_batch(batch, **options)]
-        conn.send((time.perf_counter() - start, hypotheses))
+    folder answer (kind, batches, options) with (seconds spent translating, best hypothesis per source),
+    or with the error's text."""
+    try:
+        import ctranslate2
+        translators = {kind: ctranslate2.Translator(path, device="cpu", compute_type=kind, intra_threads=threads)
+                       for kind in ("float32", "int8")}
+        for kind, batches, options in iter(conn.recv, None):
+            start = time.perf_counter()
+            hypotheses = [r.hypotheses[0] for batch in batches
+                          for r in translators[kind].translate_batch(batch, **options)]
+            conn.send((time.perf_counter() - start, hypotheses))
+    except Exception:  # noqa: BLE001 - the parent raises it
+        import traceback
+        conn.send(traceback.format_exc())
 
 
 class _CT2:
-    """CTranslate2 (fp32, int8) in a child process. In ours, once it had run, torch's threads slept between
-    ops: two OpenMP runtimes in one process (70,000 context switches in a search instead of 30, ours bf16
-    7.5 s before it ran and 10.9 s after), a cost no user of either engine pays."""
+    """CTranslate2 (fp32, int8) in a child process, so that its threads and torch's never run in one process.
+    Run in ours, once it had run, torch's threads slept between ops (two OpenMP runtimes: 70,000 context
+    switches in a search instead of 30, ours bf16 7.5 s before it ran and 10.9 s after), a cost no user of
+    either engine pays."""
 
     def __init__(self, model_dir, tmp):
         from ctranslate2.converters import TransformersConverter
         path = TransformersConverter(model_dir).convert(os.path.join(tmp, "ct2"))
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads inherited
+        context = multiprocessing.get_context("spawn")  # not fork: no copy of torch's thread pool
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_ct2_serve, args=(child, path, torch.get_num_threads()), daemon=True)
         self.process.start()
+        child.close()  # the child's end lives in the child only: its exit reads as end-of-file here
+
+    def close(self):
+        if self.process.is_alive():
+            self.conn.send(None)
+            self.process.join(30)
+            self.process.terminate()
 
     def ids(self, kind, tok, texts, settings):
         """(seconds, token ids) of CTranslate2's beam search over the batches generate_ids forms (sorted by
         source length), with the same beams, cap and length penalty; EOS kept when reached. The seconds are
-        the tokenizing here plus the translating there, not the transfer between the two processes."""
+        tokens to strings and back here plus the translating there, not the transfer between the processes."""
         start = time.perf_counter()
         sources, _ = data.encode_sources(tok, texts, settings.max_source_len)
         order = sorted(range(len(texts)), key=lambda i: -len(sources[i]))
@@ -321,15 +335,18 @@ class _CT2:
         here = time.perf_counter() - start
         self.conn.send((kind, batches, {"beam_size": settings.num_beams, "length_penalty": settings.length_penalty,
                                         "max_decoding_length": settings.max_new_tokens, "return_end_token": True}))
-        there, hypotheses = self.conn.recv()
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the CTranslate2 process ended (exit code {self.process.exitcode})") from None
+        if isinstance(answer, str):
+            raise RuntimeError(f"CTranslate2 failed in its process:\n{answer}")
+        there, hypotheses = answer
+        start = time.perf_counter()
         ids = [None] * len(texts)
         for i, tokens in zip(order, hypotheses):
             ids[i] = tok.convert_tokens_to_ids(tokens)
-        return here + there, ids
-
-    def close(self):
-        self.conn.send(None)
-        self.process.join()
+        return here + there + time.perf_counter() - start, ids
 
 
 def _ct2(model_dir, tmp):
@@ -368,20 +385,21 @@ def bench_eval(args):
     runs.update({f"HF {p}": (lambda size, p=p: _timed_ids(model, tok, texts, settings("hf", size, p))) for p in precisions})
     if device.type == "cpu":
         runs["ours int8"] = lambda size: _timed_ids(model, tok, texts, settings("own", size, quantize="int8"))
-    for engine in ("own", "hf"):  # warm-up: the first calls pay for page faults and allocator growth
-        _timed_ids(model, tok, texts[:2], settings(engine, 2, tokens=4))
-    for kind in ("float32", "int8") if ct2 else ():
-        ct2.ids(kind, tok, texts[:2], settings("own", 2, tokens=4))
-
     seconds, ids = {}, {}
-    for _ in range(args.repeat):
-        for size in sizes:
-            for name, run in runs.items():
-                took, ids[name, size] = run(size)
-                seconds[name, size] = min(took, seconds.get((name, size), float("inf")))
-    if ct2:
-        ct2.close()
-    tmp.cleanup()
+    try:
+        for engine in ("own", "hf"):  # warm-up: the first calls pay for page faults and allocator growth
+            _timed_ids(model, tok, texts[:2], settings(engine, 2, tokens=4))
+        for kind in ("float32", "int8") if ct2 else ():
+            ct2.ids(kind, tok, texts[:2], settings("own", 2, tokens=4))
+        for _ in range(args.repeat):
+            for size in sizes:
+                for name, run in runs.items():
+                    took, ids[name, size] = run(size)
+                    seconds[name, size] = min(took, seconds.get((name, size), float("inf")))
+    finally:  # the child stops and the converted model goes, whatever happened
+        if ct2:
+            ct2.close()
+        tmp.cleanup()
 
     # outputs against ours in fp32: HF must match up to score ties; the others are counted, with the reason
     differ, why = {}, {}

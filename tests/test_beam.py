@@ -140,7 +140,8 @@ def _sorted_batch(tokenizer, texts, max_len=128):
 def test_encoder_is_t5s_encoder_to_the_bit(models, tokenizer, texts, precision):
     """The own encoder loop (position bias and padding mask summed once, each layer's input cast once) gives
     T5's encoder output exactly, padded positions included, in fp32 and under bf16 autocast."""
-    model, batch = models["random"], _sorted_batch(tokenizer, texts[:8])
+    model, batch = models["random"], _sorted_batch(tokenizer, texts[:8], 512)
+    assert (batch["attention_mask"] == 0).any()  # the mask matters
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         expect = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         got = beam._encoder(model, batch["input_ids"], batch["attention_mask"])
@@ -148,30 +149,39 @@ def test_encoder_is_t5s_encoder_to_the_bit(models, tokenizer, texts, precision):
 
 
 def test_cross_attention_reads_each_groups_own_width(models, tokenizer, texts, monkeypatch):
-    """At a decode step, cross-attention reads each group of GROUP_ROWS dialogues up to its own longest source,
-    not the batch's longest."""
-    model, batch = models["random"], _sorted_batch(tokenizer, texts, 512)
+    """At every decode step, cross-attention reads each group of GROUP_ROWS dialogues still running up to its
+    own longest source (not the batch's), the groups re-formed as dialogues leave."""
+    model, batch = models["trained"], _sorted_batch(tokenizer, texts, 512)
     lengths = batch["attention_mask"].sum(1).tolist()
-    widths, sdpa = [], F.scaled_dot_product_attention
+    seen, calls, step, sdpa = [], [], beam._decode_step, F.scaled_dot_product_attention
+    def check(model, tokens, t, cache, cross, cross_bias, groups, bias):
+        running = (cross_bias[:, 0, 0] == 0).sum(1).tolist()  # the source length of each dialogue still running
+        calls.clear()
+        out = step(model, tokens, t, cache, cross, cross_bias, groups, bias)
+        read = [(b - a, w) for a, b, w in groups] * len(model.decoder.block)
+        seen.append((len(running), groups == beam._groups(running) and calls == read))
+        return out
     def spy(q, k, v, **kw):
-        if q.shape[2] == 4 and k.shape[2] != 4:  # cross-attention: the 4 beams fold into the query axis
-            widths.append((q.shape[0], k.shape[2]))
+        if q.shape[2] == 4:  # cross-attention: the 4 beams fold into the query axis (self-attention: 1 query)
+            calls.append((q.shape[0], k.shape[2]))
         return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(beam, "_decode_step", check)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    beam.generate(model, batch["input_ids"], batch["attention_mask"], _settings("own", 32, num_beams=4, max_new_tokens=1))
-    step = widths[:len(widths) // len(model.decoder.block)]  # the first layer's calls
-    expect = [(len(lengths[a:a + beam.GROUP_ROWS]), max(lengths[a:a + beam.GROUP_ROWS]))
-              for a in range(0, len(lengths), beam.GROUP_ROWS)]
-    assert step == expect and len({w for _, w in expect}) > 1
+    beam.generate(model, batch["input_ids"], batch["attention_mask"], _settings("own", 32, num_beams=4, max_new_tokens=24))
+    assert all(ok for _, ok in seen) and len({n for n, _ in seen}) > 2  # dialogues left at different steps
+    widths = [w for _, _, w in beam._groups(lengths)]
+    assert widths[0] == max(lengths) and len(set(widths)) > 1
 
 
-def test_padding_in_the_cross_cache_is_finite(models, oracles, tokenizer, texts, monkeypatch):
-    """Once dialogues leave, groups re-form and may read a row past its own encoder group's width: those K and
-    V must be finite (and masked), whatever the memory held. Here every new_empty tensor starts as NaN."""
+def test_padding_in_the_cross_cache_is_finite(models, tokenizer, texts, monkeypatch):
+    """Once dialogues leave, groups re-form and may read a row past its own encoder group's width: K and V
+    there must be finite (then masked), whatever the memory held. Here every new_empty tensor starts as NaN."""
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda x, *a, **k: new_empty(x, *a, **k).fill_(float("nan")))
-    over = {"num_beams": 4, "max_new_tokens": 24, "max_source_len": 512}  # sources of many lengths
-    assert generate_ids(models["trained"], tokenizer, texts, _settings("own", 32, **over)) == oracles("trained", **over)
+    batch = _sorted_batch(tokenizer, texts, 512)
+    with torch.no_grad():
+        kv, lengths = beam._encode(models["random"], batch["input_ids"], batch["attention_mask"])
+    assert len(set(lengths)) > 1 and torch.isfinite(kv).all()
 
 
 def test_finished_dialogues_leave_the_batch(models, tokenizer, texts, monkeypatch):
