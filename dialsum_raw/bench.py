@@ -317,10 +317,12 @@ class _CT2:
         child.close()  # the child's end lives in the child only: its exit reads as end-of-file here
 
     def close(self):
-        if self.process.is_alive():
+        try:
             self.conn.send(None)
-            self.process.join(30)
-            self.process.terminate()
+        except OSError:  # the child has already ended
+            pass
+        self.process.join(30)
+        self.process.terminate()
 
     def ids(self, kind, tok, texts, settings):
         """(seconds, token ids) of CTranslate2's beam search over the batches generate_ids forms (sorted by
@@ -333,11 +335,12 @@ class _CT2:
         batches = [[tok.convert_ids_to_tokens(sources[i]) for i in order[first:first + size]]
                    for first in range(0, len(order), size)]
         here = time.perf_counter() - start
-        self.conn.send((kind, batches, {"beam_size": settings.num_beams, "length_penalty": settings.length_penalty,
-                                        "max_decoding_length": settings.max_new_tokens, "return_end_token": True}))
         try:
+            self.conn.send((kind, batches, {"beam_size": settings.num_beams, "length_penalty": settings.length_penalty,
+                                            "max_decoding_length": settings.max_new_tokens, "return_end_token": True}))
             answer = self.conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the child is gone: its end of the pipe closed
+            self.process.join(5)
             raise RuntimeError(f"the CTranslate2 process ended (exit code {self.process.exitcode})") from None
         if isinstance(answer, str):
             raise RuntimeError(f"CTranslate2 failed in its process:\n{answer}")
