@@ -93,17 +93,15 @@ def _encode(model, input_ids, attention_mask):
     lengths = attention_mask.sum(1).tolist()  # one read on the host per batch, not one per group
     cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
     kv = None
-    for start in range(0, n, GROUP_ROWS):
-        width = max(lengths[start:start + GROUP_ROWS])
-        memory = _encoder(model, input_ids[start:start + GROUP_ROWS, :width], attention_mask[start:start + GROUP_ROWS, :width])
-        rows = len(memory)
+    for start, end, width in _groups(lengths):
+        memory = _encoder(model, input_ids[start:end, :width], attention_mask[start:end, :width])
         for i, a in enumerate(cross):
             for j, proj in enumerate((a.k, a.v)):
-                x = _heads(proj(memory), a, rows, width)
+                x = _heads(proj(memory), a, end - start, width)
                 if kv is None:  # its dtype is the projection's (bf16 under autocast)
                     kv = x.new_empty(len(cross), 2, n, a.n_heads, src, a.key_value_proj_dim)
-                kv[i, j, start:start + rows, :, :width] = x
-        kv[:, :, start:start + rows, :, width:] = 0  # finite, for groups formed once dialogues have left
+                kv[i, j, start:end, :, :width] = x
+        kv[:, :, start:end, :, width:] = 0  # finite, for groups formed once dialogues have left
     return kv, lengths
 
 
@@ -266,8 +264,8 @@ def generate(model, input_ids, attention_mask, settings) -> list:
             seqs, scores, source = seqs[stay], scores[stay], source[stay]
             done_seqs, done_scores, done = done_seqs[stay], done_scores[stay], done[stay]
             cross, cross_bias = cross[:, :, stay], cross_bias[stay]
-            groups = _groups([lengths[b] for b in kept])
             lengths = [lengths[b] for b in kept]
+            groups = _groups(lengths)
         # the self-attention cache follows the beams (and drops finished dialogues): positions 0..t only
         parents = (stay[:, None] * beams + source).flatten()
         torch.index_select(cache[:, :, :, :, :t + 1], 2, parents, out=spare[:, :, :len(parents), :, :t + 1])

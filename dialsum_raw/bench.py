@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from . import beam, data, lora, metrics, sharding, standin, training
 from .config import Settings, validate
 from .errors import run_cli
-from .generation import generate_ids, generation_kwargs, summarize
+from .generation import generate_ids, generation_kwargs, length_sorted_batches, summarize
 from .modeling import (autocast_for, choose_precision, compute_device, count_parameters, cpu_bf16_units, load_model,
                        load_tokenizer)
 
@@ -330,10 +330,8 @@ class _CT2:
         tokens to strings and back here plus the translating there, not the transfer between the processes."""
         start = time.perf_counter()
         sources, _ = data.encode_sources(tok, texts, settings.max_source_len)
-        order = sorted(range(len(texts)), key=lambda i: -len(sources[i]))
-        size = settings.eval_batch_size
-        batches = [[tok.convert_ids_to_tokens(sources[i]) for i in order[first:first + size]]
-                   for first in range(0, len(order), size)]
+        chunks = length_sorted_batches(sources, settings.eval_batch_size)
+        batches = [[tok.convert_ids_to_tokens(sources[i]) for i in chunk] for chunk in chunks]
         here = time.perf_counter() - start
         try:
             self.conn.send((kind, batches, {"beam_size": settings.num_beams, "length_penalty": settings.length_penalty,
@@ -347,7 +345,7 @@ class _CT2:
         there, hypotheses = answer
         start = time.perf_counter()
         ids = [None] * len(texts)
-        for i, tokens in zip(order, hypotheses):
+        for i, tokens in zip([i for chunk in chunks for i in chunk], hypotheses):
             ids[i] = tok.convert_tokens_to_ids(tokens)
         return here + there + time.perf_counter() - start, ids
 

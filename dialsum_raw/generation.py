@@ -62,6 +62,13 @@ def quantized(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def length_sorted_batches(sources, size) -> list:
+    """Indices of `sources` (token id lists) in batches of `size`, longest first: little padding per batch, and
+    peak memory shows at once. Every engine the bench races gets the same batches."""
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list:
     """The summary's token ids per entry of `dialogues` (texts), generating each distinct text once."""
@@ -72,7 +79,6 @@ def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list
     if not unique:  # nothing to generate (a rank given no validation dialogues): the tokenizer refuses []
         return []
     ids, _ = data.encode_sources(tokenizer, unique, settings.max_source_len)  # the prompt kept whole
-    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))  # longest first: peak memory shows at once
     device = next(model.parameters()).device
     model.eval()
     if settings.quantize == "int8":
@@ -80,10 +86,8 @@ def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list
     autocast = autocast_for("fp32" if settings.quantize == "int8" else settings.precision, device)  # int8: fp32 around
     collate = data.Collator(tokenizer.pad_token_id)
     summaries = [None] * len(unique)
-    size = settings.eval_batch_size
     with tqdm(total=len(unique), desc=desc, unit="dialogue") as bar, weights_cast_once(model):
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+        for chunk in length_sorted_batches(ids, settings.eval_batch_size):
             batch = collate([{"input_ids": ids[i], "labels": [0]} for i in chunk])
             with autocast():
                 out = search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), settings)
