@@ -29,19 +29,111 @@ def load_tokenizer(name_or_path, what="model"):
                         + ("" if os.path.isdir(name_or_path) else "; offline? give a local folder instead"))
 
 
-def load_model(name_or_path, dropout=None):
-    """A seq2seq model in fp32 (autocast handles bf16); `dropout` overrides config.dropout_rate."""
+# How --base-dtype stores the frozen base. Trainable tensors (LoRA's) and optimizer state stay fp32 either way.
+BASE_DTYPES = ("fp32", "bf16", "nf4")
+STORAGE_RULE = ("nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
+                "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
+                "bf16 stores every weight in bf16 but wo, which transformers keeps in fp32")
+
+
+def load_model(name_or_path, dropout=None, base_dtype="fp32"):
+    """A seq2seq model with its weights stored as `base_dtype` says (see STORAGE_RULE); `dropout` overrides
+    config.dropout_rate. fp32 and bf16 load through from_pretrained; nf4 quantizes as it reads, tensor by
+    tensor, so the process never holds the whole base in fp32 (load_quantized)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
     _check_source(name_or_path, "model")
-    kwargs = {"dtype": torch.float32}
-    if dropout is not None:
-        kwargs["dropout_rate"] = dropout
+    kwargs = {} if dropout is None else {"dropout_rate": dropout}
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+        if base_dtype == "nf4":
+            return load_quantized(name_or_path, kwargs)
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            name_or_path, dtype=torch.bfloat16 if base_dtype == "bf16" else torch.float32, **kwargs)
+    except UserError:
+        raise
     except Exception as e:
         hint = "is the weights file intact?" if os.path.isdir(name_or_path) else "offline? give a local folder instead"
         raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}")
+
+
+def quantized_names(model):
+    """The Linear layers that --base-dtype nf4 stores in 4 bits: every one inside T5's blocks."""
+    from torch import nn
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".block." in f".{n}."}
+
+
+def load_quantized(name_or_path, config_kwargs):
+    """The model with quantized_names() in NF4, built on the meta device and filled tensor by tensor from its
+    safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied weights
+    follow from_pretrained's rule: a tied tensor shares its source unless the file holds different values."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+    from .quant import NF4Linear, quantize
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    targets, dense = quantized_names(model), {}
+    for key, tensor in read_safetensors(weight_files(name_or_path)):
+        module, leaf = key.rsplit(".", 1)
+        if module in targets and leaf == "weight":
+            parent, child = module.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, NF4Linear(quantize(tensor)))
+        else:
+            dense[key] = tensor.float()
+    for key, tensor in dense.items():
+        module, leaf = key.rsplit(".", 1)
+        model.get_submodule(module)._parameters[leaf] = nn.Parameter(tensor)
+    for target, source in getattr(model, "all_tied_weights_keys", {}).items():
+        if target not in dense or torch.equal(dense[target], dense[source]):
+            module, leaf = target.rsplit(".", 1)
+            model.get_submodule(module)._parameters[leaf] = model.get_parameter(source)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise UserError(f"{name_or_path}: the weights lack {missing[0]} (and {len(missing) - 1} more)")
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:  # no generation_config.json: from_config's default stays
+        pass
+    return model.eval()
+
+
+def weight_files(name_or_path):
+    """The safetensors file(s) of a model folder or hub id (one file, or the shards of its index)."""
+    import json
+    from transformers.utils import cached_file
+    found = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    if found:
+        return [found]
+    index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if not index:
+        raise UserError(f"{name_or_path}: --base-dtype nf4 reads safetensors weights, and there are none "
+                        "(model.safetensors or model.safetensors.index.json)")
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [cached_file(name_or_path, shard) for shard in shards]
+
+
+def read_safetensors(paths):
+    """(name, tensor) of every tensor in safetensors files, each read into memory of its own with plain file
+    reads: a memory map would keep the pages of the tensors already read in the process's resident set."""
+    import json
+    import torch
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for path in paths:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in dtypes:
+                    raise UserError(f"{path}: {key} is {info['dtype']}; --base-dtype nf4 reads F32, BF16 or F16")
+                start, end = info["data_offsets"]
+                f.seek(8 + size + start)
+                data = bytearray(end - start)
+                f.readinto(data)
+                yield key, torch.frombuffer(data, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
 
 
 def compute_device():
