@@ -13,7 +13,7 @@ import time
 from . import checkpoint, data, lora, metrics, report
 from .errors import UserError
 from .generation import generation_kwargs, summarize
-from .modeling import compute_device, load_model, load_tokenizer
+from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
 
 INT8_SAMPLE = 32  # dialogues per model generated without int8 too, to measure the preview's agreement
 
@@ -50,18 +50,19 @@ def run(settings) -> dict:
                           "rouge_difference": {m: rouge["int8"][m] - rouge["exact"][m] for m in rouge["int8"]}}
 
     models = {"original": settings.model}
-    model = load_model(settings.model).to(device)
+    base_dtype = inference_base_dtype(settings, device)
+    model = load_model(settings.model, base_dtype=base_dtype).to(device)
     # a corrupted or mismatched adapter fails now, not after the first model's run
     adapter = lora.check_adapter(model, settings.adapter) if settings.adapter else None
     generate("original", model)
     if settings.adapter:
         lora.apply_adapter(model, *adapter)
-        lora.merge(model)  # inference at base speed; identical outputs up to float rounding
+        lora.merge_for_inference(model)  # at base speed where exact up to float rounding (an fp32 base)
         generate("peft", model)
         models["peft"] = f"{settings.model} + {settings.adapter}"
     if settings.instruct:
         del model
-        model = load_model(settings.instruct).to(device)
+        model = load_model(settings.instruct, base_dtype=base_dtype).to(device)
         generate("instruct", model)
         models["instruct"] = settings.instruct
 

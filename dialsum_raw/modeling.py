@@ -198,6 +198,22 @@ def choose_precision(precision, device):
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
+def check_base_precision(base_dtype, precision):
+    """A bf16-stored base computes in bf16: refused, in one line, where the run's compute dtype is fp32."""
+    if base_dtype == "bf16" and precision == "fp32":
+        raise UserError("--base-dtype bf16 needs bf16 compute, but this run computes in fp32 (--precision fp32, or "
+                        "auto on hardware without native bf16): pass --precision bf16, or --base-dtype fp32 or nf4")
+
+
+def inference_base_dtype(settings, device):
+    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter was
+    trained on (a QLoRA adapter is evaluated on the base it learned to correct), else fp32."""
+    from .lora import read_adapter
+    base_dtype = settings.base_dtype or (read_adapter(settings.adapter)[0].base_dtype if settings.adapter else "fp32")
+    check_base_precision(base_dtype, choose_precision(settings.precision, device)[0])
+    return base_dtype
+
+
 def autocast_for(precision, device):
     """A context factory for the forward pass: bf16 autocast (CUDA or CPU) when `choose_precision`
     picks bf16, else nothing. Weights, gradients and optimizer state stay fp32 either way."""

@@ -229,7 +229,8 @@ def test_adapter_only_state_and_reload(tiny, tmp_path):
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert cfg == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                   "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256}
+                   "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256,
+                   "base_dtype": "fp32"}
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "ad" / "adapter.safetensors").keys()
     assert len(keys) == 2 * 12 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
@@ -441,7 +442,8 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     saved = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert saved == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                     "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256}
+                     "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256,
+                     "base_dtype": "fp32"}
     assert LoRAConfig.from_json(saved) == config
     from safetensors.torch import load_file
     t = load_file(tmp_path / "ad" / "adapter.safetensors")

@@ -16,8 +16,8 @@ learns K x faster): training.make_optimizer.
 """
 
 from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, apply_adapter, check_adapter, inject,
-                      load_adapter, lora_layers, merge, merge_to_model, read_adapter, save_adapter, target_layers,
-                      unload, unmerge)
+                      load_adapter, lora_layers, merge, merge_for_inference, merge_to_model, read_adapter, save_adapter,
+                      target_layers, unload, unmerge)
 from .cli import main
 from .config import LoRAConfig
 from .init import INITS

@@ -6,6 +6,7 @@ Everything here goes through LoRAConfig and the layer class its variant names; n
 import json
 import os
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -48,6 +49,16 @@ def lora_layers(model):
 def merge(model):
     for _, m in lora_layers(model):
         m.merge()
+
+
+def merge_for_inference(model):
+    """Merge where that is exact up to fp32 rounding, for inference at base speed: onto fp32 bases. A bf16 base
+    would round the update to bf16 and an nf4 base re-quantize it, so those layers stay unmerged (same outputs
+    as in training, at the unmerged layer's cost)."""
+    from ..quant import dense_weight
+    for _, m in lora_layers(model):
+        if dense_weight(m.base).dtype == torch.float32 and not m.base.weight.is_meta:
+            m.merge()
 
 
 def unmerge(model):
