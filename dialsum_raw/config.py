@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import UserError, need
 from .lora import INITS, VARIANTS, LoRAConfig
+from .lora.config import expected_type
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 LORA_VARIANTS, LORA_INITS = tuple(VARIANTS), tuple(INITS)  # the lora package's tables: a new one needs no edit here
@@ -180,11 +181,6 @@ def build_parser(front, description, required=()):
     return parser
 
 
-# What a TOML value must be for each annotation of Settings, named as in the error message.
-_TOML_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
-               str: (str, "a string"), tuple: (list, "a list")}
-
-
 def _field_type(f):
     """The plain type of a Settings field: Optional[X] -> X."""
     kind = f.type
@@ -195,8 +191,8 @@ def typed(where, key, value):
     """`value` as setting `key`'s type, or a UserError 'WHERE: key: expected an integer, got 8.9' (config
     files and sweep grids alike)."""
     kind = _field_type(Settings.__dataclass_fields__[key.replace("-", "_")])
-    allowed, what = _TOML_TYPES[kind]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
+    what = expected_type(kind, value)
+    if what:
         raise UserError(f"{where}: {key}: expected {what}, got {value!r}")
     if kind is tuple:
         item = _list_item(key.replace("-", "_"))

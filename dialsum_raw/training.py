@@ -30,8 +30,8 @@ from .errors import Stopped, UserError
 from .generation import summarize
 from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
                        parameter_report, set_dropout_impl)
+from .runlog import METRICS_FILE, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -397,13 +397,15 @@ def repair_best(run: Run):
 
 
 def trim_metrics(run: Run):
-    """Drop metrics.jsonl lines logged after the checkpoint (and a line a crash cut short), rewriting
-    the file whole."""
+    """Drop metrics.jsonl lines logged after the checkpoint (and blank or damaged lines, such as one a crash
+    cut short, each named), rewriting the file whole."""
     path = os.path.join(run.out, METRICS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.progress["step"]]
-        checkpoint.atomic_write(path, "".join(kept))
+        notes = []
+        kept = [line for line in read_metrics(path, notes) if line["step"] <= run.progress["step"]]
+        for note in notes:
+            run.log(note)
+        checkpoint.atomic_write(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
 def train_step(run: Run, started, bar, caught) -> int:

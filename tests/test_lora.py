@@ -499,7 +499,7 @@ def test_make_optimizer_groups():
         (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
 
 
-class LoRAFALinear(LoRALinear):  # README, "Write your own variant": the worked example, verbatim
+class LoRAFALinear(LoRALinear):  # docs/lora.md, "Write your own variant": the worked example, verbatim
     """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
 
     @classmethod
@@ -508,7 +508,7 @@ class LoRAFALinear(LoRALinear):  # README, "Write your own variant": the worked 
 
 
 def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
-    """The README's template for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
+    """The template in docs/lora.md for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
     A at its start and moves B exactly as plain LoRA's step does (B's gradient does not depend on A training); the rest
     (merge, save, load) comes from LoRALinear."""
     monkeypatch.setitem(lora.VARIANTS, "lora-fa", LoRAFALinear)  # in the package: one line in layers.VARIANTS

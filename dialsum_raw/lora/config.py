@@ -10,6 +10,15 @@ from .layers import VARIANTS, layer_class
 
 FORMAT = "dialsum_raw-lora/2"
 OLD_FORMAT = "dialsum_raw-lora/1"  # rank/alpha of the saved form, "dora": bool, PiSSA's own rank in "pissa"
+# What a value read from a file (TOML, JSON) must be for each field type, named as in the error message.
+FILE_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+              str: (str, "a string"), tuple: (list, "a list")}
+
+
+def expected_type(kind, value):
+    """None when a file's `value` fits a field of type `kind` (a bool is not a number), else what it must be."""
+    allowed, what = FILE_TYPES[kind]
+    return None if isinstance(value, allowed) and (kind is bool or not isinstance(value, bool)) else what
 
 
 @dataclass(frozen=True)
@@ -47,12 +56,23 @@ class LoRAConfig:
         need(version in (FORMAT, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
                                               f"({FORMAT} or {OLD_FORMAT}); update dialsum_raw")
         need(isinstance(saved.get("targets"), list), f"adapter targets must be a list, got {saved.get('targets')!r}")
-        if version == OLD_FORMAT:
+        if version == OLD_FORMAT:  # its missing fields keep the defaults it was documented with
             pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
             if pissa:
                 saved.update(rank=pissa["rank"], alpha=pissa["alpha"], init="pissa")
             saved["variant"] = "dora" if saved.pop("dora", False) else "lora"
         saved.pop("base_model", None)
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in saved]
+        # a default would change the computation silently (an alpha-64 adapter run at alpha 16)
+        need(version == OLD_FORMAT or not missing, f"adapter field {missing[0] if missing else ''!r} is missing: "
+             f"format {FORMAT} holds every field ({', '.join(names)})")
+        unknown = sorted(set(saved) - set(names))
+        need(not unknown, f"adapter field {unknown[0] if unknown else ''!r} is not one of {', '.join(names)}")
+        for name, kind in ((f.name, f.type) for f in fields(cls) if f.name in saved):
+            what = expected_type(kind, saved[name])
+            need(what is None, f"adapter {name} must be {what}, got {saved[name]!r}")
+        need(all(isinstance(t, str) for t in saved["targets"]), f"adapter targets must be strings, got {saved['targets']!r}")
         return cls(**saved)
 
     def describe(self) -> str:
