@@ -60,6 +60,7 @@ class Settings:
     vera_rank: int = option(256, "rank of VeRA's shared random projections", (TRAIN,))
     rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r", (TRAIN,))
     lora_init: str = option("kaiming", "how A and B start", (TRAIN,), choices=LORA_INITS)
+    loftq_iter: int = option(1, "--lora-init loftq: alternations of nf4 quantization and rank-r fit", (TRAIN,))
     lora_plus_ratio: float = option(1.0, "LoRA+: B's learning rate is K x A's (1 = plain LoRA)", (TRAIN,))
     # optimisation
     lr: float = option(1e-3, "peak learning rate", (TRAIN,))
@@ -130,7 +131,8 @@ class Settings:
         """The adapter these settings ask for; LoRAConfig refuses, in one line, a combination peft refuses."""
         return LoRAConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
                           dropout=self.lora_dropout, rslora=self.rslora, variant=self.lora_variant,
-                          init=self.lora_init, vera_rank=self.vera_rank, base_dtype=self.base_dtype or "fp32")
+                          init=self.lora_init, vera_rank=self.vera_rank, base_dtype=self.base_dtype or "fp32",
+                          loftq_iter=self.loftq_iter)
 
 
 def fields_of(front):
@@ -291,7 +293,7 @@ def validate(s: Settings, given=()):
             ("--lora-init", s.lora_init != "kaiming"), ("--lora-plus-ratio", s.lora_plus_ratio != 1),
             ("--rslora", s.rslora),
             *((f"--{k.replace('_', '-')}", k in given) for k in ("lora_alpha", "lora_targets", "lora_dropout",
-                                                                 "vera_rank"))) if on]
+                                                                 "vera_rank", "loftq_iter"))) if on]
         need(not variant, f"{variant[0] if variant else ''} is a LoRA setting, but --lora-rank 0 is full fine-tuning")
     if s.base_dtype not in (None, "fp32"):
         need(s.is_lora, f"--base-dtype {s.base_dtype} stores the base frozen, but --lora-rank 0 (full fine-tuning) "

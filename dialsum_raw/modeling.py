@@ -69,16 +69,17 @@ def load_quantized(name_or_path, config_kwargs):
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+
     from .quant import NF4Linear, quantize
     config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     targets, dense = quantized_names(model), {}
-    for key, tensor in read_safetensors(weight_files(name_or_path)):
+    for path, key, tensor in read_safetensors(weight_files(name_or_path)):
         module, leaf = key.rsplit(".", 1)
         if module in targets and leaf == "weight":
             parent, child = module.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, NF4Linear(quantize(tensor)))
+            setattr(model.get_submodule(parent), child, NF4Linear(quantize(tensor), source=(path, key)))
         else:
             dense[key] = tensor.float()
     for key, tensor in dense.items():
@@ -101,6 +102,7 @@ def load_quantized(name_or_path, config_kwargs):
 def weight_files(name_or_path):
     """The safetensors file(s) of a model folder or hub id (one file, or the shards of its index)."""
     import json
+
     from transformers.utils import cached_file
     found = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
     if found:
@@ -114,10 +116,12 @@ def weight_files(name_or_path):
     return [cached_file(name_or_path, shard) for shard in shards]
 
 
-def read_safetensors(paths):
-    """(name, tensor) of every tensor in safetensors files, each read into memory of its own with plain file
-    reads: a memory map would keep the pages of the tensors already read in the process's resident set."""
+def read_safetensors(paths, keys=None):
+    """(file, name, tensor) of every tensor in safetensors files (or of those named in `keys`), each read into
+    memory of its own with plain file reads: a memory map would keep the pages of the tensors already read
+    in the process's resident set."""
     import json
+
     import torch
     dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     for path in paths:
@@ -125,7 +129,7 @@ def read_safetensors(paths):
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
             for key, info in header.items():
-                if key == "__metadata__":
+                if key == "__metadata__" or keys is not None and key not in keys:
                     continue
                 if info["dtype"] not in dtypes:
                     raise UserError(f"{path}: {key} is {info['dtype']}; --base-dtype nf4 reads F32, BF16 or F16")
@@ -133,7 +137,7 @@ def read_safetensors(paths):
                 f.seek(8 + size + start)
                 data = bytearray(end - start)
                 f.readinto(data)
-                yield key, torch.frombuffer(data, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+                yield path, key, torch.frombuffer(data, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
 
 
 def compute_device():
@@ -149,6 +153,7 @@ def set_dropout_impl(model, impl):
     probability dropout is a functional call, runs through dropout.attention. "torch" leaves the model
     as loaded (nn.Dropout and HF's sdpa, bit for bit). Eval outputs are the same either way."""
     from torch import nn
+
     from . import dropout
     if impl == "fast":
         for holder in list(model.modules()):
@@ -218,6 +223,7 @@ def autocast_for(precision, device):
     """A context factory for the forward pass: bf16 autocast (CUDA or CPU) when `choose_precision`
     picks bf16, else nothing. Weights, gradients and optimizer state stay fp32 either way."""
     from contextlib import nullcontext
+
     import torch
     if choose_precision(precision, device)[0] == "fp32":
         return nullcontext
