@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import UserError
+from .errors import UserError, need
 from .lora import INITS, VARIANTS, LoRAConfig
 from .lora.config import expected_type
 
@@ -54,9 +54,8 @@ class Settings:
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha/r)", (TRAIN,))
     lora_dropout: float = option(0.05, "dropout on the LoRA input", (TRAIN,))
     lora_targets: tuple = option(("q", "v"), f"comma list from {','.join(LORA_TARGETS)}", (TRAIN,))
-    lora_variant: str = option("lora", "plain LoRA; DoRA (a trained per-row magnitude times the normalized W + BA); "
-                               "VeRA (shared frozen random projections, trained scaling vectors)", (TRAIN,),
-                               choices=LORA_VARIANTS)
+    lora_variant: str = option("lora", "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in VARIANTS.items()),
+                               (TRAIN,), choices=LORA_VARIANTS)
     dora: bool = option(False, "the same as --lora-variant dora", (TRAIN,))
     vera_rank: int = option(256, "rank of VeRA's shared random projections", (TRAIN,))
     rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r", (TRAIN,))
@@ -267,10 +266,6 @@ UNBOUNDED = {"clip"}  # float settings where inf means something: --clip inf mea
 def validate(s: Settings, given=()):
     """Every check on values in one place, with a message that says what to do. `given`: the settings set on
     the command line, which may be refused where a config file's own value is not."""
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
     if str(s.precision).lower() in ("fp16", "float16", "half"):
         raise UserError("precision fp16 is refused: T5 overflows in fp16 (activations exceed 65504 "
                         "and the loss turns NaN); use bf16 or fp32")

@@ -4,7 +4,9 @@ adapter.json is asdict(config) plus the format and the base model's name."""
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UserError
+from ..errors import need
+from .init import INITS
+from .layers import VARIANTS, layer_class
 
 FORMAT = "dialsum_raw-lora/2"
 OLD_FORMAT = "dialsum_raw-lora/1"  # rank/alpha of the saved form, "dora": bool, PiSSA's own rank in "pissa"
@@ -26,19 +28,17 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    variant: str = "lora"  # a key of layers.VARIANTS: the layer class
+    variant: str = "lora"  # a key of layers.VARIANTS: the layer class (layers.layer_class)
     init: str = "kaiming"  # a key of init.INITS: how A and B start
     vera_rank: int = 256  # VeRA: rank of the shared random projections (peft's default)
 
     def __post_init__(self):
-        from .init import INITS
-        from .layers import VARIANTS
         object.__setattr__(self, "targets", tuple(self.targets))
         need(self.variant in VARIANTS, f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         need(self.init in INITS, f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
         need(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
         need(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        VARIANTS[self.variant].check(self)
+        layer_class(self).check(self)
 
     @property
     def scaling(self) -> float:
@@ -79,8 +79,3 @@ class LoRAConfig:
         """One line for people: every field but the targets."""
         return ", ".join(f"{f.name} {getattr(self, f.name):g}" if isinstance(getattr(self, f.name), float)
                          else f"{f.name} {getattr(self, f.name)}" for f in fields(self) if f.name != "targets")
-
-
-def need(ok, message):
-    if not ok:
-        raise UserError(message)
