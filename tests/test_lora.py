@@ -52,6 +52,7 @@ def test_layer_init_and_scaling():
         LoRAConfig(rank=4, alpha=8, init="loftq")
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_only_on_the_lora_input_as_peft(dora):
     """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input only;
@@ -295,6 +296,7 @@ def _trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant,ratio,decay", [(v, 1.0, 0.0) for v in VARIANTS] + [
     ("plain", 16.0, 0.1), ("dora", 16.0, 0.0)])  # the last two: LoRA+ against create_loraplus_optimizer
 def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, decay):
@@ -335,6 +337,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
             assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
 
 
+@pytest.mark.peft
 def test_gaussian_init_draws_as_peft():
     from peft import LoraConfig, get_peft_model
     holder = torch.nn.Sequential()
@@ -346,6 +349,7 @@ def test_gaussian_init_draws_as_peft():
     assert abs(ours.lora_A.std().item() - 1 / 4) < 0.05  # std 1/r, as peft (not variance 1/r)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"])
 def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
     from peft import PeftModel
@@ -363,6 +367,8 @@ def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, varian
     assert getattr(via_peft.peft_config["default"], "use_dora", False) == ("dora" in variant)
 
 
+@pytest.mark.slow
+@pytest.mark.peft
 def test_merge_and_export_peft_commands(tiny, tmp_path):
     from peft import PeftModel
     model = load_model(tiny).eval()
