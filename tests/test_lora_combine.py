@@ -154,7 +154,9 @@ def test_dare_equals_the_written_out_formula_and_a_seed_gives_one_adapter(tiny, 
     assert files[0] == files[1] and files[0] != files[2]
 
 
-def test_combined_adapter_is_read_by_inspect_merge_and_evaluate(tiny, tmp_path, capsys):
+@pytest.mark.peft
+def test_combined_adapter_is_read_by_inspect_merge_and_export_peft(tiny, tmp_path, capsys):
+    from peft import PeftModel
     from dialsum_raw.lora import main
     ads = [_adapter(tiny, tmp_path / f"s{i}", i) for i in (1, 2)]
     main(["combine", *ads, "--out", str(tmp_path / "soup"), "--method", "linear"])
@@ -164,10 +166,13 @@ def test_combined_adapter_is_read_by_inspect_merge_and_evaluate(tiny, tmp_path, 
     main(["inspect", str(tmp_path / "soup"), "--base", tiny])
     assert "eff_rank" in capsys.readouterr().out
     main(["merge", "--base", tiny, "--adapter", str(tmp_path / "soup"), "--out", str(tmp_path / "merged")])
+    main(["export-peft", "--adapter", str(tmp_path / "soup"), "--out", str(tmp_path / "peft")])
     x = _inputs()
     with torch.no_grad():
-        merged = load_model(str(tmp_path / "merged")).eval()(**x).logits
-        assert (merged - _on_base(tiny, tmp_path / "soup")(**x).logits).abs().max() <= 1e-5
+        expect = _on_base(tiny, tmp_path / "soup")(**x).logits
+        assert (load_model(str(tmp_path / "merged")).eval()(**x).logits - expect).abs().max() <= 1e-5
+        via_peft = PeftModel.from_pretrained(load_model(tiny), tmp_path / "peft").eval()
+        assert (via_peft(**x).logits - expect).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("case, message", [
