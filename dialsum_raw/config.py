@@ -16,8 +16,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import UserError
+from .errors import UserError, need
 from .lora import INITS, VARIANTS, LoRAConfig
+from .lora.config import expected_type
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 LORA_VARIANTS, LORA_INITS = tuple(VARIANTS), tuple(INITS)  # the lora package's tables: a new one needs no edit here
@@ -53,9 +54,8 @@ class Settings:
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha/r)", (TRAIN,))
     lora_dropout: float = option(0.05, "dropout on the LoRA input", (TRAIN,))
     lora_targets: tuple = option(("q", "v"), f"comma list from {','.join(LORA_TARGETS)}", (TRAIN,))
-    lora_variant: str = option("lora", "plain LoRA; DoRA (a trained per-row magnitude times the normalized W + BA); "
-                               "VeRA (shared frozen random projections, trained scaling vectors)", (TRAIN,),
-                               choices=LORA_VARIANTS)
+    lora_variant: str = option("lora", "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in VARIANTS.items()),
+                               (TRAIN,), choices=LORA_VARIANTS)
     dora: bool = option(False, "the same as --lora-variant dora", (TRAIN,))
     vera_rank: int = option(256, "rank of VeRA's shared random projections", (TRAIN,))
     rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r", (TRAIN,))
@@ -191,11 +191,6 @@ def build_parser(front, description, required=()):
     return parser
 
 
-# What a TOML value must be for each annotation of Settings, named as in the error message.
-_TOML_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
-               str: (str, "a string"), tuple: (list, "a list")}
-
-
 def _field_type(f):
     """The plain type of a Settings field: Optional[X] -> X."""
     kind = f.type
@@ -206,8 +201,8 @@ def typed(where, key, value):
     """`value` as setting `key`'s type, or a UserError 'WHERE: key: expected an integer, got 8.9' (config
     files and sweep grids alike)."""
     kind = _field_type(Settings.__dataclass_fields__[key.replace("-", "_")])
-    allowed, what = _TOML_TYPES[kind]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
+    what = expected_type(kind, value)
+    if what:
         raise UserError(f"{where}: {key}: expected {what}, got {value!r}")
     if kind is tuple:
         item = _list_item(key.replace("-", "_"))
@@ -277,10 +272,6 @@ def normalize(s: Settings):
 def validate(s: Settings, given=()):
     """Every check on values in one place, with a message that says what to do. `given`: the settings set on
     the command line, which may be refused where a config file's own value is not."""
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
-
     if str(s.precision).lower() in ("fp16", "float16", "half"):
         raise UserError("precision fp16 is refused: T5 overflows in fp16 (activations exceed 65504 "
                         "and the loss turns NaN); use bf16 or fp32")

@@ -7,6 +7,12 @@ class UserError(Exception):
     """Something the user can fix (a bad flag, file or path); printed without a traceback."""
 
 
+def need(ok, message):
+    """Raise UserError(message) unless ok: a check in one line."""
+    if not ok:
+        raise UserError(message)
+
+
 class Stopped(Exception):
     """A run that stopped on request (SIGINT, SIGTERM) after saving; exits 128 + the signal number."""
 

@@ -11,8 +11,10 @@ Evaluation: each model's ROUGE with its 95% bootstrap interval as error bars, ho
 import argparse
 import json
 import os
+import sys
 
 from .errors import UserError, run_cli
+from .runlog import METRICS_FILE, read_metrics
 
 INSTALL = 'matplotlib is not installed: pip install -e ".[plot]"'
 ROUGE_LOGGED = ("rouge1", "rouge2", "rougeL")
@@ -31,13 +33,13 @@ def _pyplot():
     return plt
 
 
-def read_run(run):
-    """The lines of a run's metrics.jsonl (`run` is its folder or the file itself)."""
-    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+def read_run(run, notes):
+    """The lines of a run's metrics.jsonl (`run` is its folder or the file itself); damaged lines are skipped
+    with a note in `notes`."""
+    path = os.path.join(run, METRICS_FILE) if os.path.isdir(run) else run
     if not os.path.isfile(path):
-        raise UserError(f"{run}: no metrics.jsonl (give a training run's output folder)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        raise UserError(f"{run}: no {METRICS_FILE} (give a training run's output folder)")
+    return read_metrics(path, notes)
 
 
 def curves(runs, out):
@@ -124,7 +126,11 @@ def main(argv=None):
         with open(evaluation) as f:
             rouge_chart(json.load(f), a.out)
     else:
-        curves({os.path.normpath(r): read_run(r) for r in a.runs}, a.out)
+        notes = []
+        lines = {os.path.normpath(r): read_run(r, notes) for r in a.runs}
+        for note in notes:
+            print(note, file=sys.stderr)
+        curves(lines, a.out)
     print(f"wrote {a.out}")
 
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 
 from .config import SETTINGS_FILE, Settings, normalize, read_run_settings
-from .errors import UserError, run_cli
+from .errors import UserError, first_line, run_cli
 from .plot import _pyplot, _save, read_run
 
 SUMMARY_FILE = "summary.json"  # what training.py writes into a run folder, beside SETTINGS_FILE
@@ -50,25 +50,34 @@ def find_runs(paths):
     return runs, notes
 
 
-def read(run):
-    """A finished run as {"settings": {field: value}, "summary": {...}, "lines": metrics.jsonl}, or a note
-    (str) saying why it is left out."""
+def read(run, notes):
+    """A finished run as {"settings": {field: value}, "summary": {...}, "lines": metrics.jsonl}, or None
+    when it is left out; every reason (a run left out, a damaged line skipped) goes into `notes`."""
     try:
         settings = Settings(**read_run_settings(os.path.join(run, SETTINGS_FILE)))
     except UserError as e:
-        return f"{run}: unreadable {SETTINGS_FILE} ({e}); skipped"
+        notes.append(f"{run}: unreadable {SETTINGS_FILE} ({e}); skipped")
+        return None
     normalize(settings)  # a run saved before --lora-variant existed says dora = true
     try:
-        lines = read_run(run)
-    except (UserError, ValueError):
+        lines = read_run(run, notes)
+    except UserError:
         lines = []
-    try:
-        with open(os.path.join(run, SUMMARY_FILE)) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
+    path = os.path.join(run, SUMMARY_FILE)
+    if not os.path.exists(path):
         step = lines[-1]["step"] if lines else 0
-        return (f"{run}: not finished (no {SUMMARY_FILE}; logged up to step {step}): still running, or "
-                f"interrupted (continue it with: python train.py --resume {run}); skipped")
+        notes.append(f"{run}: not finished (no {SUMMARY_FILE}; logged up to step {step}): still running, or "
+                     f"interrupted (continue it with: python train.py --resume {run}); skipped")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        why = None if isinstance(summary, dict) else f"expected a JSON object, got {json.dumps(summary)[:40]}"
+    except (OSError, ValueError) as e:
+        why = first_line(e)
+    if why:
+        notes.append(f"{path}: damaged ({why}); skipped")
+        return None
     return {"settings": vars(settings), "summary": summary, "lines": lines}
 
 
@@ -94,19 +103,33 @@ def group_of(r, keys):
     return ",".join(f"{k}={_text(r[k])}" for k in keys if k != "seed") or "all"
 
 
-def summarize_groups(rows, keys):
-    """{group: {"n": n, metric: (mean, sample std or None)}} over the groups' rows, in order of appearance."""
+def summarize_groups(rows, seeds):
+    """{group: {"n": runs, "seeds": distinct seeds, metric: (mean, sample std or None, runs that have it)}} over
+    the groups' rows, in order of appearance; `seeds` gives each run's seed."""
     members = {}
     for r in rows:
         members.setdefault(r["group"], []).append(r)
     out = {}
     for name, rs in members.items():
-        out[name] = {"n": len(rs)}
+        out[name] = {"n": len(rs), "seeds": len({seeds[r["run"]] for r in rs})}
         for m in METRICS:
             values = [r[m] for r in rs if isinstance(r[m], (int, float))]
             if values:
-                out[name][m] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+                out[name][m] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None,
+                                len(values))
     return out
+
+
+def repeated_seeds(rows, seeds):
+    """Notes on groups whose runs share a seed: the same training twice (a sweep rerun under a new folder
+    name, a copied folder), which n and the std would count as independent."""
+    notes, first = [], {}
+    for r in rows:
+        twin = first.setdefault((r["group"], seeds[r["run"]]), r["run"])
+        if twin != r["run"]:
+            notes.append(f"group {r['group']}: {twin} and {r['run']} share seed {seeds[r['run']]}: the same "
+                         "training twice? Its n and std count them as independent runs")
+    return notes
 
 
 def _text(v, metric=None):
@@ -120,11 +143,13 @@ def _text(v, metric=None):
     return "-" if v is None else str(v)
 
 
-def _mean_std(pair, metric):
-    if pair is None:
+def _mean_std(stats, metric, n):
+    """mean ± std, and (n=K) when only K of the group's n runs have the metric."""
+    if stats is None:
         return "-"
-    mean, std = pair
-    return _text(mean, metric) + (f" ± {_text(std, metric)}" if std is not None else "")
+    mean, std, k = stats
+    return (_text(mean, metric) + (f" ± {_text(std, metric)}" if std is not None else "")
+            + (f" (n={k})" if k < n else ""))
 
 
 def render(table):
@@ -148,8 +173,14 @@ def text_table(rows, keys, groups):
     if any(g["n"] > 1 for g in groups.values()):
         out += ("\n\nruns that differ only in seed, as mean ± sample std over n:\n"
                 + render([["group", "n", *shown],
-                          *([name, str(g["n"]), *(_mean_std(g.get(m), m) for m in shown)] for name, g in groups.items())]))
+                          *([name, _n(g), *(_mean_std(g.get(m), m, g["n"]) for m in shown)]
+                            for name, g in groups.items())]))
     return out
+
+
+def _n(group):
+    """A group's n, with its distinct seeds when fewer (runs that share a seed: see repeated_seeds)."""
+    return str(group["n"]) + (f" ({group['seeds']} seeds)" if group["seeds"] < group["n"] else "")
 
 
 def write_csv(path, rows, keys, groups):
@@ -194,10 +225,8 @@ def collect(paths):
     runs, notes = find_runs(paths)
     records = {}
     for run in runs:
-        record = read(run)
-        if isinstance(record, str):
-            notes.append(record)
-        else:
+        record = read(run, notes)
+        if record is not None:
             records[run] = record
     if not records:
         return [], [], {}, notes, records
@@ -205,7 +234,9 @@ def collect(paths):
     rows = [row(run, rec, keys) for run, rec in records.items()]
     for r in rows:
         r["group"] = group_of(r, keys)
-    return rows, keys, summarize_groups(rows, keys), notes, records
+    seeds = {run: rec["settings"]["seed"] for run, rec in records.items()}
+    notes += repeated_seeds(rows, seeds)
+    return rows, keys, summarize_groups(rows, seeds), notes, records
 
 
 def main(argv=None):

@@ -18,7 +18,9 @@ A sweep file (see configs/sweep-*.toml):
     seed = [1, 2, 3]
 
 A point's settings are base < [settings] < its variant < its grid values, checked like a config file
-before anything runs. Each point's exact settings are written to OUT/<name>/<point>.toml, and the point
+before anything runs. A point's folder names the variant and grid settings in which it differs from base +
+[settings] ("default" when none), so adding variants or values never renames a finished point; two points
+that would train the same settings are refused. Each point's exact settings are written to OUT/<name>/<point>.toml, and the point
 runs as `python train.py --config OUT/<name>/<point>.toml`. Run again, the sweep skips a finished point
 (summary.json), continues an interrupted one with --resume, and starts the others. It ends with the
 `python -m dialsum_raw.runs` table of its folder. --dry-run prints the commands the sweep would run now,
@@ -53,7 +55,7 @@ OWNED = {"output_dir", "resume", "overwrite"}  # the sweep sets these for every 
 
 @dataclasses.dataclass
 class Point:
-    name: str       # key=value,... of its variant and grid values that are not the same in every point
+    name: str       # key=value,... of its variant and grid values that differ from base + [settings]
     values: dict    # its settings, as a config file would give them
     out: str        # its run folder
 
@@ -112,6 +114,8 @@ def load(path):
         value = raw.get(key, kind())
         if not isinstance(value, kind) or kind is list and not all(isinstance(v, dict) for v in value):
             raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
+    if not name.strip():
+        raise UserError(f"{path}: name is empty: the points would land directly in {raw.get('out', 'runs/sweeps')}")
     folder = os.path.join(raw.get("out", "runs/sweeps"), name)
     base = {}
     if "base" in raw:
@@ -120,13 +124,17 @@ def load(path):
     variants = [dict(_setting(path, "variant", k, v) for k, v in variant.items()) for variant in raw.get("variant", [{}])]
     grid = dict(_setting(path, "grid", k, v, each=True) for k, v in raw.get("grid", {}).items())
     owns = [{**variant, **dict(zip(grid, combo))} for variant in variants for combo in itertools.product(*grid.values())]
-    resolved = [vars(Settings(**{**base, **common, **own})) for own in owns]
-    varying = {k for own in owns for k in own if len({repr(r[k]) for r in resolved}) > 1}
-    points = {}
+    shared = _resolved({**base, **common})
+    points, seen = {}, {}
     for own in owns:
-        label = ",".join(f"{k}={_label(v)}" for k, v in own.items() if k in varying) or "default"
+        resolved = _resolved({**base, **common, **own})
+        # named by its own settings only: adding points to a sweep never renames (and reruns) a finished one
+        label = ",".join(f"{k}={_label(v)}" for k, v in own.items() if resolved[k] != shared[k]) or "default"
+        same = seen.setdefault(repr(sorted(resolved.items())), label)
+        if same != label:
+            raise UserError(f"{path}: points {same} and {label} are the same training; remove one")
         if label in points:
-            raise UserError(f"{path}: two points are both {label}; make the variants differ")
+            raise UserError(f"{path}: two points are both {label}; make the variants or values differ")
         out = os.path.join(folder, label)
         values = {**base, **common, **own, "output_dir": out}
         try:
@@ -135,6 +143,13 @@ def load(path):
             raise UserError(f"{path}: point {label}: {e}")
         points[label] = Point(label, values, out)
     return folder, list(points.values())
+
+
+def _resolved(values):
+    """A point's settings as a run would see them (defaults filled in, --dora read as --lora-variant dora)."""
+    settings = Settings(**values)
+    normalize(settings)
+    return vars(settings)
 
 
 def write_config(point):

@@ -30,8 +30,8 @@ from .errors import Stopped, UserError
 from .generation import summarize
 from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
                        parameter_report, set_dropout_impl)
+from .runlog import METRICS_FILE, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -75,16 +75,24 @@ def on_device(values, device):
 
 
 def make_optimizer(model, settings: Settings):
-    """AdamW over trainable tensors; no weight decay on norms, biases and DoRA magnitudes (1-D tensors).
-    LoRA+ (ratio K != 1): B and the 1-D tensors learn at K x lr, grouped as peft's create_loraplus_optimizer
-    does (which, unlike this rule, would decay DoRA's magnitude)."""
+    """AdamW over trainable tensors. An adapter layer declares the roles of its own tensors
+    (AdapterLinear.optimizer_roles: FAST, NO_DECAY); any other tensor (a full fine-tune's) takes no weight
+    decay when it is 1-D (norms, biases). LoRA+ (ratio K != 1): the FAST tensors (B, DoRA's magnitude) and the
+    other 1-D tensors learn at K x lr, grouped as peft's create_loraplus_optimizer does (which, unlike these
+    roles, would decay DoRA's magnitude)."""
     k = settings.lora_plus_ratio
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if k != 1 and not any(n.endswith("lora_B") for n, _ in named):
-        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers whose B trains (--lora-rank > 0, not MiCA or VeRA)")
+    layers = [m for _, m in lora.lora_layers(model)]
+    roles = {p: role for m in layers for p, role in m.optimizer_roles().items() if p.requires_grad}
+    if k != 1 and not any(fast for fast, _ in roles.values()):
+        which = (f"--lora-variant {layers[0].cfg.variant} with --lora-init {layers[0].cfg.init} trains none"
+                 if layers else "this model has none (--lora-rank 0)")
+        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers with a trainable B (a tensor LoRA+ speeds up); "
+                        f"{which}")
     groups = {}  # (fast, decay) -> tensors; ordered so that K = 1 keeps the plain two groups
-    for n, p in named:
-        groups.setdefault((k != 1 and (n.endswith("lora_B") or p.ndim < 2), p.ndim >= 2), []).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            fast, decay = roles.get(p, (p.ndim < 2, p.ndim >= 2))
+            groups.setdefault((k != 1 and fast, decay), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": settings.lr * (k if fast else 1),
                                "weight_decay": settings.weight_decay if decay else 0.0}
                               for (fast, decay), ps in sorted(groups.items(), key=lambda g: (g[0][0], not g[0][1]))],
@@ -389,13 +397,15 @@ def repair_best(run: Run):
 
 
 def trim_metrics(run: Run):
-    """Drop metrics.jsonl lines logged after the checkpoint (and a line a crash cut short), rewriting
-    the file whole."""
+    """Drop metrics.jsonl lines logged after the checkpoint (and blank or damaged lines, such as one a crash
+    cut short, each named), rewriting the file whole."""
     path = os.path.join(run.out, METRICS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.progress["step"]]
-        checkpoint.atomic_write(path, "".join(kept))
+        notes = []
+        kept = [line for line in read_metrics(path, notes) if line["step"] <= run.progress["step"]]
+        for note in notes:
+            run.log(note)
+        checkpoint.atomic_write(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
 def train_step(run: Run, started, bar, caught) -> int:

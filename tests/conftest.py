@@ -15,6 +15,26 @@ CORPUS = os.path.join(SHARED, "dialogsum")
 FLAN = os.path.join(SHARED, "flan-t5-small")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
+def pytest_cmdline_main(config):
+    """Two xdist workers unless the command line says how many: here rather than in setup.cfg's addopts, so
+    that `-p no:xdist` still parses. --dist loadfile unless told otherwise keeps a module on one worker (its
+    module fixtures built once); `-n 0` runs everything in this process."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput") or config.option.usepdb:
+        return
+    if config.option.numprocesses is None and not config.option.tx:
+        config.option.numprocesses, config.option.tx = 2, ["popen"] * 2
+    if config.option.numprocesses and config.option.dist == "no":
+        config.option.dist = "loadfile"
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the `trained` fixture is slow (two training runs, once per session and worker)."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker("slow")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny random T5 with flan-t5-small's tokenizer (fast tests)."""

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 from dialsum_raw import lora
-from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear, VeRALinear
+from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear
 from dialsum_raw.config import Settings
 from dialsum_raw.errors import UserError
 from dialsum_raw.modeling import count_parameters, load_model, parameter_report
@@ -23,20 +23,14 @@ def _inputs(seed=0, batch=2, src=12, tgt=5):
 
 
 def _randomize(model, seed=1):
-    """Non-zero B (and A where it starts at zero, MiCA) so the adapter actually changes the output, and DoRA's m
-    moved off its start."""
+    """Every tensor each layer declares trainable moved off its start (B, MiCA's A and VeRA's λ_b start at zero),
+    so the adapter actually changes the output: noise of 10% of the tensor's mean size (0.1 where it is zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora.lora_layers(model):
-            if isinstance(m, VeRALinear):  # λ_b starts at 0
-                m.vera_lambda_b.copy_(torch.randn(m.vera_lambda_b.shape, generator=g) * 0.1)
-                m.vera_lambda_d.mul_(1 + 0.1 * torch.randn(m.vera_lambda_d.shape, generator=g))
-                continue
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-            if not m.lora_A.any():
-                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
-            if isinstance(m, DoRALinear):
-                m.lora_magnitude.mul_(1 + 0.1 * torch.randn(m.lora_magnitude.shape, generator=g))
+            for name in sorted(type(m).trainable(m.cfg)):
+                t = getattr(m, name)
+                t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
 
 
 def _seeded(f, seed=7):
@@ -65,10 +59,11 @@ def test_layer_init_and_scaling():
     assert LoRALinear(base, LoRAConfig(rank=4, alpha=8, rslora=True)).scaling == 4.0
     with pytest.raises(UserError):
         LoRAConfig(rank=0, alpha=8)
-    with pytest.raises(UserError, match="init must be one of kaiming, gaussian, pissa, olora, mica"):
+    with pytest.raises(UserError, match=f"init must be one of {', '.join(INITS)}"):
         LoRAConfig(rank=4, alpha=8, init="loftq")
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_only_on_the_lora_input_as_peft(dora):
     """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input only;
@@ -312,6 +307,7 @@ def _trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant,ratio,decay", [(v, 1.0, 0.0) for v in VARIANTS] + [
     ("plain", 16.0, 0.1), ("dora", 16.0, 0.0)])  # the last two: LoRA+ against create_loraplus_optimizer
 def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, decay):
@@ -352,6 +348,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
             assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
 
 
+@pytest.mark.peft
 def test_gaussian_init_draws_as_peft():
     from peft import LoraConfig, get_peft_model
     holder = torch.nn.Sequential()
@@ -363,6 +360,7 @@ def test_gaussian_init_draws_as_peft():
     assert abs(ours.lora_A.std().item() - 1 / 4) < 0.05  # std 1/r, as peft (not variance 1/r)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"])
 def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
     from peft import PeftModel
@@ -380,6 +378,8 @@ def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, varian
     assert getattr(via_peft.peft_config["default"], "use_dora", False) == ("dora" in variant)
 
 
+@pytest.mark.slow
+@pytest.mark.peft
 def test_merge_and_export_peft_commands(tiny, tmp_path):
     from peft import PeftModel
     model = load_model(tiny).eval()
@@ -449,7 +449,7 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     assert torch.equal(t[f"{name}.lora_A"], torch.cat([m.lora_A, m.lora_A0]))
     assert torch.equal(t[f"{name}.lora_B"], torch.cat([m.lora_B, -m.lora_B0], dim=1))
     # as a plain rank-2r LoRA on the original W (what peft sees), with alpha x sqrt 2 (rsLoRA), the trained weights
-    assert LoRALinear.saved_rank_alpha(config) == (8, 8 * 2 ** 0.5)
+    assert lora.layer_class(config).saved_rank_alpha(config) == (8, 8 * 2 ** 0.5)
     w = load_model(tiny).get_submodule(name).weight
     v = w + 8 * 2 ** 0.5 / 8 ** 0.5 * t[f"{name}.lora_B"] @ t[f"{name}.lora_A"]
     m.merge()
@@ -505,16 +505,16 @@ def test_make_optimizer_groups():
         (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
 
 
-class LoRAFALinear(LoRALinear):  # README, "Write your own variant": the worked example, verbatim
+class LoRAFALinear(LoRALinear):  # docs/lora.md, "Write your own variant": the worked example, verbatim
     """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
 
-    def __init__(self, base, cfg, start=True, shared=None):
-        super().__init__(base, cfg, start, shared)
-        self.lora_A.requires_grad_(False)
+    @classmethod
+    def trainable(cls, cfg):
+        return super().trainable(cfg) - {"lora_A"}
 
 
 def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
-    """The README's template for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
+    """The template in docs/lora.md for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
     A at its start and moves B exactly as plain LoRA's step does (B's gradient does not depend on A training); the rest
     (merge, save, load) comes from LoRALinear."""
     monkeypatch.setitem(lora.VARIANTS, "lora-fa", LoRAFALinear)  # in the package: one line in layers.VARIANTS
@@ -525,7 +525,10 @@ def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
         torch.manual_seed(0)
         model = models[variant] = load_model(tiny, dropout=0.0).train()
         lora.inject(model, LoRAConfig(("q", "v"), 4, 8, variant=variant))
-        _randomize(model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # the same A (seeded) and B in both: B starts at 0
+            for _, m in lora.lora_layers(model):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
         start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         opt = make_optimizer(model, Settings(lr=1e-2))
         model(**x).loss.backward()

@@ -82,3 +82,46 @@ def test_plot_colours_by_group(folder, tmp_path, monkeypatch):
     monkeypatch.undo()
     runs.main([str(folder), "--plot", str(tmp_path / "v.png")])
     assert os.path.getsize(tmp_path / "v.png") > 0
+
+
+def test_damaged_metrics_lines_are_skipped_with_a_note_and_n_counts_runs_with_the_metric(tmp_path, capsys):
+    """A garbage line, a bare number and a line a crash cut short cost only themselves; a run without any
+    validation line is not counted in its group's val_loss."""
+    root = tmp_path / "sweep"
+    for seed, losses in ((1, [2.0, 1.0]), (2, [4.0, 3.0]), (3, [5.0])):
+        _fake_run(root / f"s{seed}", {"lora_rank": 8, "seed": seed}, losses)
+    log = root / "s1" / "metrics.jsonl"
+    good = log.read_text().splitlines(keepends=True)
+    log.write_text(good[0] + "}garbage{\n" + "5\n" + "".join(good[1:]) + '{"step": 30, "val_lo')
+    (root / "s3" / "metrics.jsonl").write_text("")  # logged nothing: no val_loss, but a summary
+    runs.main([str(root)])
+    printed, notes = capsys.readouterr()
+    assert f"{log} line 2: damaged" in notes and f"{log} line 3: damaged" in notes and f"{log} line 7: damaged" in notes
+    s1 = next(line for line in printed.splitlines() if line.startswith(str(root / "s1")))
+    assert s1.split()[-3] == "1"  # s1 keeps its final val_loss (the line after the damaged ones)
+    group = next(line for line in printed.splitlines() if line.startswith("all "))
+    assert group.split()[1] == "3"  # three runs; val_loss over the two that logged it
+    assert f"2 ± {math.sqrt(2):.4g} (n=2)" in group
+
+
+@pytest.mark.parametrize("content, says", [('{"best_value": 1.0, "seco', "damaged"), ("[]", "expected a JSON object"),
+                                           ("null", "expected a JSON object"), ("", "damaged")])
+def test_a_damaged_summary_is_a_note_not_a_traceback(tmp_path, capsys, content, says):
+    _fake_run(tmp_path / "ok", {"seed": 1}, [1.0])
+    _fake_run(tmp_path / "bad", {"seed": 2}, [2.0])
+    (tmp_path / "bad" / "summary.json").write_text(content)
+    runs.main([str(tmp_path)])
+    printed, notes = capsys.readouterr()
+    assert f"{tmp_path / 'bad' / 'summary.json'}: damaged" in notes and says in notes and "not finished" not in notes
+    assert str(tmp_path / "ok") in printed and str(tmp_path / "bad") not in printed
+
+
+def test_a_group_whose_runs_share_a_seed_is_flagged(tmp_path, capsys):
+    """A sweep rerun under new folder names trains the same seeds again: n = 4 from two seeds is not n = 4."""
+    for folder, seed, loss in (("seed=1", 1, 1.0), ("seed=2", 2, 2.0), ("lora_rank=0,seed=1", 1, 1.0),
+                               ("lora_rank=0,seed=2", 2, 2.0)):
+        _fake_run(tmp_path / folder, {"lora_rank": 0, "seed": seed}, [loss])
+    runs.main([str(tmp_path)])
+    printed, notes = capsys.readouterr()
+    assert f"group all: {tmp_path / 'lora_rank=0,seed=1'} and {tmp_path / 'seed=1'} share seed 1" in notes
+    assert next(line for line in printed.splitlines() if line.startswith("all ")).split()[1:3] == ["4", "(2"]

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -30,6 +31,7 @@ def _sweep(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
     straight = _sweep(_sweep_file(tmp_path, tiny, tmp_path / "straight"), "--jobs", "2")
     (tmp_path / "k").mkdir()
@@ -68,12 +70,13 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
     assert again.returncode == 0 and out == "" and err.count(": finished") == 2
 
 
+@pytest.mark.slow
 def test_dry_run_prints_one_train_command_per_point(tiny, tmp_path):
     path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid='seed = [1, 2]\nlora_init = ["kaiming", "pissa"]')
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--dry-run"], cwd=REPO, env=ENV,
                          capture_output=True, text=True, check=True)
     folder = tmp_path / "out" / "t"
-    names = ["seed=1,lora_init=kaiming", "seed=1,lora_init=pissa", "seed=2,lora_init=kaiming", "seed=2,lora_init=pissa"]
+    names = ["seed=1", "seed=1,lora_init=pissa", "seed=2", "seed=2,lora_init=pissa"]  # kaiming: the base's init
     assert res.stdout.splitlines() == [f"python train.py --config {folder / n}.toml" for n in names]
     assert sorted(os.listdir(folder)) == sorted(f"{n}.toml" for n in names)  # settings files only: nothing ran
     point = read_config(folder / "seed=2,lora_init=pissa.toml")
@@ -125,3 +128,32 @@ def test_a_variant_written_as_one_table_is_a_user_error(tiny, tmp_path):
     path = _sweep_file(tmp_path, tiny, tmp_path / "out", extra='[variant]\nlora_rank = 8\n')
     with pytest.raises(UserError, match=r"variant: expected tables, \[\[variant\]\], got \{'lora_rank': 8\}"):
         sweep.load(path)
+
+
+def test_adding_points_never_renames_a_finished_one(tiny, tmp_path):
+    """Two variants appended to a seed = [1, 2] sweep, one of them the base's own settings: the points that
+    were there keep their folders (no retraining), the new ones get their own."""
+    before = {p.name: p.out for p in sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out"))[1]}
+    assert sorted(before) == ["seed=1", "seed=2"]
+    after = sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out",
+                                   extra="[[variant]]\nlora_rank = 4\n[[variant]]\nlora_rank = 8\n"))[1]
+    after = {p.name: p.out for p in after}
+    assert after == {**before, "lora_rank=8,seed=1": str(tmp_path / "out" / "t" / "lora_rank=8,seed=1"),
+                     "lora_rank=8,seed=2": str(tmp_path / "out" / "t" / "lora_rank=8,seed=2")}
+
+
+@pytest.mark.parametrize("extra, grid, message", [
+    ("", "seed = [1, 1]", r"two points are both seed=1"),
+    ('[[variant]]\ndora = true\n[[variant]]\nlora_variant = "dora"\n', "seed = [1]",
+     r"points dora=true,seed=1 and lora_variant=dora,seed=1 are the same training; remove one"),
+])
+def test_two_points_of_the_same_training_are_refused(tiny, tmp_path, extra, grid, message):
+    with pytest.raises(UserError, match=message):
+        sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", grid=grid, extra=extra))
+
+
+def test_an_empty_sweep_name_is_refused(tiny, tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(Path(_sweep_file(tmp_path, tiny, tmp_path / "out")).read_text().replace('name = "t"', 'name = ""'))
+    with pytest.raises(UserError, match="name is empty"):
+        sweep.load(str(path))

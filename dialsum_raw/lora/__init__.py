@@ -2,7 +2,8 @@
 
     config.py       LoRAConfig: what inject takes, what adapter.json holds
     layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear
-    init.py         how A and B start: kaiming, gaussian, pissa, olora, mica (one function each, one table)
+    init.py         how A and B start (one function each, one table: INITS), and the Residual save form
+                    of the inits that move part of W into the adapter
     adapter.py      inject, merge/unmerge, save and load an adapter folder
     peft_format.py  export-peft
     inspect.py      what an adapter learned, per layer, from each layer's delta_weight()
@@ -23,5 +24,5 @@ from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, appli
 from .cli import main
 from .config import LoRAConfig
 from .init import INITS
-from .layers import VARIANTS, AdapterLinear, DoRALinear, LoRALinear, VeRALinear
+from .layers import VARIANTS, AdapterLinear, DoRALinear, LoRALinear, VeRALinear, layer_class
 from .peft_format import export_peft

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import LoRAConfig
-from .layers import VARIANTS, AdapterLinear
+from .layers import AdapterLinear, layer_class
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -30,16 +30,19 @@ def target_layers(model, targets):
 
 def inject(model, cfg: LoRAConfig, start: bool = True):
     """Freeze the model and wrap each target Linear (encoder self-, decoder self- and cross-attention for
-    q/k/v/o) in cfg's variant. start=False leaves the adapter tensors for load() (no SVD, no random draw).
-    Returns the wrapped layer names."""
+    q/k/v/o) in cfg's variant, of which only the tensors its trainable(cfg) names train. start=False leaves
+    the adapter tensors for load() (no SVD, no random draw). Returns the wrapped layer names."""
     model.requires_grad_(False)
     names = target_layers(model, cfg.targets)
-    layer = VARIANTS[cfg.variant]
-    shared = layer.make_shared(cfg, [model.get_submodule(n) for n in names])
+    layer = layer_class(cfg)
+    shared, trainable = layer.make_shared(cfg, [model.get_submodule(n) for n in names]), layer.trainable(cfg)
     for name in names:
         parent, child = name.rsplit(".", 1)
         holder = model.get_submodule(parent)
-        setattr(holder, child, layer(getattr(holder, child), cfg, start, shared))
+        wrapped = layer(getattr(holder, child), cfg, start, shared)
+        for key, p in wrapped.named_parameters(recurse=False):
+            p.requires_grad_(key in trainable)
+        setattr(holder, child, wrapped)
     return names
 
 
@@ -118,7 +121,7 @@ def check_adapter(model, directory):
         names = target_layers(model, cfg.targets)
     except UserError as e:
         raise UserError(f"adapter {directory} does not fit this base model: {e}")
-    layer, bases = VARIANTS[cfg.variant], [model.get_submodule(n) for n in names]
+    layer, bases = layer_class(cfg), [model.get_submodule(n) for n in names]
     shared = layer.make_shared(cfg, bases)
     expected = {key: tuple(t.shape) for key, t in shared.saved().items()} if shared is not None else {}
     for n, base in zip(names, bases):

@@ -4,10 +4,21 @@ adapter.json is asdict(config) plus the format and the base model's name."""
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UserError
+from ..errors import need
+from .init import INITS
+from .layers import VARIANTS, layer_class
 
 FORMAT = "dialsum_raw-lora/2"
 OLD_FORMAT = "dialsum_raw-lora/1"  # rank/alpha of the saved form, "dora": bool, PiSSA's own rank in "pissa"
+# What a value read from a file (TOML, JSON) must be for each field type, named as in the error message.
+FILE_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+              str: (str, "a string"), tuple: (list, "a list")}
+
+
+def expected_type(kind, value):
+    """None when a file's `value` fits a field of type `kind` (a bool is not a number), else what it must be."""
+    allowed, what = FILE_TYPES[kind]
+    return None if isinstance(value, allowed) and (kind is bool or not isinstance(value, bool)) else what
 
 
 @dataclass(frozen=True)
@@ -17,19 +28,17 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    variant: str = "lora"  # a key of layers.VARIANTS: the layer class
+    variant: str = "lora"  # a key of layers.VARIANTS: the layer class (layers.layer_class)
     init: str = "kaiming"  # a key of init.INITS: how A and B start
     vera_rank: int = 256  # VeRA: rank of the shared random projections (peft's default)
 
     def __post_init__(self):
-        from .init import INITS
-        from .layers import VARIANTS
         object.__setattr__(self, "targets", tuple(self.targets))
         need(self.variant in VARIANTS, f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         need(self.init in INITS, f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
         need(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
         need(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        VARIANTS[self.variant].check(self)
+        layer_class(self).check(self)
 
     @property
     def scaling(self) -> float:
@@ -47,20 +56,26 @@ class LoRAConfig:
         need(version in (FORMAT, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
                                               f"({FORMAT} or {OLD_FORMAT}); update dialsum_raw")
         need(isinstance(saved.get("targets"), list), f"adapter targets must be a list, got {saved.get('targets')!r}")
-        if version == OLD_FORMAT:
+        if version == OLD_FORMAT:  # its missing fields keep the defaults it was documented with
             pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
             if pissa:
                 saved.update(rank=pissa["rank"], alpha=pissa["alpha"], init="pissa")
             saved["variant"] = "dora" if saved.pop("dora", False) else "lora"
         saved.pop("base_model", None)
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in saved]
+        # a default would change the computation silently (an alpha-64 adapter run at alpha 16)
+        need(version == OLD_FORMAT or not missing, f"adapter field {missing[0] if missing else ''!r} is missing: "
+             f"format {FORMAT} holds every field ({', '.join(names)})")
+        unknown = sorted(set(saved) - set(names))
+        need(not unknown, f"adapter field {unknown[0] if unknown else ''!r} is not one of {', '.join(names)}")
+        for name, kind in ((f.name, f.type) for f in fields(cls) if f.name in saved):
+            what = expected_type(kind, saved[name])
+            need(what is None, f"adapter {name} must be {what}, got {saved[name]!r}")
+        need(all(isinstance(t, str) for t in saved["targets"]), f"adapter targets must be strings, got {saved['targets']!r}")
         return cls(**saved)
 
     def describe(self) -> str:
         """One line for people: every field but the targets."""
         return ", ".join(f"{f.name} {getattr(self, f.name):g}" if isinstance(getattr(self, f.name), float)
                          else f"{f.name} {getattr(self, f.name)}" for f in fields(self) if f.name != "targets")
-
-
-def need(ok, message):
-    if not ok:
-        raise UserError(message)

@@ -1,10 +1,12 @@
 """How A and B start: one small function per scheme, in one table.
 
 A function sets layer.lora_A and layer.lora_B (in place, under no_grad). A scheme that moves part of W
-into the adapter calls layer.keep_residual(A0, B0), so the layer still starts out equal to its base and
-the adapter is saved against the original W (`residual`). `frozen` names the tensors that do not train.
+into the adapter (`residual`) calls layer.keep_residual(A0, B0), so the layer still starts out equal to its
+base; its layers are their variant's class with Residual mixed in (layers.layer_class), which saves the
+adapter against the original W. `frozen` names the tensors that do not train.
 """
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -14,7 +16,7 @@ from torch import nn
 
 class Init(NamedTuple):
     start: Callable
-    residual: bool = False  # W becomes W - s B0 A0; the adapter is saved in a rank-2r form for the original W
+    residual: bool = False  # W becomes W - s B0 A0; the layer is its Residual form (below)
     frozen: tuple = ()
     peft: object = True  # peft's init_lora_weights for the exported adapter (its tensors are loaded over it)
 
@@ -56,3 +58,55 @@ def mica(layer):
 INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True),
          "olora": Init(olora, residual=True),
          "mica": Init(mica, frozen=("lora_B",), peft="mica")}
+
+
+class Residual:
+    """A LoRA layer after a residual init: W holds W - s B0 A0 and the adapter starts at (A0, B0), so the output
+    is unchanged. On disk it is a plain LoRA for the original W, of rank 2r: W_res + s B A = W + s (B A - B0 A0),
+    i.e. A' = [A; A0], B' = [B, -B0], with alpha x2 (x sqrt 2 with rsLoRA) so the scale stays s, as peft's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes it. Mixed in before the variant's
+    class by residual_form."""
+
+    @torch.no_grad()
+    def keep_residual(self, a0, b0):
+        """Start the adapter at (A0, B0) and W at W - s B0 A0; A0 and B0 are kept for saved()."""
+        w = self.base.weight
+        a0, b0 = a0.to(w.device, torch.float32), b0.to(w.device, torch.float32)
+        w.copy_((w.float() - self.scaling * b0 @ a0).to(w.dtype))
+        self.register_buffer("lora_A0", a0.clone(), persistent=False)
+        self.register_buffer("lora_B0", b0.clone(), persistent=False)
+        self.lora_A.copy_(a0)
+        self.lora_B.copy_(b0)
+
+    def saved(self):
+        saved = super().saved()
+        a, b = saved["lora_A"], saved["lora_B"]
+        return {**saved, "lora_A": torch.cat([a, self.lora_A0.to(a.dtype)]),
+                "lora_B": torch.cat([b, -self.lora_B0.to(b.dtype)], dim=1)}
+
+    @torch.no_grad()
+    def load(self, saved):
+        """The trained rank-r form on W - s B0 A0 again."""
+        r, a, b = self.cfg.rank, saved["lora_A"], saved["lora_B"]
+        self.keep_residual(a[r:], -b[:, r:])
+        super().load({**saved, "lora_A": a[:r], "lora_B": b[:, :r]})
+
+    @staticmethod
+    def saved_rank_alpha(cfg):
+        return 2 * cfg.rank, cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)
+
+    @classmethod
+    def saved_shapes(cls, cfg, base):
+        r = cls.saved_rank_alpha(cfg)[0]
+        return {**super().saved_shapes(cfg, base), "lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+
+    @classmethod
+    def peft_config(cls, cfg):
+        r, alpha = cls.saved_rank_alpha(cfg)
+        return {**super().peft_config(cfg), "r": r, "lora_alpha": alpha}
+
+
+@functools.cache
+def residual_form(cls):
+    """cls with Residual mixed in: one class per variant, made once."""
+    return type(f"Residual{cls.__name__}", (Residual, cls), {"__module__": cls.__module__})

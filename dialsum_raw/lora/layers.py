@@ -1,8 +1,9 @@
 """One class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear.
 
 Each owns its forward, delta_weight() (what it adds to the wrapped weight, in fp32), merge and unmerge, the
-tensors it saves and their names in peft's format. inject, save, load, export and the inspector only go
-through these, so a new variant is one class here and one entry in VARIANTS.
+tensors it saves, which of them train and how the optimizer treats them, and their form in peft's format.
+inject, save, load, export, the optimizer and the inspector only go through these, so a new variant is one
+class here and one entry in VARIANTS (docs/lora.md, "Write your own variant", lists what a class provides).
 """
 
 import math
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import need
-from .init import INITS
+from ..errors import UserError, need
+from .init import INITS, residual_form
 
 
 def fp32(t: torch.Tensor):
@@ -22,8 +23,12 @@ def fp32(t: torch.Tensor):
 
 class AdapterLinear(nn.Module):
     """What every variant shares: a frozen base Linear, dropout on the adapter's input, merge and unmerge
-    through delta_weight(). `rank` is the rank of the update (inspect reports its top `rank` directions)."""
-    PEFT_NAMES = {}  # saved tensor -> its name in peft's adapter_model.safetensors
+    through delta_weight(), and the defaults of the contract. `rank` is the rank of the update (inspect
+    reports its top `rank` directions)."""
+    SUMMARY = ""     # what the variant is, in a few words: --lora-variant's help
+    PEFT_NAMES = {}  # saved tensor -> its name in peft's adapter_model.safetensors (to_peft's default)
+    FAST = ()        # LoRA+: the tensors that learn at K x lr (B, and what plays its part)
+    NO_DECAY = ()    # the tensors AdamW does not decay (magnitudes, scaling vectors, gates)
 
     def __init__(self, base: nn.Linear, cfg, rank: int, shared=None):
         super().__init__()
@@ -31,9 +36,17 @@ class AdapterLinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
 
-    @staticmethod
-    def check(cfg):
-        """Refuse, in one line, a config this variant cannot honour (as peft refuses it)."""
+    @classmethod
+    def trainable(cls, cfg) -> set:
+        """The names of the tensors that train under cfg; inject freezes the layer's other parameters."""
+        return set()
+
+    @classmethod
+    def check(cls, cfg):
+        """Refuse, in one line, a config this variant cannot honour (as peft refuses it), or under which
+        nothing would train. A variant with refusals of its own adds them and calls this."""
+        need(cls.trainable(cfg), f"--lora-variant {cfg.variant} with --lora-init {cfg.init} trains nothing "
+                                 f"(every tensor of the layer is frozen)")
 
     @staticmethod
     def make_shared(cfg, bases):
@@ -65,6 +78,27 @@ class AdapterLinear(nn.Module):
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
 
+    def optimizer_roles(self) -> dict:
+        """{parameter: (fast, decay)} for this layer's own tensors, as FAST and NO_DECAY declare them:
+        training.make_optimizer reads this, never the names or shapes."""
+        return {p: (n in self.FAST, n not in self.NO_DECAY) for n, p in self.named_parameters(recurse=False)}
+
+    @classmethod
+    def to_peft(cls, cfg, saved: dict) -> dict:
+        """One layer's saved tensors (or the shared module's) under peft's names, for export-peft. The default
+        renames them by PEFT_NAMES; a variant whose tensors peft holds in another form transforms them here.
+        A tensor with no peft name refuses the export, in one line, before anything is written."""
+        missing = [k for k in saved if k not in cls.PEFT_NAMES]
+        need(not missing, f"export-peft: peft has no form for {cls.__name__}'s {missing[0] if missing else ''} "
+                          f"(--lora-variant {cfg.variant}); merge the adapter instead (python -m dialsum_raw.lora merge)")
+        return {cls.PEFT_NAMES[k]: t for k, t in saved.items()}
+
+    @classmethod
+    def peft_config(cls, cfg) -> dict:
+        """The peft fields of adapter_config.json for this variant (peft_type, r, ...)."""
+        raise UserError(f"export-peft: peft has no config for {cls.__name__} (--lora-variant {cfg.variant}); "
+                        f"merge the adapter instead (python -m dialsum_raw.lora merge)")
+
     def extra_repr(self):
         return f"{self.cfg.describe()}, merged={self.merged}"
 
@@ -72,19 +106,23 @@ class AdapterLinear(nn.Module):
 class LoRALinear(AdapterLinear):
     """y = W x + s B A dropout(x), W frozen (Hu et al., 2021). A (r x in) and B (out x r) start as
     init.INITS[cfg.init] says; s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    SUMMARY = "plain LoRA"
     PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    FAST = ("lora_B",)
 
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
         super().__init__(base, cfg, cfg.rank, shared)
         self.scaling = cfg.scaling
-        w, init = base.weight, INITS[cfg.init]
+        w = base.weight
         self.lora_A = nn.Parameter(torch.zeros(cfg.rank, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, dtype=w.dtype, device=w.device))
         if start:  # else load() fills A and B
             with torch.no_grad():
-                init.start(self)
-        for name in init.frozen:
-            getattr(self, name).requires_grad_(False)
+                INITS[cfg.init].start(self)
+
+    @classmethod
+    def trainable(cls, cfg):
+        return {"lora_A", "lora_B"} - set(INITS[cfg.init].frozen)
 
     def forward(self, x):
         out = self.base(x)
@@ -101,68 +139,46 @@ class LoRALinear(AdapterLinear):
         with fp32(self.lora_A):
             return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    @torch.no_grad()
-    def keep_residual(self, a0, b0):
-        """Start the adapter at (A0, B0) and W at W - s B0 A0 (PiSSA, OLoRA), so the output is unchanged. A0 and
-        B0 are kept to save the adapter for the original W: W_res + s B A = W + s (B A - B0 A0)."""
-        w = self.base.weight
-        a0, b0 = a0.to(w.device, torch.float32), b0.to(w.device, torch.float32)
-        w.copy_((w.float() - self.scaling * b0 @ a0).to(w.dtype))
-        self.register_buffer("lora_A0", a0.clone(), persistent=False)
-        self.register_buffer("lora_B0", b0.clone(), persistent=False)
-        self.lora_A.copy_(a0)
-        self.lora_B.copy_(b0)
-
     def saved(self) -> dict:
-        """A and B; after a residual init in the rank-2r form for the original W, A' = [A; A0], B' = [B, -B0], as
-        peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it."""
-        a, b = self.lora_A.detach(), self.lora_B.detach()
-        if INITS[self.cfg.init].residual:
-            a, b = torch.cat([a, self.lora_A0.to(a.dtype)]), torch.cat([b, -self.lora_B0.to(b.dtype)], dim=1)
-        return {"lora_A": a, "lora_B": b}
+        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
 
     @torch.no_grad()
     def load(self, saved: dict):
-        """The inverse of saved(): a residual adapter becomes its trained rank-r form on W - s B0 A0 again."""
-        r, a, b = self.cfg.rank, saved["lora_A"], saved["lora_B"]
-        if INITS[self.cfg.init].residual:
-            self.keep_residual(a[r:], -b[:, r:])
-        self.lora_A.copy_(a[:r])
-        self.lora_B.copy_(b[:, :r])
-
-    @staticmethod
-    def saved_rank_alpha(cfg):
-        """Rank and alpha of the saved tensors: 2r after a residual init, alpha x2 (x sqrt 2 with rsLoRA) so the
-        scale stays s."""
-        if not INITS[cfg.init].residual:
-            return cfg.rank, cfg.alpha
-        return 2 * cfg.rank, cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)
+        """The inverse of saved()."""
+        self.lora_A.copy_(saved["lora_A"])
+        self.lora_B.copy_(saved["lora_B"])
 
     @classmethod
     def saved_shapes(cls, cfg, base: nn.Linear) -> dict:
-        r = cls.saved_rank_alpha(cfg)[0]
-        return {"lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+        return {"lora_A": (cfg.rank, base.in_features), "lora_B": (base.out_features, cfg.rank)}
 
     @classmethod
     def peft_config(cls, cfg) -> dict:
-        r, alpha = cls.saved_rank_alpha(cfg)
-        return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+        return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
                 "use_rslora": cfg.rslora, "use_dora": False, "init_lora_weights": INITS[cfg.init].peft}
 
 
 class DoRALinear(LoRALinear):
     """W' = m (W + s B A) / ||W + s B A|| (Liu et al., 2024), the norm per output row, so direction and magnitude
     learn separately. m trains and starts at ||W||, so the layer starts out equal to its base."""
+    SUMMARY = "DoRA, a trained per-row magnitude times the normalized W + BA"
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "lora_magnitude": "lora_magnitude_vector"}
+    FAST = ("lora_B", "lora_magnitude")  # LoRA+ as peft's create_loraplus_optimizer groups a 1-D tensor
+    NO_DECAY = ("lora_magnitude",)
 
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
         super().__init__(base, cfg, start)
         self.lora_magnitude = nn.Parameter(self.row_norm(super().delta_weight()).to(base.weight.dtype))
         self.register_buffer("merged_norm", None, persistent=False)  # ||W + s B A|| while merged, for unmerge
 
-    @staticmethod
-    def check(cfg):
+    @classmethod
+    def trainable(cls, cfg):
+        return super().trainable(cfg) | {"lora_magnitude"}
+
+    @classmethod
+    def check(cls, cfg):
         need(cfg.init != "mica", "DoRA does not combine with --lora-init mica (peft refuses the pair)")
+        super().check(cfg)
 
     def row_norm(self, delta):
         """||W + delta|| per output row (DoRA's column norm, in the paper's W x convention), in fp32."""
@@ -252,8 +268,10 @@ class VeRALinear(AdapterLinear):
     """y = W x + Λ_b B Λ_d A dropout(x) (Kopiczko et al., 2024): A and B are frozen random projections shared by
     every layer, and only the vectors λ_d (r, starts at 0.1) and λ_b (out, starts at 0) train, so the layer
     starts out equal to its base. No alpha/r scale; r is cfg.vera_rank."""
+    SUMMARY = "VeRA, shared frozen random projections and trained scaling vectors"
     PEFT_NAMES = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d", "vera_A": "vera_A",
                   "vera_B": "vera_B"}
+    NO_DECAY = ("vera_lambda_b", "vera_lambda_d")  # FAST: none, so LoRA+ is refused (no B trains)
     D_INITIAL = 0.1  # peft's d_initial
 
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared: VeRAProjections = None):
@@ -263,12 +281,17 @@ class VeRALinear(AdapterLinear):
         self.vera_lambda_d = nn.Parameter(torch.full((cfg.vera_rank,), self.D_INITIAL, dtype=w.dtype,
                                                      device=w.device))
 
-    @staticmethod
-    def check(cfg):
+    @classmethod
+    def trainable(cls, cfg):
+        return {"vera_lambda_b", "vera_lambda_d"}
+
+    @classmethod
+    def check(cls, cfg):
         need(cfg.init == "kaiming", f"VeRA takes no --lora-init (its A and B are shared random projections), "
                                     f"got {cfg.init!r}")
         need(not cfg.rslora, "VeRA has no alpha/r scale, so --rslora does not apply")
         need(cfg.vera_rank >= 1, f"--vera-rank must be >= 1, got {cfg.vera_rank}")
+        super().check(cfg)
 
     @staticmethod
     def make_shared(cfg, bases):
@@ -313,3 +336,10 @@ class VeRALinear(AdapterLinear):
 
 
 VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}
+
+
+def layer_class(cfg):
+    """The class that wraps each target layer under cfg: its variant's, in its residual form after an init
+    that moves part of W into the adapter (PiSSA, OLoRA; init.Residual)."""
+    cls = VARIANTS[cfg.variant]
+    return residual_form(cls) if INITS[cfg.init].residual else cls
