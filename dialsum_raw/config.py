@@ -7,6 +7,7 @@ names (``lora_rank`` or ``lora-rank``); an unknown key is an error that names th
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -269,6 +270,9 @@ def normalize(s: Settings):
     s.dora = s.lora_variant == "dora"
 
 
+UNBOUNDED = {"clip"}  # float settings where inf means something: --clip inf measures the norm, never clips
+
+
 def validate(s: Settings, given=()):
     """Every check on values in one place, with a message that says what to do. `given`: the settings set on
     the command line, which may be refused where a config file's own value is not."""
@@ -279,6 +283,11 @@ def validate(s: Settings, given=()):
         choices, value = f.metadata["choices"], getattr(s, f.name)
         if choices and value not in choices:
             raise UserError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
+    for f in dataclasses.fields(Settings):  # inf and nan pass every range check below as a comparison would
+        value = getattr(s, f.name)
+        if _field_type(f) is float and value is not None and not math.isfinite(value) and f.name not in UNBOUNDED:
+            raise UserError(f"{flag_of(f)} must be a finite number, got {value}")
+    need(0 <= s.seed < 2 ** 63, f"--seed must be in [0, 2**63), got {s.seed}")
     need(not (s.dora and s.lora_variant not in ("lora", "dora")),
          f"--dora is the same as --lora-variant dora, but --lora-variant is {s.lora_variant}")
     normalize(s)

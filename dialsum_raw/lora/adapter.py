@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import LoRAConfig
+from .init import INITS
 from .layers import AdapterLinear, layer_class
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -34,6 +35,12 @@ def inject(model, cfg: LoRAConfig, start: bool = True):
     the adapter tensors for load() (no SVD, no random draw). Returns the wrapped layer names."""
     model.requires_grad_(False)
     names = target_layers(model, cfg.targets)
+    if start and INITS[cfg.init].from_w:  # checked on every target before any layer is touched
+        for name in names:
+            shape = model.get_submodule(name).weight.shape
+            if cfg.rank > min(shape):
+                raise UserError(f"--lora-init {cfg.init} cuts A and B from W: --lora-rank {cfg.rank} is more than "
+                                f"min(in, out) = {min(shape)} of layer {name} ({shape[1]} in, {shape[0]} out)")
     layer = layer_class(cfg)
     shared, trainable = layer.make_shared(cfg, [model.get_submodule(n) for n in names]), layer.trainable(cfg)
     for name in names:
