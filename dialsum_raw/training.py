@@ -233,6 +233,7 @@ class Run:
     resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
     resume_from: str = None        # ... and its folder
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
+    saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
     # counters a resumed run continues; window_*: the loss since the last train line of metrics.jsonl
     progress: dict = field(default_factory=lambda: {
         "step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
@@ -266,7 +267,7 @@ def train(settings: Settings) -> dict:
                 if stop and not done(run):
                     bar.close()
                     raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
-                                  f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
+                                  f"{os.path.join(run.out, 'last')}; continue with: {resume_command(run)}",
                                   128 + stop)
         bar.close()
         return finish(run)
@@ -389,6 +390,7 @@ def restore(run: Run):
     sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress.update({k: state[k] for k in run.progress if k in state})
+    run.saved = run.progress["step"]
     checkpoint.set_rng_state(state["rng"][run.rank])
     if run.rank == 0:
         repair_best(run)
@@ -459,12 +461,12 @@ def train_step(run: Run, started, bar, caught) -> int:
     if orphaned:  # any rank's: all stop here, before this step changes the weights or writes a line
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p['step']} without saving; the last checkpoint is {os.path.join(run.out, 'last')}")
+                        f"{p['step']}, before taking the next; {saved_note(run)}")
     step_loss = loss_total / tgt
     if not math.isfinite(step_loss):
         bar.close()
         raise UserError(f"loss is {step_loss} at step {p['step'] + 1}: training diverged (learning rate too high?); "
-                        f"nothing was saved after it, the last good checkpoint is {os.path.join(run.out, 'last')}")
+                        f"nothing was saved after it; {saved_note(run)}")
     if s.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
     run.optimizer.step()
@@ -484,6 +486,25 @@ def train_step(run: Run, started, bar, caught) -> int:
         write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
         p["window_loss"], p["window_tokens"] = 0.0, 0
     return signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0  # the same on every rank
+
+
+def saved_note(run: Run) -> str:
+    """What a stopped run left to continue from, as it is: last/'s step, or that nothing was saved yet."""
+    last = os.path.join(run.out, "last")
+    if not run.saved:
+        return (f"no checkpoint was saved before it ({last} is written at each validation and every "
+                "--save-every steps)")
+    return f"the last good checkpoint is {last}, step {run.saved}: continue with {resume_command(run)}"
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues this run: under torchrun the same launcher and process count (a resume
+    refuses any other), else plain python."""
+    if run.world == 1:
+        return f"python train.py --resume {run.out}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))
+    nodes = f"--nnodes {run.world // local} ... " if run.world != local else "--standalone "
+    return f"torchrun {nodes}--nproc_per_node {local} train.py --resume {run.out}"
 
 
 def launcher_gone(run: Run) -> bool:
@@ -553,6 +574,7 @@ def save(run: Run):
     with sharding.full_weights(run.raw, run.settings.is_lora) as model:
         checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
                         barrier=dist.barrier if shards else None)
+    run.saved = run.progress["step"]
     if run.rank == 0 and run.progress["best_step"] == run.progress["step"]:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:
