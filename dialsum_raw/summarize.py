@@ -40,6 +40,8 @@ def main(argv=None):
     path = args.__dict__.pop("file")
     settings = settings_from(args)
     settings.eval_batch_size = 1
+    if len(settings.adapter) > 1:
+        raise UserError(f"summarize takes one --adapter, got {len(settings.adapter)}")
     try:
         text = open(path, encoding="utf-8").read() if path else sys.stdin.read()
     except OSError as e:
@@ -51,7 +53,7 @@ def main(argv=None):
     from .modeling import compute_device, load_model, load_tokenizer
     model = load_model(settings.model)
     if settings.adapter:
-        lora.load_adapter(model, settings.adapter)
+        lora.load_adapter(model, settings.adapter[0])
         lora.merge(model)
     model.to(compute_device())
     (summary,) = summarize(model, load_tokenizer(settings.model), [dialogue], settings, desc="summarize")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, lora, metrics, sharding
 from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resume_may_change
 from .errors import Stopped, UserError
-from .generation import summarize
+from .generation import check_length, summarize
 from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
                        parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
@@ -157,11 +157,17 @@ def validation_rouge(run) -> dict:
     return {k: round(scores[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
 
 
+def toml_value(v) -> str:
+    """A setting as TOML: JSON's scalars and lists are TOML, except its Infinity and NaN (TOML: inf, nan)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+    return json.dumps(list(v) if isinstance(v, tuple) else v)
+
+
 def save_settings(settings: Settings, path):
-    """settings.toml: the exact run, readable back by --config or --resume (JSON scalars are TOML)."""
+    """settings.toml: the exact run, readable back by --config or --resume."""
     skip = {"resume", "overwrite"}
-    lines = [f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
-             for k, v in vars(settings).items() if v is not None and k not in skip]
+    lines = [f"{k} = {toml_value(v)}" for k, v in vars(settings).items() if v is not None and k not in skip]
     checkpoint.atomic_write(path, "\n".join(lines) + "\n")
 
 
@@ -311,6 +317,8 @@ def set_up(run: Run):
         enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
     run.log(parameter_report(run.raw))
+    if settings.eval_rouge:
+        check_length(run.raw, settings)  # before the first step, not at the first validation
     run.model = sharding.wrap(run.raw, settings.fsdp, world, device, run.precision[0])
 
     run.steps_per_epoch = len(run.sampler) // settings.grad_accum  # >= 1: the sampler refuses less

@@ -35,6 +35,20 @@ def pytest_collection_modifyitems(items):
             item.add_marker("slow")
 
 
+def randomize_adapter(model, seed=1):
+    """Every tensor each adapter layer declares trainable (trainable(cfg)) moved off its start by 10% of its mean
+    size (0.1 where it is zero: B, MiCA's A, VeRA's λ_b), so each one changes the output and a tensor that is not
+    saved, loaded or merged shows."""
+    import torch
+    from dialsum_raw import lora
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora.lora_layers(model):
+            for name in sorted(type(m).trainable(m.cfg)):
+                t = getattr(m, name)
+                t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny random T5 with flan-t5-small's tokenizer (fast tests)."""

@@ -17,6 +17,7 @@ from torch import nn
 class Init(NamedTuple):
     start: Callable
     residual: bool = False  # W becomes W - s B0 A0; the layer is its Residual form (below)
+    from_w: bool = False  # A or B are cut from W's decomposition: the rank is at most min(in, out)
     frozen: tuple = ()
     peft: object = True  # peft's init_lora_weights for the exported adapter (its tensors are loaded over it)
 
@@ -55,9 +56,9 @@ def mica(layer):
     layer.lora_A.zero_()
 
 
-INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True),
-         "olora": Init(olora, residual=True),
-         "mica": Init(mica, frozen=("lora_B",), peft="mica")}
+INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True, from_w=True),
+         "olora": Init(olora, residual=True, from_w=True),
+         "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True)}
 
 
 class Residual:
