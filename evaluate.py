@@ -4,9 +4,12 @@ r"""Compare zero-shot, fully fine-tuned and LoRA FLAN-T5 on DialogSum with batch
         --adapter runs/notebook-lora/best --data knkarthick/dialogsum --split test \
         --output-dir runs/eval --show 200
 
-Writes results.csv (one row per dialogue and reference), scores.csv (per dialogue and model),
-metrics.json, report.md with paired-bootstrap intervals (--bootstrap N resamples), and rouge.png
-(with the [plot] extra).
+--adapter and --instruct may be repeated as NAME=DIR (--adapter r8=runs/a/best --adapter r16=runs/b/best):
+the base is loaded and the zero-shot summaries generated once, and each adapter is applied in turn.
+Writes results.csv (one row per dialogue and reference; the notebook's columns, plus NAME_model_summaries
+per named model), scores.csv (per dialogue and model), metrics.json, report.md with paired-bootstrap
+intervals (--bootstrap N resamples) of every model against the original and against --reference, and
+rouge.png (with the [plot] extra).
 """
 
 import sys

@@ -7,6 +7,7 @@ names (``lora_rank`` or ``lora-rank``); an unknown key is an error that names th
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,12 +33,13 @@ TRAIN, EVALUATE, SUMMARIZE = "train", "evaluate", "summarize"
 ALL = (TRAIN, EVALUATE, SUMMARIZE)
 
 
-def option(default, help, fronts=(), resume="fixed", choices=None, flags=None):
+def option(default, help, fronts=(), resume="fixed", choices=None, flags=None, repeat=False):
     """A Settings field that declares its own command-line form: `help`, the `fronts` (train / evaluate /
     summarize) that expose it, its resume policy and its allowed values. The flag is the field name with
-    dashes (--lora-rank) unless `flags` names another one for a front ({"evaluate": "--base"})."""
+    dashes (--lora-rank) unless `flags` names another one for a front ({"evaluate": "--base"}). A `repeat`
+    field (a tuple) takes its flag once per value (--adapter a=DIR --adapter b=DIR) instead of a comma list."""
     return field(default=default, metadata={"help": help, "fronts": fronts, "resume": resume,
-                                            "choices": choices, "flags": flags or {}})
+                                            "choices": choices, "flags": flags or {}, "repeat": repeat})
 
 
 @dataclass
@@ -103,9 +105,14 @@ class Settings:
     resume: Optional[str] = option(None, "continue the run saved in this output dir", (TRAIN,), resume="free")
     overwrite: bool = option(False, "replace an existing output dir", (TRAIN, EVALUATE), resume="free")
     # evaluation / generation
-    instruct: Optional[str] = option(None, "a full fine-tuned checkpoint folder ('instruct' model)", (EVALUATE,))
-    adapter: Optional[str] = option(None, "a LoRA adapter folder applied to --base ('peft' model)",
-                                    (EVALUATE, SUMMARIZE))
+    instruct: tuple = option((), "a full fine-tuned model folder: DIR (the 'instruct' model) or NAME=DIR; repeat "
+                             "for several, loaded one at a time", (EVALUATE,), repeat=True)
+    adapter: tuple = option((), "a LoRA adapter folder applied to --base: DIR (the 'peft' model) or NAME=DIR; "
+                            "evaluate.py takes it repeatedly, applying each to the one base in turn",
+                            (EVALUATE, SUMMARIZE), repeat=True)
+    reference: Optional[str] = option(None, "the model every other is compared with in report.md, besides the "
+                                      "original (default: the first adapter, else the first instruct model)",
+                                      (EVALUATE,))
     split: str = option("test", "which split to evaluate", (EVALUATE,), choices=("train", "validation", "test"))
     limit: int = option(0, "evaluate the first N dialogues (0 = all)", (EVALUATE,))
     eval_batch_size: int = option(32, "dialogues per generate call", (EVALUATE,), resume="free",
@@ -180,6 +187,10 @@ def build_parser(front, description, required=()):
             continue
         if shown not in (None, ()):
             help_text += f" (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        if f.metadata["repeat"]:
+            parser.add_argument(flag_of(f, front), dest=f.name, action="append", default=None,
+                                required=f.name in required, help=help_text)
+            continue
         parse = _csv(_list_item(f.name)) if kind is tuple else kind
         parser.add_argument(flag_of(f, front), dest=f.name, type=parse, default=None, required=f.name in required,
                             help=help_text)
@@ -250,7 +261,7 @@ def settings_from(args, default_config=None):
     if config:
         run = os.path.basename(config) == SETTINGS_FILE  # a run's own file (--resume): read as the run ran
         values.update(read_run_settings(config) if run else read_config(config))
-    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k != "config" and v is not None}
     values.update(given)
     settings = Settings(**{k: v for k, v in values.items() if k in Settings.__dataclass_fields__})
     validate(settings, given)
@@ -264,6 +275,9 @@ def normalize(s: Settings):
     s.dora = s.lora_variant == "dora"
 
 
+UNBOUNDED = {"clip"}  # float settings where inf means something: --clip inf measures the norm, never clips
+
+
 def validate(s: Settings, given=()):
     """Every check on values in one place, with a message that says what to do. `given`: the settings set on
     the command line, which may be refused where a config file's own value is not."""
@@ -274,6 +288,11 @@ def validate(s: Settings, given=()):
         choices, value = f.metadata["choices"], getattr(s, f.name)
         if choices and value is not None and value not in choices:
             raise UserError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
+    for f in dataclasses.fields(Settings):  # inf and nan pass every range check below as a comparison would
+        value = getattr(s, f.name)
+        if _field_type(f) is float and value is not None and not math.isfinite(value) and f.name not in UNBOUNDED:
+            raise UserError(f"{flag_of(f)} must be a finite number, got {value}")
+    need(0 <= s.seed < 2 ** 63, f"--seed must be in [0, 2**63), got {s.seed}")
     need(not (s.dora and s.lora_variant not in ("lora", "dora")),
          f"--dora is the same as --lora-variant dora, but --lora-variant is {s.lora_variant}")
     normalize(s)

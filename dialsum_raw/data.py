@@ -53,7 +53,7 @@ def load_splits(source: str, splits=SPLITS) -> dict:
             path = next((os.path.join(source, n) for n in FILES[split] if os.path.isfile(os.path.join(source, n))), None)
             if path is None:
                 raise UserError(f"{source}: no file for split '{split}' (expected one of {', '.join(FILES[split])})")
-            out[split] = read_file(path)
+            out[split] = _nonempty(read_file(path), path, split)
         return out
     if os.path.isfile(source):
         name = os.path.basename(source)
@@ -65,10 +65,17 @@ def load_splits(source: str, splits=SPLITS) -> dict:
         if missing and splits != SPLITS:
             raise UserError(f"{source} holds only the '{split}' split, but '{missing[0]}' is needed; "
                             "pass the folder that holds all the split files")
-        return {split: read_file(source)}
+        return {split: _nonempty(read_file(source), source, split)}
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
         return _from_hub(source, splits)
     raise UserError(f"data not found: {source} is neither a folder, a file nor a hub id like knkarthick/dialogsum")
+
+
+def _nonempty(dialogues, where, split):
+    """A split with no dialogue would train on nothing or report ROUGE 0.00 over nothing: refused here."""
+    if not dialogues:
+        raise UserError(f"{where}: the '{split}' split holds no dialogue (an empty file, or only blank lines)")
+    return dialogues
 
 
 def read_file(path: str) -> list:
@@ -135,7 +142,8 @@ def _from_hub(hub_id, splits):
         name = split if split in loaded else ("dev" if split == "validation" and "dev" in loaded else None)
         if name is None:
             raise UserError(f"{hub_id}: no split '{split}' (has {', '.join(loaded)})")
-        out[split] = to_dialogues((f"{hub_id}[{name}] row {i}", row) for i, row in enumerate(loaded[name]))
+        out[split] = _nonempty(to_dialogues((f"{hub_id}[{name}] row {i}", row) for i, row in enumerate(loaded[name])),
+                               hub_id, split)
     return out
 
 

@@ -69,9 +69,21 @@ def length_sorted_batches(sources, size) -> list:
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
+def check_length(model, settings):
+    """Refuse --max-new-tokens beyond the positions the model was built for (T5: n_positions, 512), before any
+    work: the own engine allocates its caches and relative-position bias for all of them at once (its bias
+    grows with the square: a million tokens asked for terabytes)."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit and settings.max_new_tokens > limit:
+        raise UserError(f"--max-new-tokens {settings.max_new_tokens} is more than the {limit} positions this model "
+                        f"was built for (its config's n_positions); give at most {limit}")
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list:
     """The summary's token ids per entry of `dialogues` (texts), generating each distinct text once."""
+    check_length(model, settings)
     search = beam.generate if settings.engine == "own" else hf_generate
     if settings.engine == "own":
         beam.check_supported(model)

@@ -210,11 +210,16 @@ def check_base_precision(base_dtype, precision):
                         "auto on hardware without native bf16): pass --precision bf16, or --base-dtype fp32 or nf4")
 
 
-def inference_base_dtype(settings, device):
-    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter was
-    trained on (a QLoRA adapter is evaluated on the base it learned to correct), else fp32."""
+def inference_base_dtype(settings, device, adapters):
+    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter folders
+    were trained on (a QLoRA adapter is evaluated on the base it learned to correct; they must agree), else fp32."""
     from .lora import read_adapter
-    base_dtype = settings.base_dtype or (read_adapter(settings.adapter)[0].base_dtype if settings.adapter else "fp32")
+    trained = {folder: read_adapter(folder)[0].base_dtype for folder in adapters}
+    if not settings.base_dtype and len(set(trained.values())) > 1:
+        raise UserError("the adapters were trained on bases stored differently ("
+                        + ", ".join(f"{folder}: {dtype}" for folder, dtype in trained.items())
+                        + "): give --base-dtype, or evaluate them in separate runs")
+    base_dtype = settings.base_dtype or next(iter(trained.values()), "fp32")
     check_base_precision(base_dtype, choose_precision(settings.precision, device)[0])
     return base_dtype
 

@@ -5,7 +5,7 @@
 
 Training: loss (train and validation) against step and against tokens, the learning rate, and ROUGE
 when the run logged it (--eval-rouge); several runs share one figure, one colour each.
-Evaluation: each model's ROUGE with its 95% bootstrap interval as error bars.
+Evaluation: each model's ROUGE with its 95% bootstrap interval as error bars, however many models it compared.
 """
 
 import argparse
@@ -86,22 +86,23 @@ def rouge_chart(evaluation, out):
     ci = evaluation["intervals"]
     names = [n for n in evaluation if n not in ("meta", "intervals")]
     types = list(evaluation[names[0]][CHART_KIND])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 2 + 0.3 * len(names) * len(types)), 4.5))
     width = 0.8 / len(names)
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for i, name in enumerate(names):
         mean = [100 * evaluation[name][CHART_KIND][k] for k in types]
         low, high = zip(*(ci["models"][name][CHART_KIND][k] for k in types))
         err = [[m - 100 * lo for m, lo in zip(mean, low)], [100 * hi - m for m, hi in zip(mean, high)]]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(types))]
-        ax.bar(xs, mean, width, yerr=err, capsize=3, label=name, color=f"C{i}")
+        ax.bar(xs, mean, width, yerr=err, capsize=3, label=name, color=colours(i % colours.N))
         for x, m, hi in zip(xs, mean, high):  # above the error bar, readable however short the bar
             ax.text(x, 100 * hi, f"{m:.1f}", ha="center", va="bottom", fontsize="x-small")
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("ROUGE F1 (%), mean over reference rows")
     ax.set_title(f"{evaluation['meta']['split']} split, {evaluation['meta']['dialogues']} dialogues; error bars: "
                  f"{100 * ci['level']:.0f}% bootstrap intervals ({ci['resamples']:,} resamples)", fontsize="small")
-    ax.set_ylim(0, 1.2 * ax.get_ylim()[1])
-    ax.legend(ncol=len(names), loc="upper center")
+    ax.set_ylim(0, (1.2 + 0.08 * ((len(names) - 1) // 5)) * ax.get_ylim()[1])  # room for the legend's rows
+    ax.legend(ncol=min(len(names), 5), loc="upper center", fontsize="small" if len(names) > 5 else None)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, plt, out)
 

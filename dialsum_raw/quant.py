@@ -228,11 +228,17 @@ def original_weight(linear: nn.Module) -> torch.Tensor:
     return next(t for _, _, t in read_safetensors([path], {key})).float().to(linear.codes.device)
 
 
+def stored_weight(linear: nn.Module):
+    """A copy of what a base layer stores (its NF4, or its weight), for set_weight to put back bit for bit."""
+    return linear.nf4() if isinstance(linear, NF4Linear) else linear.weight.detach().clone()
+
+
 @torch.no_grad()
-def set_weight(linear: nn.Module, weight: torch.Tensor):
-    """Replace a base layer's weight: quantized again for an NF4Linear, cast to its dtype otherwise."""
+def set_weight(linear: nn.Module, weight):
+    """Replace a base layer's weight: an NF4 as it is, a float weight quantized again for an NF4Linear and cast
+    to the weight's dtype otherwise."""
     if isinstance(linear, NF4Linear):
-        linear.store(quantize(weight))
+        linear.store(weight if isinstance(weight, NF4) else quantize(weight))
     else:
         linear.weight.copy_(weight.to(linear.weight.dtype))
 

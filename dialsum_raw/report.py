@@ -1,5 +1,6 @@
 """results.csv, scores.csv, metrics.json, report.md and rouge.png for a comparison run; every text
-file written atomically. Scores and intervals come from metrics.py: this module only formats them."""
+file written atomically. Scores and intervals come from metrics.py: this module only formats them.
+Models appear in the order of the `scores` dict the caller gives (compare: original, instruct models, adapters)."""
 
 import csv
 import io
@@ -12,21 +13,27 @@ from .data import flatten
 from .errors import UserError
 from .metrics import ROUGE_TYPES
 
-MODELS = ("original", "instruct", "peft")  # zero-shot base, full fine-tune, base + LoRA
-COLUMNS = ["id", "dialogue", "human_baseline_summaries", "original_model_summaries",
-           "instruct_model_summaries", "peft_model_summaries"]
-IMPROVEMENTS = (("peft", "original"), ("peft", "instruct"), ("instruct", "original"))
+NOTEBOOK = ("original", "instruct", "peft")  # the notebook's columns: zero-shot base, full fine-tune, base + LoRA
 SCORE_COLUMNS = ["id", "model"] + [f"{k}_{how}" for k in ROUGE_TYPES for how in ("best", "mean")]
 
 
+def pairs(names, reference):
+    """The report's comparisons: every model against the original, then the reference against every other model
+    (the notebook's three columns give peft vs original, instruct vs original, peft vs instruct)."""
+    return [(n, "original") for n in names if n != "original"] + \
+        [(reference, n) for n in names if n not in ("original", reference)]
+
+
 def results_csv(dialogues, summaries) -> str:
-    """One row per (dialogue, reference), as the notebook's zipped summaries; absent models stay empty."""
+    """One row per (dialogue, reference), as the notebook's zipped summaries: its three model columns always (an
+    absent model's stays empty), then NAME_model_summaries for each other model."""
+    names = [*NOTEBOOK, *(n for n in summaries if n not in NOTEBOOK)]
     by_id = {name: dict(zip((d.id for d in dialogues), preds)) for name, preds in summaries.items()}
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(COLUMNS)
+    w.writerow(["id", "dialogue", "human_baseline_summaries", *(f"{n}_model_summaries" for n in names)])
     for rid, d, ref in flatten(dialogues):
-        w.writerow([rid, d.dialogue, ref] + [by_id.get(m, {}).get(d.id, "") for m in MODELS])
+        w.writerow([rid, d.dialogue, ref] + [by_id.get(m, {}).get(d.id, "") for m in names])
     return buf.getvalue()
 
 
@@ -35,7 +42,7 @@ def scores_csv(dialogues, scores) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SCORE_COLUMNS)
-    for name in (m for m in MODELS if m in scores):
+    for name in scores:
         units = scores[name]["per_dialogue"]
         for i, d in enumerate(dialogues):
             w.writerow([d.id, name] + [units[how][k][i] for k in ROUGE_TYPES for how in ("best", "mean")])
@@ -60,7 +67,7 @@ def _verdict(pair, cis):
 
 
 def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=None) -> str:
-    names = [m for m in MODELS if m in scores]
+    names = list(scores)
     lines = [f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference rows",
              "", "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
              f"Generation: {meta['generation']}", "",
@@ -76,23 +83,23 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
         lines.append("")
     header = "| model | " + " | ".join(ROUGE_TYPES) + " |"
     rule = "|---" * (len(ROUGE_TYPES) + 1) + "|"
-    pairs = [(a, b) for a, b in IMPROVEMENTS if a in scores and b in scores]
+    compared = [tuple(key.split(" vs ")) for key in intervals["differences"]]
     for kind, title in (("per_row", "Mean over reference rows (the notebook's figure on the hub layout)"),
                         ("multi_ref_max", "Multi-reference: best reference per dialogue"),
                         ("multi_ref_mean", "Multi-reference: mean over references per dialogue")):
         lines += [f"## {title}", "", header, rule]
         lines += [f"| {n} | " + " | ".join(_pct(scores[n][kind][k]) for k in ROUGE_TYPES) + " |" for n in names]
-        if pairs:
+        if compared:
             lines += ["", f"Absolute improvement in percentage points; in brackets, its {100 * intervals['level']:.0f}% "
                           f"paired-bootstrap interval ({intervals['resamples']:,} resamples of the dialogues, "
                           f"seed {intervals['seed']}):", "",
                       header.replace("model", "comparison", 1), rule]
-            for a, b in pairs:
+            for a, b in compared:
                 cis = intervals["differences"][f"{a} vs {b}"][kind]
                 lines.append(f"| {a} vs {b} | " + " | ".join(
                     f"{_signed(scores[a][kind][k] - scores[b][kind][k])} [{_signed(cis[k][0])}, {_signed(cis[k][1])}]"
                     for k in ROUGE_TYPES) + " |")
-            lines += [""] + [_verdict(f"{a} vs {b}", intervals["differences"][f"{a} vs {b}"][kind]) for a, b in pairs]
+            lines += [""] + [_verdict(f"{a} vs {b}", intervals["differences"][f"{a} vs {b}"][kind]) for a, b in compared]
         lines.append("")
     for index in show:
         d = dialogues[index]
@@ -105,8 +112,8 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
 def write(out, dialogues, summaries, scores, intervals, show, meta):
     """Writes every file; returns a one-line note when the chart was skipped (matplotlib missing), else None."""
     os.makedirs(out, exist_ok=True)
-    summary = {"meta": meta, **{n: {k: v for k, v in scores[n].items() if k != "per_dialogue"}
-                                for n in MODELS if n in scores}, "intervals": intervals}
+    summary = {"meta": meta, **{n: {k: v for k, v in s.items() if k != "per_dialogue"} for n, s in scores.items()},
+               "intervals": intervals}
     try:
         plot.rouge_chart(summary, os.path.join(out, "rouge.png"))
         chart_note = None

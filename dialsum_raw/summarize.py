@@ -40,6 +40,8 @@ def main(argv=None):
     path = args.__dict__.pop("file")
     settings = settings_from(args)
     settings.eval_batch_size = 1
+    if len(settings.adapter) > 1:
+        raise UserError(f"summarize takes one --adapter, got {len(settings.adapter)}")
     try:
         text = open(path, encoding="utf-8").read() if path else sys.stdin.read()
     except OSError as e:
@@ -50,9 +52,9 @@ def main(argv=None):
     from .generation import summarize
     from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
     device = compute_device()
-    model = load_model(settings.model, base_dtype=inference_base_dtype(settings, device))
+    model = load_model(settings.model, base_dtype=inference_base_dtype(settings, device, settings.adapter))
     if settings.adapter:
-        lora.load_adapter(model, settings.adapter)
+        lora.load_adapter(model, settings.adapter[0])
         lora.merge_for_inference(model)
     model.to(device)
     (summary,) = summarize(model, load_tokenizer(settings.model), [dialogue], settings, desc="summarize")

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, lora, metrics, sharding
 from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resume_may_change
 from .errors import Stopped, UserError
-from .generation import summarize
-from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model, load_tokenizer,
-                       parameter_report, set_dropout_impl)
+from .generation import check_length, summarize
+from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model,
+                       load_tokenizer, parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
 
 
@@ -157,11 +157,17 @@ def validation_rouge(run) -> dict:
     return {k: round(scores[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
 
 
+def toml_value(v) -> str:
+    """A setting as TOML: JSON's scalars and lists are TOML, except its Infinity and NaN (TOML: inf, nan)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+    return json.dumps(list(v) if isinstance(v, tuple) else v)
+
+
 def save_settings(settings: Settings, path):
-    """settings.toml: the exact run, readable back by --config or --resume (JSON scalars are TOML)."""
+    """settings.toml: the exact run, readable back by --config or --resume."""
     skip = {"resume", "overwrite"}
-    lines = [f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
-             for k, v in vars(settings).items() if v is not None and k not in skip]
+    lines = [f"{k} = {toml_value(v)}" for k, v in vars(settings).items() if v is not None and k not in skip]
     checkpoint.atomic_write(path, "\n".join(lines) + "\n")
 
 
@@ -227,6 +233,7 @@ class Run:
     resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
     resume_from: str = None        # ... and its folder
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
+    saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
     # counters a resumed run continues; window_*: the loss since the last train line of metrics.jsonl
     progress: dict = field(default_factory=lambda: {
         "step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
@@ -260,7 +267,7 @@ def train(settings: Settings) -> dict:
                 if stop and not done(run):
                     bar.close()
                     raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
-                                  f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
+                                  f"{os.path.join(run.out, 'last')}; continue with: {resume_command(run)}",
                                   128 + stop)
         bar.close()
         return finish(run)
@@ -312,6 +319,8 @@ def set_up(run: Run):
         enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
     run.log(parameter_report(run.raw))
+    if settings.eval_rouge:
+        check_length(run.raw, settings)  # before the first step, not at the first validation
     run.model = sharding.wrap(run.raw, settings.fsdp, world, device, run.precision[0])
 
     run.steps_per_epoch = len(run.sampler) // settings.grad_accum  # >= 1: the sampler refuses less
@@ -382,6 +391,7 @@ def restore(run: Run):
     sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress.update({k: state[k] for k in run.progress if k in state})
+    run.saved = run.progress["step"]
     checkpoint.set_rng_state(state["rng"][run.rank])
     if run.rank == 0:
         repair_best(run)
@@ -452,12 +462,12 @@ def train_step(run: Run, started, bar, caught) -> int:
     if orphaned:  # any rank's: all stop here, before this step changes the weights or writes a line
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p['step']} without saving; the last checkpoint is {os.path.join(run.out, 'last')}")
+                        f"{p['step']}, before taking the next; {saved_note(run)}")
     step_loss = loss_total / tgt
     if not math.isfinite(step_loss):
         bar.close()
         raise UserError(f"loss is {step_loss} at step {p['step'] + 1}: training diverged (learning rate too high?); "
-                        f"nothing was saved after it, the last good checkpoint is {os.path.join(run.out, 'last')}")
+                        f"nothing was saved after it; {saved_note(run)}")
     if s.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
     run.optimizer.step()
@@ -477,6 +487,25 @@ def train_step(run: Run, started, bar, caught) -> int:
         write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
         p["window_loss"], p["window_tokens"] = 0.0, 0
     return signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0  # the same on every rank
+
+
+def saved_note(run: Run) -> str:
+    """What a stopped run left to continue from, as it is: last/'s step, or that nothing was saved yet."""
+    last = os.path.join(run.out, "last")
+    if not run.saved:
+        return (f"no checkpoint was saved before it ({last} is written at each validation and every "
+                "--save-every steps)")
+    return f"the last good checkpoint is {last}, step {run.saved}: continue with {resume_command(run)}"
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues this run: under torchrun the same launcher and process count (a resume
+    refuses any other), else plain python."""
+    if run.world == 1:
+        return f"python train.py --resume {run.out}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))
+    nodes = f"--nnodes {run.world // local} ... " if run.world != local else "--standalone "
+    return f"torchrun {nodes}--nproc_per_node {local} train.py --resume {run.out}"
 
 
 def launcher_gone(run: Run) -> bool:
@@ -546,6 +575,7 @@ def save(run: Run):
     with sharding.full_weights(run.raw, run.settings.is_lora) as model:
         checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
                         barrier=dist.barrier if shards else None)
+    run.saved = run.progress["step"]
     if run.rank == 0 and run.progress["best_step"] == run.progress["step"]:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:

@@ -15,6 +15,40 @@ CORPUS = os.path.join(SHARED, "dialogsum")
 FLAN = os.path.join(SHARED, "flan-t5-small")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
+def pytest_cmdline_main(config):
+    """Two xdist workers unless the command line says how many: here rather than in setup.cfg's addopts, so
+    that `-p no:xdist` still parses. --dist loadfile unless told otherwise keeps a module on one worker (its
+    module fixtures built once); `-n 0` runs everything in this process."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput") or config.option.usepdb:
+        return
+    if config.option.numprocesses is None and not config.option.tx:
+        config.option.numprocesses, config.option.tx = 2, ["popen"] * 2
+    if config.option.numprocesses and config.option.dist == "no":
+        config.option.dist = "loadfile"
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the `trained` fixture is slow (two training runs, once per session and worker)."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker("slow")
+
+
+def randomize_adapter(model, seed=1):
+    """Every tensor each adapter layer declares trainable (trainable(cfg)) moved off its start by 10% of its mean
+    size (0.1 where it is zero: B, MiCA's A, VeRA's λ_b), so each one changes the output and a tensor that is not
+    saved, loaded or merged shows."""
+    import torch
+    from dialsum_raw import lora
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora.lora_layers(model):
+            for name in sorted(type(m).trainable(m.cfg)):
+                t = getattr(m, name)
+                t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny random T5 with flan-t5-small's tokenizer (fast tests)."""

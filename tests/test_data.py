@@ -124,6 +124,7 @@ def whole_prompts(corpus, tokenizer):
             for name, dialogues in corpus.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_len,shortened", [(512, {"train": 260, "validation": 8, "test": 13}),
                                                (64, {"train": 12460, "validation": 500, "test": 500})])
 def test_sources_keep_the_prompt_on_real_corpus(corpus, tokenizer, whole_prompts, max_len, shortened):
@@ -187,6 +188,7 @@ def test_sampler_groups_lengths_shards_and_is_seeded():
     assert list(one) == batches[100:]
 
 
+@pytest.mark.slow
 def test_stats_cli_on_real_corpus():
     out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", CORPUS, "--tokenizer", FLAN],
                          capture_output=True, text=True, cwd=REPO, check=True)
@@ -197,6 +199,7 @@ def test_stats_cli_on_real_corpus():
     assert [s[k]["shortened_dialogues"] for k in ("train", "validation", "test")] == [260, 8, 13]
 
 
+@pytest.mark.slow
 def test_stats_cli_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "dialogsum.dev.jsonl"
     bad.write_text("{not json\n")

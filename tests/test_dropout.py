@@ -126,6 +126,7 @@ def _curve(tiny, out, impl):
         return [m["loss"] for m in map(json.loads, f) if "val_loss" not in m]
 
 
+@pytest.mark.slow
 def test_fast_trains_like_torch(tiny, tmp_path):
     """40 steps from one seed: fast and torch dropout agree within 3% at every logged step, both fall, and
     the masks really differ (the curves are not identical)."""

@@ -27,6 +27,7 @@ def _fails(cmd, message, cwd=REPO):
     return last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--lora-rank", "-1"], "--lora-rank must be >= 1 for LoRA (or 0 for full fine-tuning), got -1"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
@@ -48,6 +49,7 @@ def test_bad_values_for_train(tiny, tmp_path, flags, message):
     _fails([TRAIN, *base, *flags], message)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_names_key_and_file(tmp_path):
     cfg = tmp_path / "my.toml"
     cfg.write_text('lr = 1e-3\nlora_rnak = 8\n')
@@ -56,6 +58,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path):
     _fails([TRAIN, "--config", str(cfg)], f"{cfg}: lr: expected a number, got 'fast'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,message", [
     ("lora_rank = 8.9", "lora_rank: expected an integer, got 8.9"),
     ("overwrite = 'false'", "overwrite: expected true or false, got 'false'"),
@@ -76,6 +79,7 @@ def test_config_false_stays_false(tmp_path):
     assert read_config(str(cfg)) == {"overwrite": False, "rslora": False, "lr": 1.0}
 
 
+@pytest.mark.slow
 def test_not_a_model_and_corrupted_weights(tiny, tmp_path):
     _fails([TRAIN, "--config", SMOKE, "--model", str(tmp_path), "--output-dir", str(tmp_path / "o")],
            f"{tmp_path} is not a model folder (no config.json)")
@@ -87,6 +91,7 @@ def test_not_a_model_and_corrupted_weights(tiny, tmp_path):
            f"cannot load model from {broken}")
 
 
+@pytest.mark.slow
 def test_bad_data_file_through_train(tiny, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -96,6 +101,7 @@ def test_bad_data_file_through_train(tiny, tmp_path):
            f"{folder / 'train.csv'}:2: empty summary")
 
 
+@pytest.mark.slow
 def test_existing_output_dir_refused_before_any_work(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
     # the model path is bogus too: the output dir must be the first thing checked
@@ -108,6 +114,7 @@ def test_existing_output_dir_refused_before_any_work(tmp_path):
     _fails([EVAL, "--base", "/no/model", "--data", CORPUS, "--output-dir", str(tmp_path)], "already exists")
 
 
+@pytest.mark.slow
 def test_adapter_for_another_base_through_evaluate(tiny, small, tmp_path):
     model = load_model(tiny)
     lora.inject(model, lora.LoRAConfig(("q", "v"), rank=4, alpha=8))
@@ -117,6 +124,7 @@ def test_adapter_for_another_base_through_evaluate(tiny, small, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_corrupted_trainer_state_on_resume(tiny, tmp_path):
     out = tmp_path / "run"
     subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
@@ -127,13 +135,21 @@ def test_corrupted_trainer_state_on_resume(tiny, tmp_path):
     _fails([TRAIN, "--resume", str(out)], "truncated or corrupted checkpoint")
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_every", [1, 1000], ids=["saved", "none-saved"])
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path, eval_every):
+    """lr 1e9 diverges within a few steps. Validated (and saved) at every step, last/ is the step before;
+    with no validation or save due, there is no last/, and the message must not point at one (issue 29)."""
     out = tmp_path / "run"
     last = _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(out),
-                   "--subsample", "100", "--max-steps", "20", "--eval-every", "1", "--warmup-ratio", "0",
+                   "--subsample", "100", "--max-steps", "20", "--eval-every", str(eval_every), "--warmup-ratio", "0",
                    "--lr", "1e9", "--clip", "0"], "training diverged")
     step = int(last.split(" at step ")[1].split(":")[0])
-    assert step >= 2 and f"the last good checkpoint is {out / 'last'}" in last
+    if eval_every == 1000:
+        assert f"no checkpoint was saved before it ({out / 'last'} is written at each validation" in last
+        assert "last good checkpoint" not in last and not (out / "last").exists()
+        return
+    assert step >= 2 and f"the last good checkpoint is {out / 'last'}, step {step - 1}" in last
     kept = checkpoint.load_state(str(out / "last"))
     assert kept["step"] == step - 1
     load_model(str(out / "last"))  # loadable
@@ -144,6 +160,7 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
 def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
     """No validation or periodic save is due: the signal alone must write last/ at the step it stopped on.
@@ -168,6 +185,7 @@ def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
     lora.load_adapter(load_model(tiny), found)
 
 
+@pytest.mark.slow
 def test_pickled_code_in_trainer_state_is_refused_and_never_runs(tiny, tmp_path):
     out = tmp_path / "run"
     subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
@@ -191,6 +209,7 @@ class _Payload:
         return (os.system, (f"touch {self.path}",))
 
 
+@pytest.mark.slow
 def test_show_outside_evaluated_dialogues(tiny, tmp_path):
     _fails([EVAL, "--base", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "e"), "--limit", "3",
             "--show", "1,5"], "--show 5 is out of range: 3 test dialogues are evaluated")

@@ -16,6 +16,7 @@ from dialsum_raw import bench, gpucheck
 from dialsum_raw.errors import UserError
 
 
+@pytest.mark.slow
 def test_dry_run_records_every_part_and_what_failed(tiny, corpus, tmp_path, monkeypatch):
     def fails(args, device, tmp):
         raise RuntimeError("a traceback's first line\nthe line that says why")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, randomize_adapter
 from dialsum_raw import lora
 from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear
 from dialsum_raw.config import Settings
@@ -20,17 +20,6 @@ def _inputs(seed=0, batch=2, src=12, tgt=5):
     return {"input_ids": torch.randint(2, 32000, (batch, src), generator=g),
             "attention_mask": torch.ones(batch, src, dtype=torch.long),
             "decoder_input_ids": torch.randint(2, 32000, (batch, tgt), generator=g)}
-
-
-def _randomize(model, seed=1):
-    """Every tensor each layer declares trainable moved off its start (B, MiCA's A and VeRA's λ_b start at zero),
-    so the adapter actually changes the output: noise of 10% of the tensor's mean size (0.1 where it is zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora.lora_layers(model):
-            for name in sorted(type(m).trainable(m.cfg)):
-                t = getattr(m, name)
-                t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
 
 
 def _seeded(f, seed=7):
@@ -63,6 +52,7 @@ def test_layer_init_and_scaling():
         LoRAConfig(rank=4, alpha=8, init="corda")
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_only_on_the_lora_input_as_peft(dora):
     """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input only;
@@ -107,7 +97,7 @@ def _cfg(variant="plain", targets=("q", "v"), rank=4, alpha=8):
 def test_merge_unmerge_idempotent(tiny, variant):
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant, ("q", "v", "wo")))
-    _randomize(model)
+    randomize_adapter(model)
     q = model.encoder.block[0].layer[0].SelfAttention.q
     base_q = q.base.weight.clone()
     x = _inputs()
@@ -219,7 +209,7 @@ def test_targets_and_errors(tiny):
 def test_adapter_only_state_and_reload(tiny, tmp_path):
     model = load_model(tiny)
     lora.inject(model, _cfg())
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert cfg == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
@@ -307,6 +297,7 @@ def _trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant,ratio,decay", [(v, 1.0, 0.0) for v in VARIANTS] + [
     ("plain", 16.0, 0.1), ("dora", 16.0, 0.0)])  # the last two: LoRA+ against create_loraplus_optimizer
 def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, decay):
@@ -325,7 +316,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     if variant in DETERMINISTIC:
         diffs["tensors after injection"] = _max_diff(ours, theirs)
     if variant not in ("pissa", "pissa+dora", "olora", "olora+dora"):  # random starts differ by RNG use (and
-        _randomize(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
+        randomize_adapter(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
         _copy_to_twin(ours, theirs)
     ours.train(); theirs.train()
     x["labels"] = x.pop("decoder_input_ids")
@@ -347,6 +338,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
             assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
 
 
+@pytest.mark.peft
 def test_gaussian_init_draws_as_peft():
     from peft import LoraConfig, get_peft_model
     holder = torch.nn.Sequential()
@@ -358,12 +350,13 @@ def test_gaussian_init_draws_as_peft():
     assert abs(ours.lora_A.std().item() - 1 / 4) < 0.05  # std 1/r, as peft (not variance 1/r)
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"])
 def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
     from peft import PeftModel
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant))
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     lora.export_peft(tmp_path / "ad", tmp_path / "peft")
     lora.merge(model)
@@ -375,11 +368,13 @@ def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, varian
     assert getattr(via_peft.peft_config["default"], "use_dora", False) == ("dora" in variant)
 
 
+@pytest.mark.slow
+@pytest.mark.peft
 def test_merge_and_export_peft_commands(tiny, tmp_path):
     from peft import PeftModel
     model = load_model(tiny).eval()
     lora.inject(model, _cfg())
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     x = _inputs()
     expect = model(**x).logits
@@ -432,7 +427,7 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     model = load_model(tiny).eval()
     config = LoRAConfig(("q", "v"), 4, 8, rslora=True, variant="dora", init="pissa")
     lora.inject(model, config)
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     saved = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert saved == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
@@ -465,7 +460,7 @@ def test_old_adapters_load(tiny, tmp_path, variant):
     """Format 1 saved the same tensors (PiSSA in its rank-2r form); its adapter.json is written out by hand here."""
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant))
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     (tmp_path / "ad" / "adapter.json").write_text(json.dumps(OLD_ADAPTERS[variant]))
     fresh = load_model(tiny).eval()

@@ -72,6 +72,7 @@ def _curve(tiny, out, precision):
         return [m["loss"] for m in map(json.loads, f) if "val_loss" not in m]
 
 
+@pytest.mark.slow
 def test_bf16_trains_like_fp32(tiny, tmp_path):
     """40 steps of the tiny model from the same seed: bf16 autocast tracks fp32 within 3% at every
     logged step, both fall, and bf16 really ran (the curves are not identical)."""

@@ -13,10 +13,10 @@ def evaluation():
     """40 three-reference dialogues: peft and instruct repeat a reference, original says nothing useful."""
     dialogues = [Dialogue(f"test_{i}", f"#Person1#: hello {i}", [f"ref {i} one {i % 3}. more.", f"other {i} text",
                                                                   f"third {i} words here"]) for i in range(40)]
-    summaries = {"original": ["nothing at all"] * 40, "peft": [d.refs[0] for d in dialogues],
-                 "instruct": [d.refs[0] for d in dialogues]}
+    summaries = {"original": ["nothing at all"] * 40, "instruct": [d.refs[0] for d in dialogues],
+                 "peft": [d.refs[0] for d in dialogues]}
     scores = {n: metrics.rouge(p, [d.refs for d in dialogues]) for n, p in summaries.items()}
-    return dialogues, summaries, scores, metrics.intervals(scores, report.IMPROVEMENTS, resamples=300)
+    return dialogues, summaries, scores, metrics.intervals(scores, report.pairs(list(scores), "peft"), resamples=300)
 
 
 META = {"split": "test", "dialogues": 40, "rows": 120, "generation": {"num_beams": 1},

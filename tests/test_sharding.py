@@ -25,6 +25,7 @@ def _mode(name, dropout):
     return MODES[name] + ([dropout] if name != "full" else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "mica"])
 def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode):
     """Dropout off: 2 processes x batch 4 with --fsdp take the steps of 1 process x batch 8, with accumulation
@@ -63,6 +64,7 @@ def two_process(tiny, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp_equals_ddp_with_dropout_on(two_process, mode):
     fsdp, ddp = two_process(mode, "fsdp"), two_process(mode, "ddp")
@@ -70,6 +72,7 @@ def test_fsdp_equals_ddp_with_dropout_on(two_process, mode):
     assert _max_diff(_weights(ddp / "best"), _weights(fsdp / "best")) <= 1e-5
 
 
+@pytest.mark.slow
 def test_fsdp_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_process):
     """Full fine-tuning, dropout on: the weights, every rank's optimizer shard and RNG come back exactly."""
     killed = tmp_path / "killed"
@@ -80,6 +83,7 @@ def test_fsdp_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_pro
     assert checkpoint.load_state(str(killed / "last"))["step"] == 8
 
 
+@pytest.mark.slow
 def test_fsdp_is_refused_alone_and_at_another_world_size(tiny, tmp_path, two_process):
     """Without torchrun there is nothing to shard over; a 2-process --fsdp checkpoint resumes only on 2."""
     res = subprocess.run(_train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
@@ -101,6 +105,7 @@ def _summaries(tiny, tmp_path, name, instruct, adapter):
         return [(r["instruct_model_summaries"], r["peft_model_summaries"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_fsdp_best_scores_through_evaluate_as_ddp_best(tiny, tmp_path, two_process):
     """best/ of a --fsdp run is an ordinary model (or adapter) folder: evaluate.py loads it and writes the
     summaries of the DDP run's best/."""

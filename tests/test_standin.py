@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FLAN, REPO
 
 
+@pytest.mark.slow
 def test_standin_command_writes_a_loadable_model(tmp_path):
     out = tmp_path / "tiny"
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(out), "--tiny"],
@@ -17,6 +20,7 @@ def test_standin_command_writes_a_loadable_model(tmp_path):
     assert not (tmp_path / "tiny.tmp").exists()
 
 
+@pytest.mark.slow
 def test_standin_without_config_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", str(tmp_path), "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO)
@@ -46,12 +50,14 @@ def test_sizes_have_flan_t5_shapes_and_parameter_counts():
         assert count_parameters(model)[0] == trainable == 8 * (d_model + heads * 64) * 2 * 3 * layers
 
 
+@pytest.mark.slow
 def test_size_and_tiny_exclude_each_other(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(tmp_path / "x"),
                           "--tiny", "--size", "base"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and "not allowed with argument" in res.stderr
 
 
+@pytest.mark.slow
 def test_xl_is_counted_on_the_meta_device_with_predicted_memory(tmp_path):
     """flan-t5-xl (published: 2,849,757,184 parameters with its own lm_head) is built without weights;
     the prediction is 16 bytes per parameter on each DDP process and 16/N under --fsdp."""

@@ -31,6 +31,7 @@ def _sweep(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
     straight = _sweep(_sweep_file(tmp_path, tiny, tmp_path / "straight"), "--jobs", "2")
     (tmp_path / "k").mkdir()
@@ -69,6 +70,7 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
     assert again.returncode == 0 and out == "" and err.count(": finished") == 2
 
 
+@pytest.mark.slow
 def test_dry_run_prints_one_train_command_per_point(tiny, tmp_path):
     path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid='seed = [1, 2]\nlora_init = ["kaiming", "pissa"]')
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--dry-run"], cwd=REPO, env=ENV,

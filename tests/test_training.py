@@ -48,6 +48,7 @@ def test_no_weight_decay_on_norms_and_biases():
     assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.01, 1), (0.0, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_flags", [
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2"],
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2", "--dora", "--lora-init", "pissa",
@@ -111,6 +112,7 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny, tmp_path):
     """torchrun with 2 gloo processes x batch 4 takes the same steps as 1 process x batch 8: the weights after
     4 steps agree (a wrong gradient scale would show here even where AdamW and clipping hide it in the loss),
@@ -133,6 +135,7 @@ def test_two_processes_equal_one(tiny, tmp_path):
     assert json.load(open(tmp_path / "two" / "summary.json"))["global_batch"] == 16
 
 
+@pytest.mark.slow
 def test_two_process_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path):
     """Dropout on in both processes: each rank must get its own RNG state back, or the masks repeat."""
     common = ["--max-steps", "8", "--save-every", "3", "--eval-every", "100", "--lora-rank", "4", "--lora-dropout",
@@ -154,6 +157,7 @@ def _settings(tiny, out, **over):
     return s
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_the_big_batch(tiny, tmp_path):
     """2 x batch 4 with accumulation and 1 x batch 8 see the same examples and must take the same steps."""
     training.train(_settings(tiny, tmp_path / "big"))
@@ -161,6 +165,7 @@ def test_grad_accumulation_equals_the_big_batch(tiny, tmp_path):
     assert _max_diff(_weights(tmp_path / "big" / "last"), _weights(tmp_path / "acc" / "last")) <= 1e-6
 
 
+@pytest.mark.slow
 def test_save_every_writes_last_between_validations(tiny, tmp_path, monkeypatch):
     saved = []
     real = checkpoint.save
@@ -172,6 +177,7 @@ def test_save_every_writes_last_between_validations(tiny, tmp_path, monkeypatch)
     assert saved == [7]
 
 
+@pytest.mark.slow
 def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path):
     """A crash after last/ is written and before best/ is copied leaves best/ stale; resume repairs it."""
     out = tmp_path / "run"
@@ -191,6 +197,7 @@ def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path)
     assert _max_diff(_weights(out / "best"), _weights(out / "last")) == 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
     from dialsum_raw.config import read_config
     out = tmp_path / "run"
@@ -217,6 +224,7 @@ def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
     assert max(m["step"] for m in _metrics(out)) == 4
 
 
+@pytest.mark.slow
 def test_early_stop_after_k_validations_without_improvement(tiny, tmp_path, monkeypatch):
     losses = iter([3.0, 2.0, 2.5, 2.1, 1.0, 0.5])  # best at the 2nd validation, then two without improvement
     monkeypatch.setattr(training, "validation_loss", lambda *a: next(losses))
@@ -225,6 +233,7 @@ def test_early_stop_after_k_validations_without_improvement(tiny, tmp_path, monk
     assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_rouge_during_training_picks_best(tiny, tmp_path):
     """The logged ROUGE is the evaluator's on the same model; --best-metric rouge1 keeps the highest."""
     from dialsum_raw import metrics
@@ -247,6 +256,7 @@ def test_rouge_during_training_picks_best(tiny, tmp_path):
     assert best["metric"] == "rouge1" and best["step"] == top["step"] and best["value"] == top["rouge1"]
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_metrics_lines(tiny, tmp_path, monkeypatch):
     import types
     written = []
@@ -270,6 +280,7 @@ def test_tensorboard_gets_the_metrics_lines(tiny, tmp_path, monkeypatch):
         training.train(_settings(tiny, tmp_path / "missing", tensorboard=True))
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_takes_the_same_steps(tiny, tmp_path, monkeypatch):
     """Dropout on: recomputation must replay the same masks, so the weights agree; and the blocks really
     are recomputed (each block's feed-forward runs twice per training micro-batch)."""
@@ -310,6 +321,7 @@ def _learn(tiny, out, steps):
     return training.train(s), _metrics(out)
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_dialogsum(tiny, tmp_path, monkeypatch):
     """From-scratch tiny T5, 100 steps: losses fall from ~10.4 (uniform over 32k) to below 4.5.
 
@@ -328,6 +340,7 @@ def test_tiny_model_learns_dialogsum(tiny, tmp_path, monkeypatch):
     assert broken[-1]["val_loss"] > 9.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank,expect", [
     ("8", {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": ["q", "v"], "lr": 0.001,
            "batch_size": 16, "grad_accum": 2, "epochs": 10.0, "warmup_ratio": 0.1, "weight_decay": 0.01,
@@ -361,6 +374,7 @@ def _train_main(argv):
     module.main(argv)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, tmp_path):
     """The first run is paused (SIGSTOP) while holding its folder, so the attempts meet it for sure: a plain
     start, --overwrite and --resume are all refused naming it, and it then finishes as if alone."""
@@ -387,6 +401,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, t
     assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_dead_process_does_not_block(tiny, tmp_path):
     """A run killed while holding its lock leaves the file, naming a process that is gone; the kernel has
     released the flock, so a new run and --overwrite go ahead, and the file then names the new holder."""
@@ -448,6 +463,7 @@ def _files(folder):
     return out
 
 
+@pytest.mark.slow
 def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_path):
     """torchrun runs each worker in a session of its own: SIGKILL to the launcher alone leaves them running.
     They must notice within a step or two and stop, leaving last/ and metrics.jsonl as they were at the kill
@@ -483,6 +499,7 @@ def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_pa
                                      for line in stopped), stopped
 
 
+@pytest.mark.slow
 def test_validation_rouge_with_a_rank_that_gets_no_dialogue(tiny, tmp_path):
     """--eval-rouge 1 over 2 processes: rank 1 has nothing to generate, joins the gather all the same, and
     the score is one process's on the same weights."""
@@ -502,6 +519,7 @@ def test_validation_rouge_with_a_rank_that_gets_no_dialogue(tiny, tmp_path):
         k: round(expect[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
 
 
+@pytest.mark.slow
 def test_resume_keeps_no_cpu_copy_of_the_optimizer_state(tiny, tmp_path, monkeypatch):
     """Once loaded into the optimizer (a GPU copy on CUDA), the checkpoint's optimizer state is dropped."""
     out = tmp_path / "run"

@@ -5,13 +5,15 @@ Everything here goes through LoRAConfig and the layer class its variant names; n
 
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..quant import NF4Linear
+from ..quant import NF4Linear, set_weight, stored_weight
 from .config import LoRAConfig
+from .init import INITS
 from .layers import AdapterLinear, layer_class
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -35,6 +37,12 @@ def inject(model, cfg: LoRAConfig, start: bool = True):
     the adapter tensors for load() (no SVD, no random draw). Returns the wrapped layer names."""
     model.requires_grad_(False)
     names = target_layers(model, cfg.targets)
+    if start and INITS[cfg.init].from_w:  # checked on every target before any layer is touched
+        for name in names:
+            shape = model.get_submodule(name).weight.shape
+            if cfg.rank > min(shape):
+                raise UserError(f"--lora-init {cfg.init} cuts A and B from W: --lora-rank {cfg.rank} is more than "
+                                f"min(in, out) = {min(shape)} of layer {name} ({shape[1]} in, {shape[0]} out)")
     layer = layer_class(cfg)
     shared, trainable = layer.make_shared(cfg, [model.get_submodule(n) for n in names]), layer.trainable(cfg)
     for name in names:
@@ -157,6 +165,39 @@ def apply_adapter(model, cfg: LoRAConfig, tensors):
     for name, m in layers:
         m.load({key: tensors[f"{name}.{key}"] for key in type(m).saved_shapes(cfg, m.base)})
     return cfg
+
+
+@contextmanager
+def applied(model, cfg: LoRAConfig, tensors, merged=False):
+    """`model` with an adapter (checked by check_adapter) for the with-block, and the base again after it, bit for
+    bit: the target weights come back from copies, since merge + unmerge (or a residual init's W - s B0 A0 and back)
+    would round them. Evaluation applies one adapter after another to one base this way."""
+    names = target_layers(model, cfg.targets)
+    originals = {n: stored_weight(model.get_submodule(n)) for n in names}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    apply_adapter(model, cfg, tensors)
+    try:
+        if merged:
+            merge_for_inference(model)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, m in lora_layers(model):
+                set_weight(m.base, originals[name])
+                parent, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child, m.base)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+
+
+def updates(model, cfg: LoRAConfig, tensors):
+    """[(layer, ΔW, rank)] in model order: each target layer's change of effective weight against `model`'s W, in
+    fp64, read through the layer's delta_weight() (plus the change of W itself after a residual init, PiSSA or
+    OLoRA), so every variant is covered without code of its own; `rank` is the layer's. The model is left as is."""
+    before = {n: model.get_submodule(n).weight.detach().double() for n in target_layers(model, cfg.targets)}
+    with applied(model, cfg, tensors), torch.no_grad():
+        return [(name, (m.base.weight.double() - before[name]) + m.delta_weight().double(), m.rank)
+                for name, m in lora_layers(model)]
 
 
 def load_adapter(model, directory):

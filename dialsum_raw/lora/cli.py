@@ -1,4 +1,4 @@
-"""python -m dialsum_raw.lora merge | export-peft | inspect"""
+"""python -m dialsum_raw.lora merge | export-peft | inspect | combine"""
 
 import argparse
 
@@ -7,7 +7,7 @@ from .peft_format import export_peft
 
 
 def main(argv=None):
-    from . import inspect  # analysis lives in its own module
+    from . import combine, inspect  # analysis and combination live in their own modules
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.lora", description="LoRA adapter tools.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="fold an adapter into its base and save a standard model folder")
@@ -20,7 +20,10 @@ def main(argv=None):
     e.add_argument("--adapter", required=True)
     e.add_argument("--out", required=True)
     inspect.add_arguments(sub.add_parser("inspect", help=inspect.HELP, description=inspect.HELP))
+    combine.add_arguments(sub.add_parser("combine", help=combine.HELP, description=combine.__doc__.split("\n\n")[0],
+                                         epilog=combine.__doc__.split("\n\n", 1)[1],
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.parse_args(argv)
-    if a.command == "inspect":
-        return inspect.run(a)
+    if a.command in ("inspect", "combine"):
+        return (inspect if a.command == "inspect" else combine).run(a)
     print(merge_to_model(a.base, a.adapter, a.out, a.dtype) if a.command == "merge" else export_peft(a.adapter, a.out))

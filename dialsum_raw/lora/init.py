@@ -20,6 +20,7 @@ from ..quant import NF4Linear, original_weight, quantize, set_weight
 class Init(NamedTuple):
     start: Callable
     residual: bool = False  # W becomes W - s B0 A0; the layer is its Residual form (below)
+    from_w: bool = False  # A or B are cut from W's decomposition: the rank is at most min(in, out)
     frozen: tuple = ()
     peft: object = True  # peft's init_lora_weights for the exported adapter (its tensors are loaded over it)
     rebase: bool = False  # it stores a base weight of its own (LoftQ): loading runs it again, then fills A and B
@@ -78,9 +79,10 @@ def loftq(layer):
     layer.lora_B.copy_(b)
 
 
-INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True),
-         "olora": Init(olora, residual=True),
-         "mica": Init(mica, frozen=("lora_B",), peft="mica"), "loftq": Init(loftq, rebase=True)}
+INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True, from_w=True),
+         "olora": Init(olora, residual=True, from_w=True),
+         "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True),
+         "loftq": Init(loftq, from_w=True, rebase=True)}
 
 
 class Residual:

@@ -89,17 +89,10 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, k1=None, k2=None) ->
 
 
 def adapter_updates(model, adapter):
-    """(config, [(layer, W, ΔW, k)]) for an adapter on `model`'s original weights, in model order; this injects
-    the adapter into `model`."""
+    """(config, [(layer, W, ΔW, k)]) for an adapter on `model`'s original weights, in model order."""
     cfg, tensors = lora.check_adapter(model, adapter)
-    original = {n: model.get_submodule(n).weight.detach().double() for n in lora.target_layers(model, cfg.targets)}
-    lora.apply_adapter(model, cfg, tensors)
-    out = []
-    with torch.no_grad():
-        for name, m in lora.lora_layers(model):
-            w = original[name]
-            out.append((name, w, (m.base.weight.double() - w) + m.delta_weight().double(), m.rank))
-    return cfg, out
+    return cfg, [(name, model.get_submodule(name).weight.detach().double(), dw, k)
+                 for name, dw, k in lora.updates(model, cfg, tensors)]
 
 
 def full_updates(model, folder, targets, rank):

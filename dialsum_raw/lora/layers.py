@@ -94,18 +94,23 @@ class AdapterLinear(nn.Module):
     @classmethod
     def to_peft(cls, cfg, saved: dict) -> dict:
         """One layer's saved tensors (or the shared module's) under peft's names, for export-peft. The default
-        renames them by PEFT_NAMES; a variant whose tensors peft holds in another form transforms them here.
-        A tensor with no peft name refuses the export, in one line, before anything is written."""
+        renames them by PEFT_NAMES; a variant whose tensors peft holds in another form transforms them here."""
         missing = [k for k in saved if k not in cls.PEFT_NAMES]
-        need(not missing, f"export-peft: peft has no form for {cls.__name__}'s {missing[0] if missing else ''} "
-                          f"(--lora-variant {cfg.variant}); merge the adapter instead (python -m dialsum_raw.lora merge)")
+        if missing:
+            cls.refuse_peft(cfg, missing[0])
         return {cls.PEFT_NAMES[k]: t for k, t in saved.items()}
 
     @classmethod
     def peft_config(cls, cfg) -> dict:
         """The peft fields of adapter_config.json for this variant (peft_type, r, ...)."""
-        raise UserError(f"export-peft: peft has no config for {cls.__name__} (--lora-variant {cfg.variant}); "
-                        f"merge the adapter instead (python -m dialsum_raw.lora merge)")
+        cls.refuse_peft(cfg, "config")
+
+    @classmethod
+    def refuse_peft(cls, cfg, what):
+        """export-peft's one line for what peft has no form of; export_peft calls to_peft and peft_config before
+        it writes anything."""
+        raise UserError(f"export-peft: peft has no form for the {what} of {cls.__name__} (--lora-variant "
+                        f"{cfg.variant}); merge the adapter instead: python -m dialsum_raw.lora merge")
 
     def extra_repr(self):
         return f"{self.cfg.describe()}, merged={self.merged}"
