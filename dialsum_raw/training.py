@@ -259,6 +259,7 @@ class Run:
     resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
     resume_from: str = None        # ... and its folder
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
+    saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -289,7 +290,7 @@ def train(settings: Settings) -> dict:
                 if stop and not done(run):
                     bar.close()
                     raise Stopped(f"stopped by signal {stop} at step {run.progress.step}: saved "
-                                  f"{os.path.join(run.out, 'last')}; continue with: python train.py --resume {run.out}",
+                                  f"{os.path.join(run.out, 'last')}; continue with: {resume_command(run)}",
                                   128 + stop)
         bar.close()
         return finish(run)
@@ -412,6 +413,7 @@ def restore(run: Run):
     sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress = Progress.restore(state)
+    run.saved = run.progress.step
     checkpoint.set_rng_state(state["rng"][run.rank])
     if run.rank == 0:
         repair_best(run)
@@ -521,12 +523,12 @@ def take_step(run: Run, synced: Synced, started, bar):
     if synced.orphaned:  # any rank's: all stop here
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p.step} without saving; the last checkpoint is {os.path.join(run.out, 'last')}")
+                        f"{p.step}, before taking the next; {saved_note(run)}")
     step_loss = synced.loss_sum / tgt
     if not math.isfinite(step_loss):
         bar.close()
         raise UserError(f"loss is {step_loss} at step {p.step + 1}: training diverged (learning rate too high?); "
-                        f"nothing was saved after it, the last good checkpoint is {os.path.join(run.out, 'last')}")
+                        f"nothing was saved after it; {saved_note(run)}")
     if s.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
     run.optimizer.step()
@@ -545,6 +547,25 @@ def take_step(run: Run, synced: Synced, started, bar):
     if p.step % s.log_every == 0:
         write_metrics(run, {**line_base(run), "loss": round(p.window_loss / p.window_tokens, 6)})
         p.window_loss, p.window_tokens = 0.0, 0
+
+
+def saved_note(run: Run) -> str:
+    """What a stopped run left to continue from, as it is: last/'s step, or that nothing was saved yet."""
+    last = os.path.join(run.out, "last")
+    if not run.saved:
+        return (f"no checkpoint was saved before it ({last} is written at each validation and every "
+                "--save-every steps)")
+    return f"the last good checkpoint is {last}, step {run.saved}: continue with {resume_command(run)}"
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues this run: under torchrun the same launcher and process count (a resume
+    refuses any other), else plain python."""
+    if run.world == 1:
+        return f"python train.py --resume {run.out}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))
+    nodes = f"--nnodes {run.world // local} ... " if run.world != local else "--standalone "
+    return f"torchrun {nodes}--nproc_per_node {local} train.py --resume {run.out}"
 
 
 def launcher_gone(run: Run) -> bool:
@@ -614,6 +635,7 @@ def save(run: Run):
     with sharding.full_weights(run.raw, run.settings.is_lora) as model:
         checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
                         barrier=dist.barrier if shards else None)
+    run.saved = run.progress.step
     if run.rank == 0 and run.progress.best_step == run.progress.step:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:
