@@ -20,7 +20,7 @@ def test_resume_trims_a_log_with_blank_and_damaged_lines(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + '\n{"st')
     said = []
-    run = types.SimpleNamespace(out=str(tmp_path), progress={"step": 4}, log=said.append)
+    run = types.SimpleNamespace(out=str(tmp_path), progress=training.Progress(step=4), log=said.append)
     training.trim_metrics(run)
     assert log.read_text() == "".join(json.dumps(m) + "\n" for m in lines[:2])
     assert said == [f"{log} line 5: damaged (not a JSON object with a step: '{{\"st'); skipped"]
@@ -248,3 +248,42 @@ def test_a_fresh_runs_lock_file_stays_when_it_finishes_or_stops(tmp_path, ending
     except (Stopped, UserError):
         pass
     assert (tmp_path / "run" / ".lock").exists() == kept
+
+
+# ---------------------------------------------------------------- messages that match what happened (item 10)
+
+@pytest.mark.slow
+def test_a_launcher_gone_during_validation_names_the_save_that_happened(tiny, tmp_path, monkeypatch):
+    """torchrun killed while its workers validate: they finish the validation and save it (a consistent
+    checkpoint), then stop at the next step. The message said 'without saving'; it must name last/'s step."""
+    from test_training import _settings
+
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import UserError
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun: the worker watches its parent, the launcher
+    validate = training.validate
+
+    def launcher_dies(run, bar):
+        validate(run, bar)
+        run.launcher = -1  # no process has this pid: the parent has changed
+    monkeypatch.setattr(training, "validate", launcher_dies)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as stopped:
+        training.train(_settings(tiny, out, max_steps=6, eval_every=2))
+    assert checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
+    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2, before "
+                                  f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
+                                  f"with python train.py --resume {out}")
+
+
+@pytest.mark.parametrize("world, local, command", [
+    (1, 1, "python train.py --resume OUT"),
+    (2, 2, "torchrun --standalone --nproc_per_node 2 train.py --resume OUT"),
+    (16, 8, "torchrun --nnodes 2 ... --nproc_per_node 8 train.py --resume OUT"),
+])
+def test_a_stopped_run_under_torchrun_is_continued_with_torchrun(monkeypatch, world, local, command):
+    """SIGTERM under torchrun --fsdp printed `python train.py --resume`, which that run refuses (the process
+    count differs): the message names the launcher and the counts the run needs."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    run = types.SimpleNamespace(world=world, out="OUT")
+    assert training.resume_command(run) == command

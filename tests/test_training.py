@@ -253,6 +253,17 @@ def test_gradient_checkpointing_takes_the_same_steps(tiny, tmp_path, monkeypatch
     assert max_diff(ckpt_weights(tmp_path / "plain" / "last"), ckpt_weights(tmp_path / "ckpt" / "last")) <= 1e-6
 
 
+def test_progress_is_saved_as_the_keys_runs_saved_before_it_was_a_dataclass():
+    """trainer_state.pt keeps one key per counter, as runs saved them when progress was a dict (the state below),
+    so those runs resume; a counter a state lacks keeps its start."""
+    old = {"optimizer": {}, "scheduler": {}, "rng": [], "world": 1, "step": 7, "tokens": 900, "padded_tokens": 1000,
+           "seconds": 3.5, "best_val_loss": 2.0, "best_step": 6, "best_value": 2.0, "stale": 1, "window_loss": 0.5,
+           "window_tokens": 40}
+    progress = training.Progress.restore(old)
+    assert progress.state() == {k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "rng", "world")}
+    assert training.Progress.restore({"step": 3}) == training.Progress(step=3)
+
+
 def test_atomic_dir_flushes_everything_before_publishing(tmp_path, monkeypatch):
     events = []
     real_fsync, real_rename = os.fsync, os.rename
