@@ -496,19 +496,10 @@ def test_make_optimizer_groups():
         (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
 
 
-class LoRAFALinear(LoRALinear):  # docs/lora.md, "Write your own variant": the worked example, verbatim
-    """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
-
-    @classmethod
-    def trainable(cls, cfg):
-        return super().trainable(cfg) - {"lora_A"}
-
-
-def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
-    """The template in docs/lora.md for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
-    A at its start and moves B exactly as plain LoRA's step does (B's gradient does not depend on A training); the rest
-    (merge, save, load) comes from LoRALinear."""
-    monkeypatch.setitem(lora.VARIANTS, "lora-fa", LoRAFALinear)  # in the package: one line in layers.VARIANTS
+def test_lora_fa_steps_b_as_plain_lora_and_keeps_a(tiny):
+    """LoRA-FA has no peft twin (peft's LoraFAOptimizer steps B differently): its formula is the oracle. With A
+    frozen, one AdamW step leaves A at its start and moves B exactly as plain LoRA's step does (B's gradient does
+    not depend on A training); merge, save, load and export are the contract test's (tests/test_contract.py)."""
     x = _inputs()
     x["labels"] = x.pop("decoder_input_ids")
     models = {}
@@ -531,10 +522,4 @@ def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
         else:
             assert torch.equal(fa[n], plain[n]) and not torch.equal(fa[n], start[n])
     assert _trainable(models["lora-fa"]) == _trainable(models["lora"]) // 2  # q, v square: A and B the same size
-    lora.save_adapter(models["lora-fa"].eval(), tmp_path / "ad", base_model=tiny)
-    fresh = load_model(tiny, dropout=0.0).eval()
-    lora.load_adapter(fresh, tmp_path / "ad")
-    x.pop("labels")
-    x["decoder_input_ids"] = _inputs()["decoder_input_ids"]
-    assert torch.equal(fresh(**x).logits, models["lora-fa"](**x).logits) and _trainable(fresh) == _trainable(models["lora-fa"])
 

@@ -1,7 +1,7 @@
 """LoRA from scratch: y = W x + (B A dropout(x)) * scale, with W frozen, and the variants that change it.
 
     config.py       LoRAConfig: what inject takes, what adapter.json holds
-    layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear
+    layers.py       one class per structural variant: LoRALinear, LoRAFALinear, DoRALinear, VeRALinear
     init.py         how A and B start (one function each, one table: INITS), and the Residual save form
                     of the inits that move part of W into the adapter
     adapter.py      inject, merge/unmerge, save and load an adapter folder

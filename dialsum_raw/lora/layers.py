@@ -1,4 +1,4 @@
-"""One class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear.
+"""One class per structural variant: LoRALinear, LoRAFALinear(LoRALinear), DoRALinear(LoRALinear), VeRALinear.
 
 Each owns its forward, delta_weight() (what it adds to the wrapped weight, in fp32), merge and unmerge, the
 tensors it saves, which of them train and how the optimizer treats them, and their form in peft's format.
@@ -169,6 +169,15 @@ class LoRALinear(AdapterLinear):
     def peft_config(cls, cfg) -> dict:
         return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
                 "use_rslora": cfg.rslora, "use_dora": False, "init_lora_weights": INITS[cfg.init].peft}
+
+
+class LoRAFALinear(LoRALinear):
+    """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
+    SUMMARY = "LoRA-FA, A frozen at its start and only B trained"
+
+    @classmethod
+    def trainable(cls, cfg):
+        return super().trainable(cfg) - {"lora_A"}
 
 
 class DoRALinear(LoRALinear):
@@ -347,7 +356,7 @@ class VeRALinear(AdapterLinear):
                 "projection_prng_key": VeRAProjections.SEED, "save_projection": True, "init_weights": True}
 
 
-VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}
+VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear, "lora-fa": LoRAFALinear}
 
 
 def layer_class(cfg):
