@@ -1,7 +1,7 @@
-"""The layer contract (lora.layers.AdapterLinear), for every variant x every init it allows, both found in the
-registries (VARIANTS, INITS, and check() for which pairs exist): a new class in VARIANTS is tested here without
-an edit to this file. The oracles are the layer's own base (start, merge), its fp32 formula (delta_weight), the
-run that never stopped (resume) and peft (export)."""
+"""The layer contract (lora.layers.AdapterLinear), for every variant x every init it allows, both found in
+the registries (VARIANTS, INITS, and check() for which pairs exist): a new class in VARIANTS is tested here
+without an edit to this file. The oracles are the layer's own base (start, merge), its fp32 formula
+(delta_weight), the run that never stopped (resume) and peft (export)."""
 
 import copy
 import os
@@ -31,8 +31,9 @@ def _allowed(variant, init):
 
 
 def _settings(variant, init, tiny=None, ratio=1.0):
-    """The loop's own settings; rank 4, alpha 8 (scale 2, so a forgotten scale shows), dropout off (exactness)."""
-    return Settings(model=tiny, lora_rank=4, lora_alpha=8, lora_dropout=0.0, dropout=0.0, lora_targets=TARGETS,
+    """The loop's own settings; rank 4, alpha 8 (scale 2, so a forgotten scale shows), dropout off."""
+    return Settings(model=tiny, lora_rank=4, lora_alpha=8, lora_dropout=0.0, dropout=0.0,
+                    lora_targets=TARGETS,
                     lora_variant=variant, lora_init=init, vera_rank=16, lr=1e-2, weight_decay=0.1,
                     lora_plus_ratio=ratio)
 
@@ -42,7 +43,7 @@ CASES = [(v, i) for v in VARIANTS for i in INITS if _allowed(v, i)]
 
 @pytest.fixture(scope="module")
 def base_model(tiny):
-    """The tiny base, loaded once; each use takes a copy (load_model itself runs where the loop's path needs it)."""
+    """The tiny base, loaded once; each use takes a copy (load_model runs where the loop's own path does)."""
     return load_model(tiny, dropout=0.0).eval()
 
 
@@ -59,7 +60,7 @@ def _logits(model):
 
 
 def _close(a, b):
-    """Equal up to fp32 rounding through the network: 1e-5 of the largest logit (about 5 here), at least 1e-5."""
+    """Equal up to fp32 rounding through the network: 1e-5 of the largest logit (about 5 here), >= 1e-5."""
     return (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
@@ -135,7 +136,8 @@ def check_contract(tiny, base_model, tmp_path, variant, init):
     assert torch.equal(_logits(run), unmerged)
     layers = lora.lora_layers(run)
 
-    # inspect reads every layer's update: ΔW against the original W (W - W0 after a residual init, plus delta_weight)
+    # inspect reads every layer's update: ΔW against the original W (W - W0 after a residual init, plus
+    # delta_weight)
     records = lora_inspect.inspect(tiny, str(tmp_path / "ad"))[0]
     assert [r["layer"] for r in records] == list(before)
     for r in records:
@@ -156,7 +158,8 @@ def check_contract(tiny, base_model, tmp_path, variant, init):
               for _, m in layers for n, p in m.named_parameters(recurse=False) if p.requires_grad}
     assert group == expect
 
-    # --resume, through the checkpoint functions the loop uses: the next steps equal the unbroken run's, bit for bit
+    # --resume, through the checkpoint functions the loop uses: the next steps equal the unbroken run's, bit
+    # for bit
     run.train()
     _step(run, optimizer, 1)
     last = os.path.join(tmp_path, "last")
@@ -170,7 +173,8 @@ def check_contract(tiny, base_model, tmp_path, variant, init):
         _step(resumed, optimizer2, seed)
     ours, theirs = run.state_dict(), resumed.state_dict()
     assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours
+                                                                if not torch.equal(ours[k], theirs[k])]
 
 
 def check_export(base_model, tiny, tmp_path, variant, init):
@@ -204,14 +208,16 @@ def docs_example(name):
 @pytest.mark.peft
 def test_docs_gated_example(tiny, base_model, tmp_path, monkeypatch):
     """docs/lora.md's gated LoRA, a variant with a tensor of its own that does not ship: its formula,
-    y = W x + b + s B diag(g) A x, then the whole contract for every init it allows, export to peft included."""
+    y = W x + b + s B diag(g) A x, then the whole contract for every init it allows, export to peft
+    included."""
     gated = docs_example("GatedLoRALinear")
     torch.manual_seed(0)
     layer = gated(torch.nn.Linear(32, 16), LoRAConfig(rank=4, alpha=8))
     with torch.no_grad():
         torch.nn.init.normal_(layer.lora_B, std=0.1)
         layer.lora_gate.copy_(torch.tensor([1.0, 0.0, 2.0, -0.5]))
-    x, w, b, a, bb, g = torch.randn(3, 32), layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_gate
+    x, w, b = torch.randn(3, 32), layer.base.weight, layer.base.bias
+    a, bb, g = layer.lora_A, layer.lora_B, layer.lora_gate
     assert (layer(x) - (x @ w.T + b + 2.0 * x @ a.T @ torch.diag(g) @ bb.T)).abs().max() <= 1e-6
     assert (layer.delta_weight() - 2.0 * bb @ torch.diag(g) @ a).abs().max() <= 1e-6
 

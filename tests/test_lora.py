@@ -177,7 +177,8 @@ def test_merged_dora_moves_with_its_model_and_unmerges():
 
 @pytest.mark.parametrize("fields,message", [
     ({"variant": "vera", "init": "pissa"}, "VeRA takes no --lora-init"), ({"variant": "vera", "rslora": True},
-    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica")])
+    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica"),
+    ({"variant": "lora-fa", "init": "mica"}, "--lora-variant lora-fa with --lora-init mica trains nothing")])
 def test_combinations_peft_refuses_are_refused_in_one_line(fields, message):
     with pytest.raises(UserError, match=message) as e:
         LoRAConfig(**fields)

@@ -9,8 +9,9 @@
     inspect.py      what an adapter learned, per layer, from each layer's delta_weight()
     combine.py      adapters combined (linear/svd, cat, ties, dare) into one plain-LoRA adapter, from delta_weight()
 
-Every variant and init is matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (B
-learns K x faster): training.make_optimizer.
+Every class in VARIANTS, with every init it allows, passes the layer contract (tests/test_contract.py); those
+peft has are matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (the tensors a layer
+marks FAST, B, learn K x faster): training.make_optimizer.
 
     python -m dialsum_raw.lora merge --base MODEL --adapter DIR --out OUT
     python -m dialsum_raw.lora export-peft --adapter DIR --out OUT
