@@ -62,6 +62,20 @@ def quantized_names(model):
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".block." in f".{n}."}
 
 
+def stored_bytes(model, base_dtype):
+    """Bytes of a model's weights stored as `base_dtype` says, counted on its shapes (the meta device will do),
+    shared tensors once: the bench's prediction for sizes too large to build here."""
+    from .quant import nf4_bytes
+    quantized = quantized_names(model) if base_dtype == "nf4" else set()
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += nf4_bytes(p.numel()) if name in quantized else p.numel() * (2 if base_dtype == "bf16" else 4)
+    return total
+
+
 def load_quantized(name_or_path, config_kwargs):
     """The model with quantized_names() in NF4, built on the meta device and filled tensor by tensor from its
     safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied weights

@@ -38,6 +38,13 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data + [0.0, 1.0]), dtype=torch.float32)
 
 
+def nf4_bytes(n) -> int:
+    """Bytes of an NF4 weight of n values: the codes, one absmax code per 64, an fp32 scale per 256 of those,
+    the fp32 offset."""
+    blocks = -(-n // BLOCK)
+    return -(-n // 2) + blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4
+
+
 def _midpoints(levels):
     return (levels[:-1] + levels[1:]) / 2
 
