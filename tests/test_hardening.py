@@ -287,3 +287,16 @@ def test_a_stopped_run_under_torchrun_is_continued_with_torchrun(monkeypatch, wo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     run = types.SimpleNamespace(world=world, out="OUT")
     assert training.resume_command(run) == command
+
+
+def test_one_setting_spelled_twice_is_refused(tmp_path, tiny):
+    """lora-rank and lora_rank in one config file (or one sweep table) are one setting: the last silently won."""
+    from dialsum_raw import sweep
+    from dialsum_raw.config import read_config
+    from dialsum_raw.errors import UserError
+    config = tmp_path / "c.toml"
+    config.write_text("lora-rank = 8\nlr = 1e-3\nlora_rank = 0\n")
+    with pytest.raises(UserError, match=f"^{config}: 'lora-rank' and 'lora_rank' are the same setting; keep one$"):
+        read_config(str(config))
+    with pytest.raises(UserError, match="'max_steps' and 'max-steps' are the same setting"):
+        sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", extra="max-steps = 3\n"))
