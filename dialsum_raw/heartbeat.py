@@ -37,13 +37,23 @@ class Heartbeat:
 
     def beat(self, step, phase):
         position = (step, PHASES.index(phase))
-        self.store.set(f"dialsum/heartbeat/{self.rank}", f"{position[0]} {position[1]}")
+        self._set(f"dialsum/heartbeat/{self.rank}", f"{position[0]} {position[1]}")
         if self.rank == 0:
             self.mine, self.since, self.said = position, time.monotonic(), 0
 
     def pulse(self):
         self.pulses += 1
-        self.store.set(f"dialsum/pulse/{self.rank}", str(self.pulses))
+        self._set(f"dialsum/pulse/{self.rank}", str(self.pulses))
+
+    def _set(self, key, value):
+        """A store that is gone (its launcher killed) silences the heartbeat; it never stops the run, whose
+        own checks (training.launcher_gone) say what happened."""
+        if self.stopped.is_set():
+            return
+        try:
+            self.store.set(key, value)
+        except Exception:  # noqa: BLE001 - any store failure: the watch ends, the run goes on
+            self.stopped.set()
 
     def _read(self, kind, r, default):
         key = f"dialsum/{kind}/{r}"
@@ -83,8 +93,11 @@ class Heartbeat:
         def run():
             while not self.stopped.wait(min(self.every / 4, 30)):
                 self.pulse()
-                if self.rank == 0:
-                    self.check()
+                if self.rank == 0 and not self.stopped.is_set():
+                    try:
+                        self.check()
+                    except Exception:  # noqa: BLE001 - as in _set
+                        self.stopped.set()
         threading.Thread(target=run, name="heartbeat", daemon=True).start()
         return self
 

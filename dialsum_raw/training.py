@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -305,7 +306,8 @@ def watching(run: Run):
     if run.world == 1:
         yield
         return
-    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world, run.log).start()
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - from a thread, at once
+    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world, say).start()
     try:
         yield
     finally:
@@ -510,7 +512,7 @@ def train_step(run: Run, started, bar, caught) -> int:
     if orphaned:  # any rank's: all stop here, before this step changes the weights or writes a line
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p['step']}, before taking the next; {saved_note(run)}")
+                        f"{p['step']} before taking the next; {saved_note(run)}")
     step_loss = loss_total / tgt
     if not math.isfinite(step_loss):
         bar.close()

@@ -271,7 +271,7 @@ def test_a_launcher_gone_during_validation_names_the_save_that_happened(tiny, tm
     with pytest.raises(UserError) as stopped:
         training.train(_settings(tiny, out, max_steps=6, eval_every=2))
     assert checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
-    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2, before "
+    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2 before "
                                   f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
                                   f"with python train.py --resume {out}")
 
