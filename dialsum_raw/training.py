@@ -35,7 +35,6 @@ from .modeling import (autocast_for, choose_precision, count_parameters, load_mo
 from .runlog import METRICS_FILE, read_metrics
 
 
-
 # ---------------------------------------------------------------- set-up helpers
 
 # How long a rank waits in a collective for the others: rank 0's fsynced save of a large model included.
@@ -306,8 +305,8 @@ def watching(run: Run):
     if run.world == 1:
         yield
         return
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - from a thread, at once
-    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world, say).start()
+    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world,
+                              lambda line: print(line, file=sys.stderr, flush=True)).start()  # from a thread: at once
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ here by a test that failed before its fix."""
 import json
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 from conftest import CORPUS
@@ -407,7 +408,7 @@ def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, 
             time.sleep(0.02)
         workers = sorted(_children(launcher.pid))
         assert len(workers) == 2, log.read_text()[-3000:]
-        rank1 = next(pid for pid in workers if "LOCAL_RANK=1" in open(f"/proc/{pid}/environ").read().replace("\0", " "))
+        rank1 = next(pid for pid in workers if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
         os.kill(rank1, signal.SIGSTOP)
         deadline = time.time() + 60
         while "waiting for rank 1 for " not in log.read_text() and time.time() < deadline:
