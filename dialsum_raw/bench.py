@@ -3,7 +3,8 @@
     python -m dialsum_raw.bench train   [--quick]   # our loop (torch/fast dropout) vs HF Seq2SeqTrainer + peft; long pool; MFU
     python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate and CTranslate2, batch 1/8/16/32
     python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size;
-                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding)
+                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding);
+                                                    # the base stored fp32 / bf16 / nf4 (--only base-dtype)
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -16,7 +17,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,261 +26,14 @@ import time
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import beam, data, lora, metrics, sharding, standin, training
+from . import beam, data, gpucheck, lora, metrics, sharding, standin, training
 from .config import Settings, validate
 from .errors import run_cli
-from .generation import generate_ids, generation_kwargs, length_sorted_batches, summarize
-from .modeling import (autocast_for, choose_precision, compute_device, count_parameters, cpu_bf16_units, load_model,
-                       load_tokenizer)
-
-
-def _table(title, rows):
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{title}")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-
-
-def _cpu():
-    """This CPU's model name, bf16 units and our thread count: a speed ratio belongs to one machine."""
-    name = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"cpu: {name}, {cpu_bf16_units() or 'no bf16 units'}, {torch.get_num_threads()} threads"
-
-
-def _save(name, result, args):
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu(),
-              "torch": torch.__version__, "quick": args.quick, **result}
-    path = os.path.join(args.out, f"bench-{name}.json")
-    os.makedirs(args.out, exist_ok=True)  # --out may name a new folder
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {path}")
-    return result
-
-
-def _lora_settings(args, out, steps, **over):
-    s = Settings(**{**dict(model=args.model, data=args.data, output_dir=out, lora_rank=8, lora_alpha=16,
-                           lora_dropout=0.05, lr=1e-3, batch_size=8, max_steps=steps, subsample=10, eval_every=steps,
-                           log_every=steps, seed=0), **over})
-    validate(s)
-    return s
-
-
-def _consumed(settings, tokenizer):
-    """The examples and batches our loop consumes in settings.max_steps steps, in order."""
-    examples = training.load_examples(settings, tokenizer, lambda *a: None)["train"]
-    sampler = data.LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], settings.batch_size,
-                                             seed=settings.seed)
-    batches = list(sampler)[:settings.max_steps * settings.grad_accum]
-    return examples, batches
-
-
-def _bare_steps(model, batches, device, autocast):
-    """Forward + backward + AdamW step and nothing else: the floor under any loop."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    if device.type == "cuda":  # the clock starts once earlier queued GPU work is done, not while it still runs
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def _matmul_peak(dtype, device):
-    """FLOP/s of a square n x n matmul in `dtype`, best of 3 rounds: the ceiling MFU is measured against.
-    n is 2048 on a CPU and 8192 on a GPU, where a 2048² product is too small to keep the tensor cores busy
-    and would understate the peak (and so overstate MFU)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * n ** 3 / best
-
-
-def _step_flops(model, batch, device):
-    """Forward + backward FLOPs of one batch, counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def _padded(batch):
-    return batch["input_ids"].numel() + batch["labels"].numel()
-
-
-def _real(batch):
-    return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-
-
-class _KeptBatches:
-    """HF's collator, keeping each batch it forms: HF's real and padded tokens are then counted, not guessed."""
-
-    def __init__(self, collator):
-        self.collator, self.batches = collator, []
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-        return batch
-
-
-def _hf_run(args, tok, pool, steps, out, device, **best):
-    """Seq2SeqTrainer + peft LoRA r=8 q,v, batch 8, `steps` steps over `pool` with HF's own sampler (the
-    notebook's stack; `best` adds the strongest flags HF offers). Returns (its batches, HF's train_runtime)."""
-    import datasets
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(args.model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                              target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
-    hf_args = Seq2SeqTrainingArguments(output_dir=out, per_device_train_batch_size=8, learning_rate=1e-3,
-                                       max_steps=steps, logging_steps=10 ** 6, save_strategy="no", report_to=[],
-                                       use_cpu=device.type != "cuda", dataloader_pin_memory=device.type == "cuda",
-                                       seed=0, disable_tqdm=True, **best)
-    # One GPU, as ours: on a multi-GPU machine HF would wrap the model in DataParallel over all of them.
-    # transformers 5.x has no flag for it; _n_gpu is what Trainer itself sets to 1 for model parallelism.
-    hf_args._n_gpu = min(hf_args.n_gpu, 1)
-    kept = _KeptBatches(DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8))
-    trainer = Seq2SeqTrainer(model=model, args=hf_args, train_dataset=datasets.Dataset.from_list(pool),
-                             data_collator=kept)
-    seconds = trainer.train().metrics["train_runtime"]
-    return kept.batches[:steps], seconds
-
-
-def _long_data(dialogues, examples, n, folder):
-    """A data folder whose train split is the n dialogues of `examples` with the longest prompts (the
-    long-sequence pool; 8 of them also serve as the validation split the loop needs)."""
-    longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))[:n]
-    os.makedirs(folder)
-    for name, rows in (("dialogsum.train.jsonl", sorted(longest)), ("dialogsum.dev.jsonl", longest[:8])):
-        with open(os.path.join(folder, name), "w") as f:
-            f.writelines(json.dumps({"fname": dialogues[i].id, "dialogue": dialogues[i].dialogue,
-                                     "summary": dialogues[i].refs[0]}) + "\n" for i in rows)
-    return folder
-
-
-def bench_train(args):
-    """One run, each row with its own sampler over the same example pool and count (steps x 8). The default
-    pool: HF's notebook settings, HF's best settings, ours in fp32 and at --precision auto, each with torch's
-    and our fast dropout. The long pool (the steps x 8 training dialogues with the longest prompts): HF best
-    and ours at auto with both dropouts. Real tokens/s, ratios to HF best of the same pool, and MFU against
-    a matmul peak measured here.
-
-    HF's group_by_length sizes its sorted groups from the pool (min(len // 32, 50) batches), so HF samples
-    the whole pool as in a real epoch; handed only our few batches' examples it would barely group."""
-    steps = args.steps or (6 if args.quick else 16)
-    device = compute_device()
-    auto, why = choose_precision("auto", device)
-    tok = load_tokenizer(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        s = _lora_settings(args, os.path.join(tmp, "ours"), steps)
-        pool, batches = _consumed(s, tok)
-        long_data = _long_data(data.load_splits(args.data, ("train",))["train"][::s.subsample], pool, steps * 8,
-                               os.path.join(tmp, "long-data"))
-        long_pool, long_batches = _consumed(_lora_settings(args, "", steps, data=long_data, subsample=1), tok)
-        collate = data.Collator(tok.pad_token_id)
-        ours_batches = [collate([pool[i] for i in b]) for b in batches]
-        ours_long = [collate([long_pool[i] for i in b]) for b in long_batches]
-
-        peak = {"fp32": _matmul_peak(torch.float32, device), "bf16": _matmul_peak(torch.bfloat16, device)}
-        model = load_model(args.model)
-        lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05))
-        model.to(device)
-        for precision in ("fp32", auto):  # warm-up: first big steps of a fresh process run slow (page faults)
-            _bare_steps(model, ours_batches[:1], device, autocast_for(precision, device))
-
-        def hf(name, pool_, **best):
-            return _hf_run(args, tok, pool_, steps, os.path.join(tmp, name), device, **best)
-
-        def ours(name, batches_, **over):
-            run = _lora_settings(args, os.path.join(tmp, name), steps, **over)
-            return batches_, training.train(run)["seconds"]
-
-        best = dict(bf16=auto == "bf16", train_sampling_strategy="group_by_length")
-        rows = [("default", "HF notebook: random batches, pad to 8, fp32", "fp32", *hf("hf-notebook", pool)),
-                ("default", f"HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-best", pool, **best))]
-        for precision in ("fp32", "auto"):  # rows: pool, name, precision, its batches, seconds
-            name = precision + (f" = {auto}" if precision == "auto" else "")
-            rows += [("default", f"ours {name}, {impl} dropout", choose_precision(precision, device)[0],
-                      *ours(f"ours-{precision}-{impl}", ours_batches, precision=precision, dropout_impl=impl))
-                     for impl in ("torch", "fast")]
-        rows += [("long", f"long: HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-long", long_pool, **best))]
-        rows += [("long", f"long: ours auto = {auto}, {impl} dropout", auto,
-                  *ours(f"ours-long-{impl}", ours_long, data=long_data, subsample=1, dropout_impl=impl))
-                 for impl in ("torch", "fast")]
-
-        result_rows, flops_of = [], {}
-        for pool_name, name, precision, row_batches, seconds in rows:
-            median = sorted(row_batches, key=_padded)[len(row_batches) // 2]
-            real, padded = sum(map(_real, row_batches)), sum(map(_padded, row_batches))
-            if id(median) not in flops_of:  # the ours rows of a pool share their batches: counted once
-                flops_of[id(median)] = _step_flops(model, median, device)
-            # FLOPs per step: the median batch counted, scaled to the row's mean padded tokens per step
-            flops = flops_of[id(median)] * padded / _padded(median) / len(row_batches)
-            result_rows.append({"pool": pool_name, "row": name, "precision": precision, "steps": len(row_batches),
-                                "seconds": round(seconds, 2), "real_tokens": real,
-                                "real_tokens_per_s": round(real / seconds, 1), "real_token_fraction": round(real / padded, 4),
-                                "gflops_per_step": round(flops / 1e9, 1),
-                                "mfu": round(flops / (seconds / len(row_batches)) / peak[precision], 4)})
-    speed = {r["row"]: r["real_tokens_per_s"] for r in result_rows}
-    hf_best = {r["pool"]: r["real_tokens_per_s"] for r in result_rows if "HF best" in r["row"]}
-    for r in result_rows:
-        r["vs_hf_best"] = round(r["real_tokens_per_s"] / hf_best[r["pool"]], 3)
-    fast_auto, fast_long = f"ours auto = {auto}, fast dropout", f"long: ours auto = {auto}, fast dropout"
-    result = {"steps": steps, "batch_size": 8, "pool_examples": len(pool), "long_pool_examples": len(long_pool),
-              "auto_precision": auto, "auto_reason": why,
-              "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "rows": result_rows,
-              "ours_auto_over_ours_fp32": round(speed[fast_auto] / speed["ours fp32, fast dropout"], 3),
-              "ours_over_hf_best_same_precision": round(speed[fast_auto] / hf_best["default"], 3),
-              "ours_over_hf_best_same_precision_long": round(speed[fast_long] / hf_best["long"], 3),
-              "fast_over_torch_dropout": {
-                  "fp32": round(speed["ours fp32, fast dropout"] / speed["ours fp32, torch dropout"], 3),
-                  auto: round(speed[fast_auto] / speed[f"ours auto = {auto}, torch dropout"], 3),
-                  f"{auto} long": round(speed[fast_long] / speed[f"long: ours auto = {auto}, torch dropout"], 3)}}
-    _table(f"train: LoRA r=8 q,v, batch 8, {steps} steps each from the same {len(pool):,} examples (long: the "
-           f"{len(long_pool)} with the longest prompts); matmul peak fp32 {peak['fp32'] / 1e9:,.0f} / bf16 "
-           f"{peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} ({why})",
-           [(r["row"], f"{r['real_tokens_per_s']:>8,.0f} real tok/s  {r['vs_hf_best']:.2f}x HF best  "
-                       f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)")
-            for r in result_rows] +
-           [("ours auto / ours fp32 (fast dropout)", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
-            (f"ours (fast dropout) / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x; "
-                                                            f"long pool {result['ours_over_hf_best_same_precision_long']:.2f}x"),
-            ("fast dropout / torch dropout", ", ".join(f"{k} {v:.2f}x" for k, v in result["fast_over_torch_dropout"].items()))])
-    return _save("train", result, args)
-
-
-def _timed_ids(model, tok, texts, settings):
-    """(seconds, token ids) of one generate_ids call."""
-    start = time.perf_counter()
-    kind = "int8" if settings.quantize == "int8" else settings.precision
-    ids = generate_ids(model, tok, texts, settings, desc=f"{settings.engine} {kind} batch {settings.eval_batch_size}")
-    return time.perf_counter() - start, ids
+from .generation import generation_kwargs, length_sorted_batches, summarize
+from .measure import bare_steps, consumed, lora_settings, machine, save, table, timed_ids
+from .modeling import (BASE_DTYPES, autocast_for, choose_precision, compute_device, count_parameters, load_model,
+                       load_tokenizer, stored_bytes)
+from .trainbench import bench_train
 
 
 def _ct2_serve(conn, path, threads):
@@ -373,36 +126,72 @@ def bench_eval(args):
     model, tok = load_model(args.model).eval().requires_grad_(False).to(device), load_tokenizer(args.model)
     split = data.load_splits(args.data, ("test",))["test"][:n]
     texts, refs = [d.dialogue for d in split], [d.refs for d in split]
+
     def settings(engine, size, precision="fp32", tokens=steps, **over):
         return Settings(engine=engine, eval_batch_size=size, precision=precision, num_beams=4, max_new_tokens=tokens,
                         **over)
     sources, _ = data.encode_sources(tok, texts, settings("own", 1).max_source_len)
-    tmp = tempfile.TemporaryDirectory()
-    ct2 = _ct2(args.model, tmp.name) if device.type == "cpu" else None
-    runs = {f"ours {p}": (lambda size, p=p: _timed_ids(model, tok, texts, settings("own", size, p))) for p in precisions}
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2 = _ct2(args.model, tmp) if device.type == "cpu" else None
+        try:  # the child stops, and then the converted model goes, whatever happened
+            runs = _engines(model, tok, texts, settings, precisions, ct2, device)
+            seconds, ids = _race(runs, sizes, args.repeat, model, tok, texts, settings, ct2)
+        finally:
+            if ct2:
+                ct2.close()
+
+    differ, why = _agreement(model, sources, ids, runs, sizes)
+    best = {name: min(sizes, key=lambda b: seconds[name, b]) for name in runs}
+    ours = min((name for name in runs if name in ("ours fp32", "ours bf16")), key=lambda k: seconds[k, best[k]])
+    top = seconds[ours, best[ours]]
+    int8_rouge = _int8_rouge(tok, ids, refs, sizes[-1]) if "ours int8" in runs else {}
+    # the random stand-in never ends early: every dialogue runs to the cap, an upper bound
+    estimate = {} if args.quick else _estimate(model, tok, texts, settings, precisions, best)
+    goals = _goals(seconds, sizes, n, ours, best, top, ct2 is not None)
+    result = {"dialogues": n, "generation": generation_kwargs(settings("own", 1)), "repeat": args.repeat,
+              "seconds": {f"{name} batch {b}": round(t, 2) for (name, b), t in seconds.items()},
+              "best_batch": best, "ours_best": ours,
+              "outputs_differing_from_ours_fp32": {f"{name} batch {b}": k for (name, b), k in differ.items()},
+              "why_they_differ": why, "int8_rouge_difference": int8_rouge,
+              "goals": goals, "test_split_estimate_own_128_tokens": estimate}
+    table(f"eval: {n} test dialogues, flan-t5-small stand-in, beams 4, max_new_tokens {steps}, "
+          f"{torch.get_num_threads()} threads per engine, best of {args.repeat}; seconds\n{machine()}",
+          _eval_rows(runs, sizes, n, seconds, best, top, differ, why, int8_rouge, goals, estimate))
+    return save("eval", result, args)
+
+
+def _engines(model, tok, texts, settings, precisions, ct2, device):
+    """{row name: run(batch size) -> (seconds, ids)}: ours per precision, CTranslate2's two kinds when it is
+    there, HF per precision, and on a CPU ours with the int8 preview."""
+    runs = {f"ours {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("own", size, p))) for p in precisions}
     if ct2:
         runs.update({f"CT2 {name}": (lambda size, kind=kind: ct2.ids(kind, tok, texts, settings("own", size)))
                      for name, kind in (("fp32", "float32"), ("int8", "int8"))})
-    runs.update({f"HF {p}": (lambda size, p=p: _timed_ids(model, tok, texts, settings("hf", size, p))) for p in precisions})
+    runs.update({f"HF {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("hf", size, p))) for p in precisions})
     if device.type == "cpu":
-        runs["ours int8"] = lambda size: _timed_ids(model, tok, texts, settings("own", size, quantize="int8"))
-    seconds, ids = {}, {}
-    try:
-        for engine in ("own", "hf"):  # warm-up: the first calls pay for page faults and allocator growth
-            _timed_ids(model, tok, texts[:2], settings(engine, 2, tokens=4))
-        for kind in ("float32", "int8") if ct2 else ():
-            ct2.ids(kind, tok, texts[:2], settings("own", 2, tokens=4))
-        for _ in range(args.repeat):
-            for size in sizes:
-                for name, run in runs.items():
-                    took, ids[name, size] = run(size)
-                    seconds[name, size] = min(took, seconds.get((name, size), float("inf")))
-    finally:  # the child stops and the converted model goes, whatever happened
-        if ct2:
-            ct2.close()
-        tmp.cleanup()
+        runs["ours int8"] = lambda size: timed_ids(model, tok, texts, settings("own", size, quantize="int8"))
+    return runs
 
-    # outputs against ours in fp32: HF must match up to score ties; the others are counted, with the reason
+
+def _race(runs, sizes, repeat, model, tok, texts, settings, ct2):
+    """After a warm-up of each engine, every run at every size, `repeat` times: ({(name, size): the best
+    seconds}, {(name, size): the ids of the last time})."""
+    seconds, ids = {}, {}
+    for engine in ("own", "hf"):  # warm-up: the first calls pay for page faults and allocator growth
+        timed_ids(model, tok, texts[:2], settings(engine, 2, tokens=4))
+    for kind in ("float32", "int8") if ct2 else ():
+        ct2.ids(kind, tok, texts[:2], settings("own", 2, tokens=4))
+    for _ in range(repeat):
+        for size in sizes:
+            for name, run in runs.items():
+                took, ids[name, size] = run(size)
+                seconds[name, size] = min(took, seconds.get((name, size), float("inf")))
+    return seconds, ids
+
+
+def _agreement(model, sources, ids, runs, sizes):
+    """Outputs against ours in fp32: ({(name, size): how many differ}, {name: why}). HF must match up to
+    score ties; the others are counted, with the reason."""
     differ, why = {}, {}
     for name in runs:
         gaps = {}
@@ -416,42 +205,45 @@ def bench_eval(args):
                      f"{len(gaps) - ties} beyond a tie (largest score gap {max(gaps.values()):.3f}): "
                      + ("bf16 rounding" if "bf16" in name else "int8 rounding" if "int8" in name else
                         "fp32 rounding in another kernel order, amplified over 64 steps"))
-    best = {name: min(sizes, key=lambda b: seconds[name, b]) for name in runs}
-    ours = min((name for name in runs if name in ("ours fp32", "ours bf16")), key=lambda k: seconds[k, best[k]])
-    top = seconds[ours, best[ours]]
+    return differ, why
 
-    int8_rouge = {}
-    if "ours int8" in runs:  # the preview's agreement: identical summaries and the ROUGE difference
-        size = sizes[-1]
-        texts_of = lambda name: [t.strip() for t in tok.batch_decode(ids[name, size], skip_special_tokens=True)]
-        scored = {name: metrics.rouge(texts_of(name), refs)["per_row"] for name in ("ours fp32", "ours int8")}
-        int8_rouge = {k: scored["ours int8"][k] - scored["ours fp32"][k] for k in ("rouge1", "rouge2", "rougeL")}
 
+def _int8_rouge(tok, ids, refs, size):
+    """The int8 preview's ROUGE minus fp32's at batch `size` (how much the preview's summaries cost)."""
+    texts_of = lambda name: [t.strip() for t in tok.batch_decode(ids[name, size], skip_special_tokens=True)]
+    scored = {name: metrics.rouge(texts_of(name), refs)["per_row"] for name in ("ours fp32", "ours int8")}
+    return {k: scored["ours int8"][k] - scored["ours fp32"][k] for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def _estimate(model, tok, texts, settings, precisions, best):
+    """Ours at 128 new tokens, at each precision's best batch, scaled to the 500 test dialogues."""
     estimate = {}
-    if not args.quick:  # the random stand-in never ends early: every dialogue runs to the cap, an upper bound
-        for precision in precisions:
-            size = best[f"ours {precision}"]
-            took, _ = _timed_ids(model, tok, texts, settings("own", size, precision, 128))
-            estimate[precision] = {"batch": size, "measured_seconds": round(took, 1),
-                                   "test_split_minutes": round(took * 500 / n / 60, 1)}
+    for precision in precisions:
+        size = best[f"ours {precision}"]
+        took, _ = timed_ids(model, tok, texts, settings("own", size, precision, 128))
+        estimate[precision] = {"batch": size, "measured_seconds": round(took, 1),
+                               "test_split_minutes": round(took * 500 / len(texts) / 60, 1)}
+    return estimate
 
+
+def _goals(seconds, sizes, n, ours, best, top, with_ct2):
+    """Issue 22's goals, {what: met}: time per dialogue flat or falling with batch; with CTranslate2, ours
+    fp32 no slower than its fp32 at the largest batch and our best no slower than its best (int8)."""
     goals = {}
     per_dialogue = [seconds[ours, b] / n for b in sizes]
     goals["time per dialogue flat or falling with batch (ours best, 5% noise allowed)"] = all(
         later <= 1.05 * earlier for earlier, later in zip(per_dialogue, per_dialogue[1:]))
-    if ct2:
+    if with_ct2:
         big = sizes[-1]
         goals[f"ours fp32 no slower than CT2 fp32 at batch {big}: {seconds['CT2 fp32', big] / seconds['ours fp32', big]:.2f}x"] = (
             seconds["ours fp32", big] <= seconds["CT2 fp32", big])
         goals[f"ours best ({ours}) no slower than CT2 best (int8): {seconds['CT2 int8', best['CT2 int8']] / top:.2f}x"] = (
             top <= seconds["CT2 int8", best["CT2 int8"]])
+    return goals
 
-    result = {"dialogues": n, "generation": generation_kwargs(settings("own", 1)), "repeat": args.repeat,
-              "seconds": {f"{name} batch {b}": round(t, 2) for (name, b), t in seconds.items()},
-              "best_batch": best, "ours_best": ours,
-              "outputs_differing_from_ours_fp32": {f"{name} batch {b}": k for (name, b), k in differ.items()},
-              "why_they_differ": why, "int8_rouge_difference": int8_rouge,
-              "goals": goals, "test_split_estimate_own_128_tokens": estimate}
+
+def _eval_rows(runs, sizes, n, seconds, best, top, differ, why, int8_rouge, goals, estimate):
+    """The eval table's rows: seconds per engine and batch, outputs against ours fp32, the goals."""
     rows = [("engine", "   ".join(f"batch {b:<3}" for b in sizes) + "   best / ours best")]
     rows += [(name, "   ".join(f"{seconds[name, b]:9.1f}" for b in sizes)
               + f"   {seconds[name, best[name]] / top:5.2f}x (batch {best[name]})") for name in runs]
@@ -464,10 +256,7 @@ def bench_eval(args):
     rows += [(f"{p} test split, own", f"{e['test_split_minutes']} min = {e['measured_seconds']} s measured on {n} "
                                      f"dialogues at 128 new tokens, batch {e['batch']}, x 500/{n}")
              for p, e in estimate.items()]
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else _cpu()
-    _table(f"eval: {n} test dialogues, flan-t5-small stand-in, beams 4, max_new_tokens {steps}, "
-           f"{torch.get_num_threads()} threads per engine, best of {args.repeat}; seconds\n{machine}", rows)
-    return _save("eval", result, args)
+    return rows
 
 
 def bench_memory(args):
@@ -476,6 +265,8 @@ def bench_memory(args):
     bench_sharded_memory. --only picks one of the two parts."""
     if args.only == "sharding":
         return bench_sharded_memory(args)
+    if args.only == "base-dtype":
+        return bench_base_dtype(args)
     sizes = ("small", "base") if args.quick else ("small", "base", "large")
     probes = [(size, "lora", gc) for size in sizes for gc in (False, True)] + [("small", "full", False)]
     runs = {}
@@ -509,11 +300,66 @@ def bench_memory(args):
              ("adapter / full checkpoint (small)", f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
                                                    f"({result['checkpoint_over_adapter']:.0f}x smaller)")]
     batch, source, target = runs["small lora"]["batch_shapes"][0]
-    _table(f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of batch {batch} ({source} source, {target} target "
+    table(f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of batch {batch} ({source} source, {target} target "
            f"tokens), LoRA r=8 q,v, {runs['small lora']['precision']}, random stand-ins of each flan-t5 size", rows)
-    _save("memory", result, args)
+    save("memory", result, args)
     if args.only is None:
         bench_sharded_memory(args)
+        bench_base_dtype(args)
+
+
+def bench_base_dtype(args):
+    """One LoRA step (r=8 q,v, batch 8, bf16 autocast) with the frozen base stored in fp32, bf16 and nf4, each in
+    its own process that loads a saved stand-in through load_model (nf4 quantizes as it reads): peak RSS of the
+    whole process, bytes of the stored weights, seconds per step and the share of it spent dequantizing; the
+    small and large stand-ins (small only with --quick), and xl and xxl predicted (see _predicted)."""
+    sizes = ("small",) if args.quick else ("small", "large")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            folder = args.model if size == "small" else standin.build(args.config, os.path.join(tmp, size), size=size)
+            for dtype in BASE_DTYPES:
+                print(f"probe: {size} base {dtype}", flush=True)
+                cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", folder, "--data",
+                       args.data, "--config", args.config, "--size", size, "--mode", "lora", "--steps", "2",
+                       "--base-dtype", dtype]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs[f"{size} {dtype}"] = json.loads(out.strip().splitlines()[-1])
+    peak = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
+    predicted = _predicted(runs, sizes[-1], args.config)
+    rows = []
+    for size in sizes:
+        fp32, bf16 = runs[f"{size} fp32"], runs[f"{size} bf16"]
+        for dtype in BASE_DTYPES:
+            r = runs[f"{size} {dtype}"]
+            rows.append((f"{size} base {dtype}", f"{r[peak]:>8,.0f} MB peak ({r[peak] / fp32[peak]:.2f}x fp32), weights "
+                         f"{r['weight_bytes'] / 2 ** 20:>7,.0f} MB; {r['seconds_per_step']:.2f} s per step "
+                         f"({r['seconds_per_step'] / bf16['seconds_per_step']:.2f}x bf16 base)"
+                         + (f", dequantizing {r['dequantize_share']:.0%} of it" if dtype == "nf4" else "")))
+    rows += [(f"{size} base {dtype} (predicted)", f"{p['peak_mb']:>8,.0f} MB peak, weights {p['weight_bytes'] / 2 ** 20:>7,.0f} MB")
+             for size, by_dtype in predicted.items() for dtype, p in by_dtype.items()]
+    table(f"memory by base dtype: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS of the process'}, "
+          f"one LoRA step (r=8 q,v) of batch 8, bf16 autocast, loading included; seconds: the second step", rows)
+    save("memory-base-dtype", {"runs": runs, "predicted": predicted, "peak": peak}, args)
+
+
+def _predicted(runs, measured, config):
+    """xl and xxl: stored weights counted exactly on the meta-device shape (quant.stored_bytes), and a peak of
+    weights + the measured size's peak beyond its weights, scaled by d_model x layers (activations and LoRA state
+    grow with both; the interpreter and libraries do not, so this leans high)."""
+    predicted = {}
+    cfg = standin.config(config, measured)
+    for size in ("xl", "xxl"):
+        other = standin.config(config, size)
+        scale = other.d_model * other.num_layers / (cfg.d_model * cfg.num_layers)
+        with torch.device("meta"):
+            model = standin.random_model(config, size)
+        predicted[size] = {}
+        for dtype in BASE_DTYPES:
+            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
+            beyond = r["peak_rss_mb"] * 2 ** 20 - r["weight_bytes"]
+            predicted[size][dtype] = {"weight_bytes": weights, "peak_mb": round((weights + beyond * scale) / 2 ** 20)}
+    return predicted
 
 
 def bench_sharded_memory(args):
@@ -559,9 +405,9 @@ def bench_sharded_memory(args):
                      f"{r['seconds_per_step']:.1f} s per step"))
     rows += list(skipped.items())
     shape = next(iter(runs.values()))["batch_shape"] if runs else "?"
-    _table(f"memory per rank: full fine-tuning at 2 processes, fp32, batch {shape} per rank (examples, source, "
+    table(f"memory per rank: full fine-tuning at 2 processes, fp32, batch {shape} per rank (examples, source, "
            f"target tokens), one step, random stand-ins", rows)
-    _save("memory-sharded", {"peak": peak, "runs": runs, "skipped": skipped}, args)
+    save("memory-sharded", {"peak": peak, "runs": runs, "skipped": skipped}, args)
 
 
 def _local_bytes(tensors):
@@ -573,8 +419,8 @@ def sharded_probe(args):
     """This rank's part of one full fine-tuning step under torchrun (DDP or FSDP, fp32); prints JSON."""
     rank, world, device = training.setup_distributed()
     tok = load_tokenizer(args.model)
-    s = _lora_settings(args, "", 1, max_source_len=128, max_target_len=32)
-    examples, batches = _consumed(s, tok)
+    s = lora_settings(args, "", 1, max_source_len=128, max_target_len=32)
+    examples, batches = consumed(s, tok)
     batch = data.Collator(tok.pad_token_id)([examples[i] for i in batches[0][rank::world]])
     model = standin.random_model(args.config, args.size)
     parameters = count_parameters(model)[1]
@@ -602,8 +448,10 @@ def memory_probe(args):
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tok = load_tokenizer(args.model)
-    s = _lora_settings(args, "", args.steps)
-    examples, batches = _consumed(s, tok)
+    s = lora_settings(args, "", args.steps)
+    examples, batches = consumed(s, tok)
+    if args.base_dtype:
+        return base_dtype_probe(args, tok, examples, batches, rss_mb)
     model = standin.random_model(args.config, args.size)
     total = count_parameters(model)[1]
     if args.mode == "lora":
@@ -617,8 +465,8 @@ def memory_probe(args):
     device_batches = [collate([examples[i] for i in b]) for b in batches]
     autocast = autocast_for("auto", device)
     if device.type == "cuda":  # an untimed first step sets up cuBLAS and the allocator; same batch, so the peak holds
-        _bare_steps(model, device_batches[:1], device, autocast)
-    seconds = _bare_steps(model, device_batches, device, autocast)
+        bare_steps(model, device_batches[:1], device, autocast)
+    seconds = bare_steps(model, device_batches, device, autocast)
     print(json.dumps({"size": args.size, "mode": args.mode, "checkpointing": args.checkpointing, "steps": args.steps,
                       "precision": " ".join(choose_precision("auto", device)),
                       "batch_shapes": [[*b["input_ids"].shape, b["labels"].shape[1]] for b in device_batches],
@@ -626,6 +474,34 @@ def memory_probe(args):
                       "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds / args.steps, 2),
                       "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
                       "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20 if device.type == "cuda" else None}))
+
+
+def base_dtype_probe(args, tok, examples, batches, rss_mb):
+    """memory-probe --base-dtype: the saved stand-in loaded with that storage, LoRA r=8 q,v, bf16 autocast; the first
+    batch twice: the first step has the peak, the second is timed, with the time spent in NF4.dequantize."""
+    from . import quant
+    device = compute_device()
+    model = load_model(args.model, base_dtype=args.base_dtype)
+    lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
+    model.to(device)
+    batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
+    autocast = autocast_for("bf16", device)
+    bare_steps(model, batch, device, autocast)
+    spent, dequantize = [0.0], quant.NF4.dequantize
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        out = dequantize(self, *a, **k)
+        spent[0] += time.perf_counter() - start
+        return out
+    quant.NF4.dequantize = timed
+    seconds = bare_steps(model, batch, device, autocast)
+    print(json.dumps({"size": args.size, "base_dtype": args.base_dtype, "batch_shape": [*batch[0]["input_ids"].shape,
+                      batch[0]["labels"].shape[1]], "parameters": count_parameters(model)[1],
+                      "weight_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+                      "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds, 3),
+                      "dequantize_share": round(spent[0] / seconds, 3),
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}))
 
 
 def bench_learn(args):
@@ -653,12 +529,12 @@ def bench_learn(args):
         }
     result = {"steps": steps, "seconds": summary["seconds"], "val_loss_curve": curve, "test_dialogues": n_test,
               "rouge_per_row": {k: {m: round(100 * v, 2) for m, v in sc["per_row"].items()} for k, sc in scores.items()}}
-    _table(f"learn: tiny T5 from scratch, {steps} steps of batch 8 ({summary['seconds']:.0f} s)",
+    table(f"learn: tiny T5 from scratch, {steps} steps of batch 8 ({summary['seconds']:.0f} s)",
            [(f"val loss @ step {st}", f"{v:.3f}") for st, v in curve] +
            [(f"{k}: ROUGE-1/2/L on {n_test} test dialogues",
              " / ".join(f"{100 * sc['per_row'][m]:.2f}" for m in ("rouge1", "rouge2", "rougeL")))
             for k, sc in scores.items()])
-    _save("learn", result, args)
+    save("learn", result, args)
 
 
 def main(argv=None):
@@ -678,7 +554,8 @@ def main(argv=None):
     p.add_argument("--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only")
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["lora", "sharding"], help="memory: only one of its two parts")
+    p.add_argument("--only", choices=["lora", "sharding", "base-dtype"], help="memory: only one of its three parts")
+    p.add_argument("--base-dtype", choices=BASE_DTYPES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cpu":  # before anything starts CUDA; child processes inherit it
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -688,9 +565,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None and args.which != "learn":
             args.model = standin.build(args.config, os.path.join(tmp, "standin"))
-        from .gpucheck import run as bench_gpu  # it builds on this module
         {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "learn": bench_learn,
-         "gpu": bench_gpu}[args.which](args)
+         "gpu": gpucheck.run}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ sampler position and every rank's RNG state, which is what --resume needs to con
 best/ adds only best.json (its step and metric value).
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -89,7 +90,7 @@ def prepare_output_dir(out, overwrite, marker, resumable=False):
     folders this project wrote (recognised by `marker`, a file it always leaves there)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"output dir {out} exists and is a file")
-    found = set(os.listdir(out)) - {LOCK_FILE} if os.path.isdir(out) else set()
+    found = set(os.listdir(out)) - {LOCK_FILE, f"{LOCK_FILE}.excl"} if os.path.isdir(out) else set()
     if not found:
         return
     if not overwrite:
@@ -106,32 +107,99 @@ def prepare_output_dir(out, overwrite, marker, resumable=False):
             os.remove(path)
 
 
+# flock's errors on filesystems without it (Lustre without -o flock, some NFS mounts): lock() then falls back
+NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+
+
+def _holder():
+    return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+
+
+def _open_lock(path, flags, mode="r+"):
+    """A lock file opened, or one line saying why it cannot be (a folder there, no permission)."""
+    try:
+        return os.fdopen(os.open(path, flags, 0o644), mode, encoding="utf-8", errors="replace")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a lock file: remove it") from None
+    except PermissionError:
+        raise UserError(f"cannot write the lock file {path} (permission denied): the output folder must be "
+                        "writable by this user") from None
+
+
 @contextmanager
 def lock(folder):
-    """Hold an exclusive flock on folder/.lock for the with-block, with this process's pid, host and start time
-    in the file. While another process holds it, refused, naming that process. The kernel drops a flock with
-    its process, so a lock file a crash left behind never blocks. A block that fails in a folder that had no
-    lock file takes the file away again: a refused start leaves a folder as it found it."""
+    """Hold folder/.lock for the with-block, with this process's pid, host and start time in the file. While
+    another process holds it, refused, naming that process.
+
+    Where the filesystem has flock (local disks; NFS and Lustre where mounted with locking, see docs/scale.md):
+    an exclusive flock, which the kernel drops with its process, so a lock file a crash left behind never blocks. Where it
+    has none (flock fails with ENOSYS, EOPNOTSUPP, ENOLCK or EINVAL): folder/.lock.excl, created with O_EXCL
+    and removed at the block's end; one a crash left behind is stale, and taken over, when it names a
+    process of this host that is gone (one of another host cannot be checked: refused, saying to delete it).
+
+    The .lock file stays in a run folder when the run finishes or stops (SIGINT, SIGTERM); a block that ends
+    in an error, in a folder that had no lock file, takes the file away again: a refused start leaves a
+    folder as it found it."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"output dir {folder} exists and is a file")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
     new = not os.path.exists(path)
-    with open(path, "a+", encoding="utf-8") as f:
+    with _open_lock(path, os.O_RDWR | os.O_CREAT) as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = None
+            except BlockingIOError:
+                f.seek(0)
+                raise UserError(f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it or stop it")
+            except OSError as e:
+                if e.errno not in NO_FLOCK:
+                    raise UserError(f"cannot lock {path} ({e.strerror})") from None
+                held = _exclusive(f"{path}.excl", folder)
             f.seek(0)
-            raise UserError(f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it or stop it")
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-        f.flush()
-        try:
-            yield
-        except BaseException:
+            f.truncate(0)
+            f.write(_holder())
+            f.flush()
+            try:
+                yield
+            finally:
+                if held:
+                    os.remove(held)
+        except UserError:
             if new:
                 os.remove(path)
             raise
+
+
+def _exclusive(path, folder):
+    """lock()'s fallback without flock: `path` created with O_EXCL, holding _holder(); a stale one (a process of
+    this host that is gone) is replaced once. Returns the path, to remove at the end."""
+    for _ in range(2):
+        try:
+            with _open_lock(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "w") as f:
+                f.write(_holder())
+            return path
+        except FileExistsError:
+            with _open_lock(path, os.O_RDONLY, "r") as f:
+                holder = f.read().strip()
+            found = re.fullmatch(r"pid (\d+) on (\S+) since .*", holder)
+            if not (found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1)))):
+                raise UserError(f"{folder} is in use by {holder or 'another process'} (a lock file, {path}: this "
+                                "filesystem has no flock); wait for it or stop it, or delete that file if the "
+                                "process is gone") from None
+            os.remove(path)  # stale: its process is gone
+    raise UserError(f"{folder}: {path} keeps coming back; another process is taking the lock")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def find(path):

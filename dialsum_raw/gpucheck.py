@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file
 
 from . import beam, data, training
-from .bench import _lora_settings, _save, _table, _timed_ids, bench_train
 from .config import Settings, validate
 from .errors import Stopped, UserError
+from .measure import lora_settings, save, table, timed_ids
 from .modeling import choose_precision, compute_device, load_model, load_tokenizer
+from .trainbench import bench_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH_GOAL_SECONDS = 30
@@ -41,7 +42,7 @@ EPOCH_GOAL_SECONDS = 30
 
 def part_steps(args, device, tmp):
     """Our loop, 200 steps (quick: 4) of bf16 LoRA, batch 8: throughput and the CUDA allocator's peaks."""
-    s = _lora_settings(args, os.path.join(tmp, "steps"), 4 if args.quick else 200, precision="bf16")
+    s = lora_settings(args, os.path.join(tmp, "steps"), 4 if args.quick else 200, precision="bf16")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = training.train(s)
@@ -66,7 +67,7 @@ def part_train(args, device, tmp):
 def part_epoch(args, device, tmp):
     """One epoch of configs/quick-lora.toml's LoRA (batch 8, lr 1e-3, r=8 on q, v) over all of DialogSum
     train, precision auto, validated once at its end. quick: every 400th dialogue."""
-    s = dataclasses.replace(_lora_settings(args, os.path.join(tmp, "epoch"), 1), max_steps=0, epochs=1,
+    s = dataclasses.replace(lora_settings(args, os.path.join(tmp, "epoch"), 1), max_steps=0, epochs=1,
                             subsample=400 if args.quick else 1, eval_every=0, log_every=100)
     validate(s)
     start = time.perf_counter()
@@ -91,7 +92,7 @@ def part_beams(args, device, tmp):
             for engine in ("own", "hf"):
                 s = Settings(engine=engine, eval_batch_size=size, precision=precision, num_beams=4,
                              max_new_tokens=tokens)
-                seconds[engine, size], ids[engine, size] = _timed_ids(model, tok, texts, s)
+                seconds[engine, size], ids[engine, size] = timed_ids(model, tok, texts, s)
         same = lambda a, b: sum(x == y for x, y in zip(ids[a], ids[b]))
         out[precision] = {"seconds": {f"{e} batch {b}": round(t, 2) for (e, b), t in seconds.items()},
                           "identical": {f"own vs hf, batch {n}": same(("own", n), ("hf", n)),
@@ -193,9 +194,9 @@ def run(args):
                 traceback.print_exc()
                 parts[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"}
             parts[name]["part_seconds"] = round(time.perf_counter() - start, 1)
-    _table(f"gpu check on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+    table(f"gpu check on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
            f"{' (--quick)' if args.quick else ''}; {info['auto_precision']}", _rows(parts))
-    result = _save("gpu", {**info, "parts": parts}, args)
+    result = save("gpu", {**info, "parts": parts}, args)
     failed = [name for name, r in parts.items() if "error" in r]
     if failed:
         raise UserError(f"gpu check: {', '.join(failed)} failed (tracebacks above; bench-gpu.json has the rest)")

@@ -136,13 +136,20 @@ def test_corrupted_trainer_state_on_resume(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path):
+@pytest.mark.parametrize("eval_every", [1, 1000], ids=["saved", "none-saved"])
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path, eval_every):
+    """lr 1e9 diverges within a few steps. Validated (and saved) at every step, last/ is the step before;
+    with no validation or save due, there is no last/, and the message must not point at one (issue 29)."""
     out = tmp_path / "run"
     last = _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(out),
-                   "--subsample", "100", "--max-steps", "20", "--eval-every", "1", "--warmup-ratio", "0",
+                   "--subsample", "100", "--max-steps", "20", "--eval-every", str(eval_every), "--warmup-ratio", "0",
                    "--lr", "1e9", "--clip", "0"], "training diverged")
     step = int(last.split(" at step ")[1].split(":")[0])
-    assert step >= 2 and f"the last good checkpoint is {out / 'last'}" in last
+    if eval_every == 1000:
+        assert f"no checkpoint was saved before it ({out / 'last'} is written at each validation" in last
+        assert "last good checkpoint" not in last and not (out / "last").exists()
+        return
+    assert step >= 2 and f"the last good checkpoint is {out / 'last'}, step {step - 1}" in last
     kept = checkpoint.load_state(str(out / "last"))
     assert kept["step"] == step - 1
     load_model(str(out / "last"))  # loadable

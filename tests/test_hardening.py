@@ -20,7 +20,7 @@ def test_resume_trims_a_log_with_blank_and_damaged_lines(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + '\n{"st')
     said = []
-    run = types.SimpleNamespace(out=str(tmp_path), progress={"step": 4}, log=said.append)
+    run = types.SimpleNamespace(out=str(tmp_path), progress=training.Progress(step=4), log=said.append)
     training.trim_metrics(run)
     assert log.read_text() == "".join(json.dumps(m) + "\n" for m in lines[:2])
     assert said == [f"{log} line 5: damaged (not a JSON object with a step: '{{\"st'); skipped"]
@@ -155,3 +155,135 @@ def test_flags_that_crashed_later_are_refused_up_front(tiny):
 def test_train_refuses_them_in_one_line(tiny, tmp_path, flags, message):
     _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "o"), *flags],
            message)
+
+
+# ---------------------------------------------------------------- the lock (item 7, item 11's rule)
+
+def _no_flock(monkeypatch):
+    """A filesystem without flock, as Lustre without -o flock answers: ENOSYS."""
+    import errno
+    import fcntl
+
+    def flock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def _take(checkpoint, folder):
+    with checkpoint.lock(folder):
+        pass
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_without_flock_an_exclusive_lock_file_holds_the_folder(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import UserError
+    _no_flock(monkeypatch)
+    out, excl = tmp_path / "run", tmp_path / "run" / ".lock.excl"
+    with checkpoint.lock(str(out)):
+        assert excl.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()} since ")
+        with pytest.raises(UserError, match=rf"^{out} is in use by pid {os.getpid()} on .*delete that file if the "):
+            _take(checkpoint, str(out))
+        assert excl.exists()  # the refused one left the holder's file alone
+        checkpoint.prepare_output_dir(str(out), False, "settings.toml")  # the lock files are not a run's content
+    assert not excl.exists() and (out / ".lock").exists()
+    # stale: left by a process of this host that is gone -> taken over; another host's -> refused
+    excl.write_text(f"pid {_dead_pid()} on {socket.gethostname()} since then\n")
+    with checkpoint.lock(str(out)):
+        assert excl.read_text().startswith(f"pid {os.getpid()} ")
+    excl.write_text("pid 1 on some-other-node since then\n")
+    with pytest.raises(UserError, match="in use by pid 1 on some-other-node since then"):
+        _take(checkpoint, str(out))
+
+
+def test_a_lock_file_that_cannot_be_used_is_one_line(tmp_path, monkeypatch):
+    import fcntl
+
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import UserError
+    (tmp_path / "dir" / ".lock").mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'dir' / '.lock'} is a folder, not a lock file: remove it$"):
+        _take(checkpoint, str(tmp_path / "dir"))
+    # non-UTF-8 bytes in a lock another open file description holds
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / ".lock").write_bytes(b"pid 7 \xff\xfe on x")
+    with open(tmp_path / "bin" / ".lock", "rb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"is in use by pid 7 \ufffd\ufffd on x; wait for it"):
+            _take(checkpoint, str(tmp_path / "bin"))
+    # no permission (the suite may run as root, which ignores file modes: the refusal is simulated)
+    real = checkpoint.os.open
+
+    def refused(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **k)
+    monkeypatch.setattr(checkpoint.os, "open", refused)
+    with pytest.raises(UserError, match=r"^cannot write the lock file .*\.lock \(permission denied\)"):
+        _take(checkpoint, str(tmp_path / "ro"))
+
+
+@pytest.mark.parametrize("ending, kept", [(None, True), ("stopped", True), ("error", False)])
+def test_a_fresh_runs_lock_file_stays_when_it_finishes_or_stops(tmp_path, ending, kept):
+    """One rule: a run folder keeps its .lock whether the run finished or was stopped by a signal; only a
+    block that ends in an error (a refused start) takes away the file it created."""
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import Stopped, UserError
+    try:
+        with checkpoint.lock(str(tmp_path / "run")):
+            if ending == "stopped":
+                raise Stopped("stopped by signal 15", 143)
+            if ending == "error":
+                raise UserError("refused")
+    except (Stopped, UserError):
+        pass
+    assert (tmp_path / "run" / ".lock").exists() == kept
+
+
+# ---------------------------------------------------------------- messages that match what happened (item 10)
+
+@pytest.mark.slow
+def test_a_launcher_gone_during_validation_names_the_save_that_happened(tiny, tmp_path, monkeypatch):
+    """torchrun killed while its workers validate: they finish the validation and save it (a consistent
+    checkpoint), then stop at the next step. The message said 'without saving'; it must name last/'s step."""
+    from test_training import _settings
+
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import UserError
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun: the worker watches its parent, the launcher
+    validate = training.validate
+
+    def launcher_dies(run, bar):
+        validate(run, bar)
+        run.launcher = -1  # no process has this pid: the parent has changed
+    monkeypatch.setattr(training, "validate", launcher_dies)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as stopped:
+        training.train(_settings(tiny, out, max_steps=6, eval_every=2))
+    assert checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
+    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2, before "
+                                  f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
+                                  f"with python train.py --resume {out}")
+
+
+@pytest.mark.parametrize("world, local, command", [
+    (1, 1, "python train.py --resume OUT"),
+    (2, 2, "torchrun --standalone --nproc_per_node 2 train.py --resume OUT"),
+    (16, 8, "torchrun --nnodes 2 ... --nproc_per_node 8 train.py --resume OUT"),
+])
+def test_a_stopped_run_under_torchrun_is_continued_with_torchrun(monkeypatch, world, local, command):
+    """SIGTERM under torchrun --fsdp printed `python train.py --resume`, which that run refuses (the process
+    count differs): the message names the launcher and the counts the run needs."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    run = types.SimpleNamespace(world=world, out="OUT")
+    assert training.resume_command(run) == command

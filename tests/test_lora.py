@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, randomize_adapter
 from dialsum_raw import lora
 from dialsum_raw.lora import INITS, DoRALinear, LoRAConfig, LoRALinear
 from dialsum_raw.config import Settings
@@ -20,17 +20,6 @@ def _inputs(seed=0, batch=2, src=12, tgt=5):
     return {"input_ids": torch.randint(2, 32000, (batch, src), generator=g),
             "attention_mask": torch.ones(batch, src, dtype=torch.long),
             "decoder_input_ids": torch.randint(2, 32000, (batch, tgt), generator=g)}
-
-
-def _randomize(model, seed=1):
-    """Every tensor each layer declares trainable moved off its start (B, MiCA's A and VeRA's λ_b start at zero),
-    so the adapter actually changes the output: noise of 10% of the tensor's mean size (0.1 where it is zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora.lora_layers(model):
-            for name in sorted(type(m).trainable(m.cfg)):
-                t = getattr(m, name)
-                t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
 
 
 def _seeded(f, seed=7):
@@ -60,7 +49,7 @@ def test_layer_init_and_scaling():
     with pytest.raises(UserError):
         LoRAConfig(rank=0, alpha=8)
     with pytest.raises(UserError, match=f"init must be one of {', '.join(INITS)}"):
-        LoRAConfig(rank=4, alpha=8, init="loftq")
+        LoRAConfig(rank=4, alpha=8, init="corda")
 
 
 @pytest.mark.peft
@@ -108,7 +97,7 @@ def _cfg(variant="plain", targets=("q", "v"), rank=4, alpha=8):
 def test_merge_unmerge_idempotent(tiny, variant):
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant, ("q", "v", "wo")))
-    _randomize(model)
+    randomize_adapter(model)
     q = model.encoder.block[0].layer[0].SelfAttention.q
     base_q = q.base.weight.clone()
     x = _inputs()
@@ -130,7 +119,7 @@ def test_merge_in_bf16_matches_the_fp32_formula():
         torch.nn.init.normal_(layer.lora_B, std=1e-3)
         v = w + 2.0 * layer.lora_B.float() @ layer.lora_A.float()
         if dora:
-            assert torch.equal(layer.lora_magnitude, w.norm(dim=1).to(torch.bfloat16))
+            assert torch.equal(layer.lora_magnitude, w.norm(dim=1))  # trained tensors stay fp32 on a bf16 base
             v = layer.lora_magnitude.float()[:, None] * v / v.norm(dim=1, keepdim=True)
         layer.merge()
         assert layer.base.weight.dtype == torch.bfloat16
@@ -188,7 +177,8 @@ def test_merged_dora_moves_with_its_model_and_unmerges():
 
 @pytest.mark.parametrize("fields,message", [
     ({"variant": "vera", "init": "pissa"}, "VeRA takes no --lora-init"), ({"variant": "vera", "rslora": True},
-    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica")])
+    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica"),
+    ({"variant": "lora-fa", "init": "mica"}, "--lora-variant lora-fa with --lora-init mica trains nothing")])
 def test_combinations_peft_refuses_are_refused_in_one_line(fields, message):
     with pytest.raises(UserError, match=message) as e:
         LoRAConfig(**fields)
@@ -220,11 +210,12 @@ def test_targets_and_errors(tiny):
 def test_adapter_only_state_and_reload(tiny, tmp_path):
     model = load_model(tiny)
     lora.inject(model, _cfg())
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert cfg == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                   "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256}
+                   "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256,
+                   "base_dtype": "fp32", "loftq_iter": 1}
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "ad" / "adapter.safetensors").keys()
     assert len(keys) == 2 * 12 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
@@ -326,7 +317,7 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     if variant in DETERMINISTIC:
         diffs["tensors after injection"] = _max_diff(ours, theirs)
     if variant not in ("pissa", "pissa+dora", "olora", "olora+dora"):  # random starts differ by RNG use (and
-        _randomize(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
+        randomize_adapter(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
         _copy_to_twin(ours, theirs)
     ours.train(); theirs.train()
     x["labels"] = x.pop("decoder_input_ids")
@@ -366,7 +357,7 @@ def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, varian
     from peft import PeftModel
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant))
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     lora.export_peft(tmp_path / "ad", tmp_path / "peft")
     lora.merge(model)
@@ -384,7 +375,7 @@ def test_merge_and_export_peft_commands(tiny, tmp_path):
     from peft import PeftModel
     model = load_model(tiny).eval()
     lora.inject(model, _cfg())
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     x = _inputs()
     expect = model(**x).logits
@@ -437,11 +428,12 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     model = load_model(tiny).eval()
     config = LoRAConfig(("q", "v"), 4, 8, rslora=True, variant="dora", init="pissa")
     lora.inject(model, config)
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     saved = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert saved == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                     "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256}
+                     "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256,
+                     "base_dtype": "fp32", "loftq_iter": 1}
     assert LoRAConfig.from_json(saved) == config
     from safetensors.torch import load_file
     t = load_file(tmp_path / "ad" / "adapter.safetensors")
@@ -469,7 +461,7 @@ def test_old_adapters_load(tiny, tmp_path, variant):
     """Format 1 saved the same tensors (PiSSA in its rank-2r form); its adapter.json is written out by hand here."""
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant))
-    _randomize(model)
+    randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     (tmp_path / "ad" / "adapter.json").write_text(json.dumps(OLD_ADAPTERS[variant]))
     fresh = load_model(tiny).eval()
@@ -505,19 +497,10 @@ def test_make_optimizer_groups():
         (1, 1e-3, 0.1), (1, 4e-3, 0.1), (3, 4e-3, 0.0)]
 
 
-class LoRAFALinear(LoRALinear):  # docs/lora.md, "Write your own variant": the worked example, verbatim
-    """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
-
-    @classmethod
-    def trainable(cls, cfg):
-        return super().trainable(cfg) - {"lora_A"}
-
-
-def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
-    """The template in docs/lora.md for a variant peft lacks: its formula as the oracle. With A frozen, one AdamW step leaves
-    A at its start and moves B exactly as plain LoRA's step does (B's gradient does not depend on A training); the rest
-    (merge, save, load) comes from LoRALinear."""
-    monkeypatch.setitem(lora.VARIANTS, "lora-fa", LoRAFALinear)  # in the package: one line in layers.VARIANTS
+def test_lora_fa_steps_b_as_plain_lora_and_keeps_a(tiny):
+    """LoRA-FA has no peft twin (peft's LoraFAOptimizer steps B differently): its formula is the oracle. With A
+    frozen, one AdamW step leaves A at its start and moves B exactly as plain LoRA's step does (B's gradient does
+    not depend on A training); merge, save, load and export are the contract test's (tests/test_contract.py)."""
     x = _inputs()
     x["labels"] = x.pop("decoder_input_ids")
     models = {}
@@ -540,10 +523,4 @@ def test_write_your_own_variant_lora_fa(tiny, tmp_path, monkeypatch):
         else:
             assert torch.equal(fa[n], plain[n]) and not torch.equal(fa[n], start[n])
     assert _trainable(models["lora-fa"]) == _trainable(models["lora"]) // 2  # q, v square: A and B the same size
-    lora.save_adapter(models["lora-fa"].eval(), tmp_path / "ad", base_model=tiny)
-    fresh = load_model(tiny, dropout=0.0).eval()
-    lora.load_adapter(fresh, tmp_path / "ad")
-    x.pop("labels")
-    x["decoder_input_ids"] = _inputs()["decoder_input_ids"]
-    assert torch.equal(fresh(**x).logits, models["lora-fa"](**x).logits) and _trainable(fresh) == _trainable(models["lora-fa"])
 
