@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,8 @@ from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resum
 from .errors import Stopped, UserError
 from .generation import check_length, summarize
 from .heartbeat import Heartbeat
-from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
-                       parameter_report, set_dropout_impl)
+from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model,
+                       load_tokenizer, parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
 
 
@@ -140,7 +141,7 @@ def validation_loss(run) -> float:
         tokens += int((batch["labels"] != -100).sum())  # counted on the host, before the copy
         total += token_loss_sum(run.raw, {k: v.to(run.device) for k, v in batch.items()}, run.autocast).item()
     run.raw.train()
-    beat(run, run.progress["step"], "validation sum")
+    beat(run, run.progress.step, "validation sum")
     total, tokens = all_sum([total, tokens], run.device, run.world)
     return total / max(tokens, 1)
 
@@ -155,7 +156,7 @@ def validation_rouge(run) -> dict:
     run.raw.train()
     shards = [mine]
     if run.world > 1:
-        beat(run, run.progress["step"], "validation ROUGE")
+        beat(run, run.progress.step, "validation ROUGE")
         shards = [None] * run.world
         dist.all_gather_object(shards, mine)
     summaries = [None] * len(dialogues)
@@ -214,6 +215,31 @@ def check_resume_settings(settings: Settings, state: dict, world: int):
 # ---------------------------------------------------------------- the run
 
 @dataclass
+class Progress:
+    """The counters a resumed run continues, saved in trainer_state.pt as one key per field (the form runs
+    saved before this class existed, so they resume too). window_*: the loss since the last train line of
+    metrics.jsonl."""
+    step: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    best_val_loss: float = float("inf")
+    best_step: int = 0
+    best_value: Optional[float] = None
+    stale: int = 0  # validations in a row without improvement (--early-stop)
+    window_loss: float = 0.0
+    window_tokens: int = 0
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def restore(cls, state: dict) -> "Progress":
+        """The fields a trainer state holds; a field it lacks (saved by an older version) keeps its start."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass
 class Run:
     """Everything the loop reads and updates, so each stage below is a short function of one argument."""
     settings: Settings
@@ -243,10 +269,7 @@ class Run:
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
     saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
     heartbeat: Heartbeat = None    # under torchrun: where each rank is, so rank 0 can say whom it waits for
-    # counters a resumed run continues; window_*: the loss since the last train line of metrics.jsonl
-    progress: dict = field(default_factory=lambda: {
-        "step": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "best_val_loss": float("inf"),
-        "best_step": 0, "best_value": None, "stale": 0, "window_loss": 0.0, "window_tokens": 0})
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def out(self):
@@ -264,19 +287,19 @@ def train(settings: Settings) -> dict:
     with claim_output(run), watching(run):
         set_up(run)
         restore(run)
-        bar = tqdm(total=run.total, initial=run.progress["step"], disable=run.rank != 0, desc="train", unit="step")
-        started = time.time() - run.progress["seconds"]
+        bar = tqdm(total=run.total, initial=run.progress.step, disable=run.rank != 0, desc="train", unit="step")
+        started = time.time() - run.progress.seconds
         with stop_signals() as caught:
             while not done(run):
                 stop = train_step(run, started, bar, caught)
                 validating = due_validation(run)
                 if validating:
                     validate(run, bar)
-                if validating or at(run.progress["step"], run.settings.save_every) or stop:
+                if validating or at(run.progress.step, run.settings.save_every) or stop:
                     save(run)
                 if stop and not done(run):
                     bar.close()
-                    raise Stopped(f"stopped by signal {stop} at step {run.progress['step']}: saved "
+                    raise Stopped(f"stopped by signal {stop} at step {run.progress.step}: saved "
                                   f"{os.path.join(run.out, 'last')}; continue with: {resume_command(run)}",
                                   128 + stop)
         bar.close()
@@ -320,16 +343,16 @@ def beat(run: Run, step, phase):
 
 def done(run) -> bool:
     """All steps taken, or --early-stop validations in a row without improvement."""
-    return run.progress["step"] >= run.total or stopped_early(run)
+    return run.progress.step >= run.total or stopped_early(run)
 
 
 def stopped_early(run) -> bool:
-    return bool(run.settings.early_stop) and run.progress["stale"] >= run.settings.early_stop
+    return bool(run.settings.early_stop) and run.progress.stale >= run.settings.early_stop
 
 
 def due_validation(run) -> bool:
     """Every --eval-every steps (else at each epoch's end), and after the last step."""
-    step, every = run.progress["step"], run.settings.eval_every
+    step, every = run.progress.step, run.settings.eval_every
     return (at(step, every) if every else step % run.steps_per_epoch == 0) or step == run.total
 
 
@@ -345,6 +368,7 @@ def set_up(run: Run):
     run.precision = choose_precision(settings.precision, device)
     run.autocast = autocast_for(settings.precision, device)
     run.log(f"precision: {run.precision[0]} ({run.precision[1]})")
+    check_base_precision(settings.base_dtype, run.precision[0])
 
     run.tokenizer = load_tokenizer(settings.model)
     examples = load_examples(settings, run.tokenizer, run.log)
@@ -417,7 +441,7 @@ def build_model(settings: Settings, resume_from):
     """The base model with fresh LoRA layers, or the checkpoint being resumed."""
     if not settings.is_lora:
         return load_model(resume_from or settings.model, settings.dropout)
-    model = load_model(settings.model, settings.dropout)
+    model = load_model(settings.model, settings.dropout, settings.base_dtype or "fp32")
     if resume_from:
         lora.load_adapter(model, resume_from)
     else:
@@ -434,19 +458,19 @@ def restore(run: Run):
     # popped once loaded: on CUDA the optimizer holds GPU copies, and this CPU one would stay for the whole run
     sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
-    run.progress.update({k: state[k] for k in run.progress if k in state})
-    run.saved = run.progress["step"]
+    run.progress = Progress.restore(state)
+    run.saved = run.progress.step
     checkpoint.set_rng_state(state["rng"][run.rank])
     if run.rank == 0:
         repair_best(run)
         trim_metrics(run)
-    run.log(f"resumed from {run.resume_from} at step {run.progress['step']}")
+    run.log(f"resumed from {run.resume_from} at step {run.progress.step}")
 
 
 def repair_best(run: Run):
     """A crash between writing last/ and copying it to best/ leaves best/ behind: copy it now."""
-    best, step = os.path.join(run.out, "best"), run.progress["best_step"]
-    if step and step == run.progress["step"] and checkpoint.best_step(best) != step:
+    best, step = os.path.join(run.out, "best"), run.progress.best_step
+    if step and step == run.progress.step and checkpoint.best_step(best) != step:
         checkpoint.save_best(run.resume_from, best, best_info(run))
         run.log(f"best/ was behind last/ (a crash between the two saves): repaired to step {step}")
 
@@ -457,65 +481,104 @@ def trim_metrics(run: Run):
     path = os.path.join(run.out, METRICS_FILE)
     if os.path.isfile(path):
         notes = []
-        kept = [line for line in read_metrics(path, notes) if line["step"] <= run.progress["step"]]
+        kept = [line for line in read_metrics(path, notes) if line["step"] <= run.progress.step]
         for note in notes:
             run.log(note)
         checkpoint.atomic_write(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
 def train_step(run: Run, started, bar, caught) -> int:
-    """One optimiser step over an accumulation window. Returns the signal to stop on (0 = go on): every
-    rank learns of a signal any rank caught during the step, through the collective that sums the loss,
-    and stops with the others when any rank's launcher is gone (see launcher_gone).
+    """One optimiser step over an accumulation window: fetch it, backward through it, the one sync, the step.
+    Returns the signal to stop on (0 = go on): every rank learns of a signal any rank caught during the step,
+    through the collective that sums the loss, and stops with the others when any rank's launcher is gone
+    (see launcher_gone).
 
     The loss of the window is summed over tokens on every rank and divided by the window's target
     tokens over all ranks (see the module docstring)."""
-    s, p = run.settings, run.progress
-    beat(run, p["step"] + 1, "batch")
-    epoch, within = divmod(p["step"], run.steps_per_epoch)
+    window = next_window(run)
+    counts, loss_sum = backward(run, window)
+    synced = sync(run, counts, loss_sum, caught)
+    take_step(run, synced, started, bar)
+    return signal.SIGINT if synced.sigint else signal.SIGTERM if synced.sigterm else 0  # the same on every rank
+
+
+def next_window(run: Run) -> list:
+    """The --grad-accum micro-batches of the next step; the sampler restarts at each epoch (and at a resumed
+    step, mid-epoch)."""
+    epoch, within = divmod(run.progress.step, run.steps_per_epoch)
     if run.batches is None or within == 0:
-        run.sampler.set_epoch(epoch, within * s.grad_accum)
+        run.sampler.set_epoch(epoch, within * run.settings.grad_accum)
         run.batches = iter(run.loader)
-    window = [next(run.batches) for _ in range(s.grad_accum)]
+    return [next(run.batches) for _ in range(run.settings.grad_accum)]
+
+
+def backward(run: Run, window):
+    """Gradients of the window's summed token loss / its target tokens over all ranks. Returns the counts
+    (target, source and padded tokens; on the device under torchrun) and the loss sum, neither read yet."""
     # Counted on the host, from the loader's tensors. Under torchrun every rank's backward needs the window's
-    # target tokens over all ranks: summed on the device, and read only with the loss below.
+    # target tokens over all ranks: summed on the device, and read only with the loss, in sync().
     counts = [sum(int((b["labels"] != -100).sum()) for b in window), sum(int(b["attention_mask"].sum()) for b in window),
               sum(b["input_ids"].numel() + b["labels"].numel() for b in window)]
     tgt = counts[0]
     if run.world > 1:
+        beat(run, run.progress.step + 1, "batch")
         counts = on_device(counts, run.device)
         dist.all_reduce(counts)
         tgt = counts[0]
     loss_sum = torch.zeros((), device=run.device)
-    beat(run, p["step"] + 1, "forward")
+    beat(run, run.progress.step + 1, "forward")
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with (nullcontext() if i == len(window) - 1 else sharding.no_sync(run.model)):
             loss = token_loss_sum(run.model, batch, run.autocast)
             if i == len(window) - 1:
-                beat(run, p["step"] + 1, "gradients")
+                beat(run, run.progress.step + 1, "gradients")
             (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
         loss_sum += loss.detach()
+    return counts, loss_sum
+
+
+class Synced(NamedTuple):
+    """What every rank knows after the step's one sync: the window's counts and loss over all ranks, and
+    whether any rank caught SIGINT or SIGTERM or lost its launcher."""
+    target_tokens: float
+    source_tokens: float
+    padded_tokens: float
+    loss_sum: float
+    sigint: bool
+    sigterm: bool
+    orphaned: bool
+
+
+def sync(run: Run, counts, loss_sum, caught) -> Synced:
+    """The step's one wait on the device: the loss, read once. Under torchrun it is summed with every rank's
+    stop flags in one collective, and read together with the counts."""
     signum = caught["signum"]
     flags = [signum == signal.SIGINT, signum == signal.SIGTERM, launcher_gone(run)]
-    # The step's one wait on the device: the loss, read once. Under torchrun it is summed with every rank's
-    # stop flags in one collective, and read together with the counts.
     if run.world > 1:
-        beat(run, p["step"] + 1, "loss")
+        beat(run, run.progress.step + 1, "loss")
         summed = torch.cat([loss_sum.double().view(1), on_device(flags, run.device)])
         dist.all_reduce(summed)
         tgt, src, padded, loss_total, *flags = torch.cat([counts, summed]).tolist()
     else:
         (tgt, src, padded), loss_total = counts, loss_sum.item()
-    sigint, sigterm, orphaned = flags
-    if orphaned:  # any rank's: all stop here, before this step changes the weights or writes a line
+    return Synced(tgt, src, padded, loss_total, *(bool(f) for f in flags))
+
+
+def take_step(run: Run, synced: Synced, started, bar):
+    """The optimizer and schedule step, and its bookkeeping: counters, the progress bar, a train line of
+    metrics.jsonl every --log-every steps. A step no rank may take (a launcher gone, a loss not finite) stops
+    the run before it changes the weights or writes a line."""
+    s, p = run.settings, run.progress
+    tgt = synced.target_tokens
+    if synced.orphaned:  # any rank's: all stop here
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p['step']} before taking the next; {saved_note(run)}")
-    step_loss = loss_total / tgt
+                        f"{p.step} before taking the next; {saved_note(run)}")
+    step_loss = synced.loss_sum / tgt
     if not math.isfinite(step_loss):
         bar.close()
-        raise UserError(f"loss is {step_loss} at step {p['step'] + 1}: training diverged (learning rate too high?); "
+        raise UserError(f"loss is {step_loss} at step {p.step + 1}: training diverged (learning rate too high?); "
                         f"nothing was saved after it; {saved_note(run)}")
     if s.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
@@ -523,19 +586,18 @@ def train_step(run: Run, started, bar, caught) -> int:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
-    p["step"] += 1
-    p["tokens"] += int(tgt + src)
-    p["padded_tokens"] += int(padded)
-    p["seconds"] = time.time() - started
-    p["window_loss"] += step_loss * tgt
-    p["window_tokens"] += tgt
+    p.step += 1
+    p.tokens += int(tgt + synced.source_tokens)
+    p.padded_tokens += int(synced.padded_tokens)
+    p.seconds = time.time() - started
+    p.window_loss += step_loss * tgt
+    p.window_tokens += tgt
     bar.update(1)
     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{line_base(run)['lr']:.2e}",
-                    tok_s=f"{p['tokens'] / max(p['seconds'], 1e-9):.0f}")
-    if p["step"] % s.log_every == 0:
-        write_metrics(run, {**line_base(run), "loss": round(p["window_loss"] / p["window_tokens"], 6)})
-        p["window_loss"], p["window_tokens"] = 0.0, 0
-    return signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0  # the same on every rank
+                    tok_s=f"{p.tokens / max(p.seconds, 1e-9):.0f}")
+    if p.step % s.log_every == 0:
+        write_metrics(run, {**line_base(run), "loss": round(p.window_loss / p.window_tokens, 6)})
+        p.window_loss, p.window_tokens = 0.0, 0
 
 
 def saved_note(run: Run) -> str:
@@ -566,8 +628,8 @@ def launcher_gone(run: Run) -> bool:
 def line_base(run: Run) -> dict:
     """The fields every metrics.jsonl line carries; train lines add loss, validation lines val_loss (+ ROUGE)."""
     p = run.progress
-    return {"step": p["step"], "lr": run.scheduler.get_last_lr()[0], "tokens": p["tokens"],
-            "seconds": round(p["seconds"], 3)}
+    return {"step": p.step, "lr": run.scheduler.get_last_lr()[0], "tokens": p.tokens,
+            "seconds": round(p.seconds, 3)}
 
 
 def write_metrics(run: Run, line: dict):
@@ -586,7 +648,7 @@ def validate(run: Run, bar):
     """Validation loss (and ROUGE with --eval-rouge), logged; updates the best and the count of
     validations without improvement that --early-stop reads."""
     s, p = run.settings, run.progress
-    beat(run, p["step"], "validation")
+    beat(run, p.step, "validation")
     with sharding.whole(run.model):
         val = validation_loss(run)
         line = {**line_base(run), "val_loss": round(val, 6)}
@@ -594,27 +656,27 @@ def validate(run: Run, bar):
             line.update(validation_rouge(run))
     write_metrics(run, line)
     bar.set_postfix(val_loss=f"{val:.4f}", **{k: f"{line[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL") if k in line})
-    p["best_val_loss"] = min(val, p["best_val_loss"])
+    p.best_val_loss = min(val, p.best_val_loss)
     value = line[s.best_metric]
-    better = p["best_value"] is None or (value < p["best_value"] if s.best_metric == "val_loss" else value > p["best_value"])
+    better = p.best_value is None or (value < p.best_value if s.best_metric == "val_loss" else value > p.best_value)
     if better:
-        p["best_step"], p["best_value"], p["stale"] = p["step"], value, 0
+        p.best_step, p.best_value, p.stale = p.step, value, 0
     else:
-        p["stale"] += 1
+        p.stale += 1
     if stopped_early(run):
         run.log(f"early stop: {s.best_metric} has not improved for {s.early_stop} validations; "
-                f"best/ is step {p['best_step']}")
+                f"best/ is step {p.best_step}")
 
 
 def best_info(run: Run) -> dict:
     p = run.progress
-    return {"step": p["best_step"], "metric": run.settings.best_metric, "value": p["best_value"]}
+    return {"step": p.best_step, "metric": run.settings.best_metric, "value": p.best_value}
 
 
 def save(run: Run):
     """last/ with every rank's RNG state; best/ from it when this step is the best so far. Every rank
     takes part: under --fsdp the weights are gathered to rank 0 and each rank writes its optimizer shards."""
-    beat(run, run.progress["step"], "save")
+    beat(run, run.progress.step, "save")
     rng = [checkpoint.rng_state()]
     if run.world > 1:
         rng = [None] * run.world
@@ -622,15 +684,15 @@ def save(run: Run):
     last = os.path.join(run.out, "last")
     optimizer, shards = sharding.optimizer_state(run.model, run.optimizer)
     state = {"optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "rng": rng, "world": run.world,
-             **run.progress}
+             **run.progress.state()}
     with sharding.full_weights(run.raw, run.settings.is_lora) as model:
         checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
                         barrier=dist.barrier if shards else None)
-    run.saved = run.progress["step"]
-    if run.rank == 0 and run.progress["best_step"] == run.progress["step"]:
+    run.saved = run.progress.step
+    if run.rank == 0 and run.progress.best_step == run.progress.step:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:
-        beat(run, run.progress["step"], "saved")
+        beat(run, run.progress.step, "saved")
         dist.barrier()
 
 
@@ -673,12 +735,12 @@ def finish(run: Run) -> dict:
     """summary.json; the processes leave their group."""
     p = run.progress
     trainable, all_params = count_parameters(run.raw)
-    summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": p["step"],
-               "seconds": round(p["seconds"], 1), "best_val_loss": p["best_val_loss"], **{
+    summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": p.step,
+               "seconds": round(p.seconds, 1), "best_val_loss": p.best_val_loss, **{
                    f"best_{k}": v for k, v in best_info(run).items()},
                "precision": run.precision[0], "precision_reason": run.precision[1],
-               "tokens": p["tokens"], "tokens_per_second": round(p["tokens"] / max(p["seconds"], 1e-9), 1),
-               "padding_fraction": round(1 - p["tokens"] / max(p["padded_tokens"], 1), 4),
+               "tokens": p.tokens, "tokens_per_second": round(p.tokens / max(p.seconds, 1e-9), 1),
+               "padding_fraction": round(1 - p.tokens / max(p.padded_tokens, 1), 4),
                "processes": run.world, "global_batch": run.settings.batch_size * run.world * run.settings.grad_accum}
     if run.rank == 0:
         checkpoint.atomic_write(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")

@@ -49,18 +49,39 @@ def randomize_adapter(model, seed=1):
                 t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1 * (t.abs().mean().item() or 1.0))
 
 
+def shared_folder(tmp_path_factory, name, make):
+    """A folder that `make(folder)` fills once per test run, shared by the xdist workers: the first worker to
+    ask builds it under a file lock in the run's common temporary folder, the others wait for it and reuse it
+    (a build that failed part-way is redone). Without xdist, a folder of this session's own."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    import shutil
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent  # this run's, above every worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny random T5 with flan-t5-small's tokenizer (fast tests)."""
     from dialsum_raw.standin import build
-    return build(FLAN, str(tmp_path_factory.mktemp("models") / "tiny"), tiny=True)
+    return str(shared_folder(tmp_path_factory, "tiny", lambda f: build(FLAN, str(f), tiny=True)))
 
 
 @pytest.fixture(scope="session")
 def small(tmp_path_factory):
     """flan-t5-small's exact architecture with random weights."""
     from dialsum_raw.standin import build
-    return build(FLAN, str(tmp_path_factory.mktemp("models") / "small"))
+    return str(shared_folder(tmp_path_factory, "small", lambda f: build(FLAN, str(f))))
 
 
 @pytest.fixture(scope="session")
@@ -77,17 +98,113 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def trained(tiny, tmp_path_factory):
-    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights."""
+    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights. Trained once
+    per test run, whichever worker asks first."""
     import subprocess
     import sys
-    root = tmp_path_factory.mktemp("trained")
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config",
-                                     os.path.join(REPO, "configs", "tiny-smoke.toml"), "--model", tiny, "--data", CORPUS,
-                                     "--output-dir", str(root / name), "--max-steps", "50", "--eval-every", "50", *flags],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for name, flags in (("full", ["--lora-rank", "0", "--lr", "3e-3"]),
-                                 ("lora", ["--lora-rank", "8", "--lr", "1e-2"]))}  # side by side: one core each
-    for name, proc in procs.items():
-        err = proc.communicate()[1]
-        assert proc.returncode == 0, err.decode()[-2000:]
-    return {name: str(root / name / "best") for name in procs}
+    runs = {"full": ["--lora-rank", "0", "--lr", "3e-3"], "lora": ["--lora-rank", "8", "--lr", "1e-2"]}
+
+    def make(root):
+        procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config",
+                                         os.path.join(REPO, "configs", "tiny-smoke.toml"), "--model", tiny, "--data",
+                                         CORPUS, "--output-dir", str(root / name), "--max-steps", "50", "--eval-every",
+                                         "50", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for name, flags in runs.items()}  # side by side: one core each
+        for name, proc in procs.items():
+            err = proc.communicate()[1]
+            assert proc.returncode == 0, err.decode()[-2000:]
+    root = shared_folder(tmp_path_factory, "trained", make)
+    return {name: str(root / name / "best") for name in runs}
+
+
+# ---------------------------------------------------------------- training runs as the user starts them
+
+def train_cmd(tiny, out, *extra):
+    """train.py on the tiny model: every 40th dialogue, short sequences, fp32, a line per step."""
+    import sys
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny-smoke.toml"),
+            "--model", tiny, "--data", CORPUS, "--output-dir", str(out), "--subsample", "40",
+            "--max-source-len", "128", "--max-target-len", "32", "--log-every", "1", "--precision", "fp32", *extra]
+
+
+def torchrun(cmd, **kw):
+    """cmd (a train.py command) under torchrun: 2 gloo processes, one thread each."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *cmd[1:]], env=env, **kw)
+
+
+def torchrun_killed(cmd, out):
+    """cmd under torchrun, SIGKILLed once out/last holds a checkpoint; returns that checkpoint's state."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dialsum_raw import checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *cmd[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while checkpoint.find(str(out / "last")) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    proc.wait()
+    return checkpoint.load_state(checkpoint.find(str(out / "last")))
+
+
+def metric_lines(out):
+    """A run's metrics.jsonl, one dict per line."""
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def ckpt_weights(ckpt):
+    """A checkpoint folder's tensors: the adapter's, or the whole model's."""
+    from safetensors.torch import load_file
+    name = "adapter.safetensors" if os.path.isfile(os.path.join(ckpt, "adapter.safetensors")) else "model.safetensors"
+    return load_file(os.path.join(ckpt, name))
+
+
+def max_diff(a, b):
+    """The largest difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# full fine-tuning at lr 1e-2 amplifies summation-order noise in the embedding's near-zero gradients
+# through AdamW's eps past 1e-5 (DDP included); at 1e-3 every run here agrees to ~2e-6
+MODES = {"full": ["--lora-rank", "0", "--lr", "1e-3"],
+         "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"],  # + the dropout of the test
+         "mica": ["--lora-rank", "4", "--lora-init", "mica", "--lr", "1e-2", "--lora-dropout"]}  # B frozen, saved
+
+
+def mode_flags(name, dropout):
+    return MODES[name] + ([dropout] if name != "full" else [])
+
+
+def two_process_cmd(tiny, out, mode, wrapping):
+    """The 2-process run with dropout on (embedding, attention, feed-forward and LoRA), 8 steps of batch 4 per
+    rank, saved every 3 and validated every 4 steps; full fine-tuning also scores its validation ROUGE on one
+    dialogue, which leaves rank 1 nothing to generate."""
+    rouge = ["--eval-rouge", "1", "--max-new-tokens", "8"] if mode == "full" else []
+    return train_cmd(tiny, out, "--max-steps", "8", "--save-every", "3", "--eval-every", "4", "--dropout", "0.1",
+                     "--batch-size", "4", *rouge, *mode_flags(mode, "0.1"), *(["--fsdp"] if wrapping == "fsdp" else []))
+
+
+@pytest.fixture(scope="session")
+def two_process(tiny, tmp_path_factory):
+    """two_process(mode, wrapping) -> the folder of that 2-process run (two_process_cmd; wrapping "ddp" or
+    "fsdp"), each run once per test run and shared: the DDP tests' uninterrupted references are the runs the
+    FSDP tests compare with."""
+    made = {}
+
+    def run(mode, wrapping):
+        if (mode, wrapping) not in made:
+            make = lambda out: torchrun(two_process_cmd(tiny, out, mode, wrapping), check=True, capture_output=True)
+            made[mode, wrapping] = shared_folder(tmp_path_factory, f"two-process-{mode}-{wrapping}", make)
+        return made[mode, wrapping]
+    return run

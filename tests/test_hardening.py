@@ -21,7 +21,7 @@ def test_resume_trims_a_log_with_blank_and_damaged_lines(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + '\n{"st')
     said = []
-    run = types.SimpleNamespace(out=str(tmp_path), progress={"step": 4}, log=said.append)
+    run = types.SimpleNamespace(out=str(tmp_path), progress=training.Progress(step=4), log=said.append)
     training.trim_metrics(run)
     assert log.read_text() == "".join(json.dumps(m) + "\n" for m in lines[:2])
     assert said == [f"{log} line 5: damaged (not a JSON object with a step: '{{\"st'); skipped"]

@@ -9,20 +9,9 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, REPO
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, mode_flags, torchrun, torchrun_killed, train_cmd,
+                      two_process_cmd)
 from dialsum_raw import checkpoint
-from test_training import _max_diff, _metrics, _torchrun, _torchrun_killed, _train_cmd, _weights
-
-# full fine-tuning at lr 1e-2 amplifies summation-order noise in the embedding's near-zero gradients
-# through AdamW's eps past 1e-5 (DDP included); at 1e-3 every run here agrees to ~2e-6
-MODES = {"full": ["--lora-rank", "0", "--lr", "1e-3"],
-         "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"],  # + the dropout of the test
-         "mica": ["--lora-rank", "4", "--lora-init", "mica", "--lr", "1e-2", "--lora-dropout"]}  # B frozen, saved
-DROPOUT_ON = ["--max-steps", "8", "--save-every", "3", "--eval-every", "4", "--dropout", "0.1", "--batch-size", "4"]
-
-
-def _mode(name, dropout):
-    return MODES[name] + ([dropout] if name != "full" else [])
 
 
 @pytest.mark.slow
@@ -34,12 +23,12 @@ def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode
     (--gradient-checkpointing). Validation and its ROUGE run on the gathered weights and equal one
     process's. last/ holds the optimizer as DCP shards, best/ not."""
     common = ["--max-steps", "4", "--dropout", "0", "--grad-accum", "2", "--eval-every", "4", "--eval-rouge", "6",
-              "--max-new-tokens", "12", *_mode(mode, "0")]
-    subprocess.run(_train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
-    _torchrun(_train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
+              "--max-new-tokens", "12", *mode_flags(mode, "0")]
+    subprocess.run(train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
+    torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
                          *["--gradient-checkpointing"] * (mode == "mica")), check=True, capture_output=True)
-    assert _max_diff(_weights(tmp_path / "one" / "last"), _weights(tmp_path / "two" / "last")) <= 1e-5
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert max_diff(ckpt_weights(tmp_path / "one" / "last"), ckpt_weights(tmp_path / "two" / "last")) <= 1e-5
+    one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
     assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")}
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
@@ -49,44 +38,29 @@ def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode
     assert sorted(os.listdir(tmp_path / "two" / "best")) == sorted(os.listdir(tmp_path / "one" / "best"))
 
 
-@pytest.fixture(scope="module")
-def two_process(tiny, tmp_path_factory):
-    """2-process runs with dropout on, each made once and shared below: run(mode, wrapping) -> folder."""
-    root, made = tmp_path_factory.mktemp("two-process"), {}
-
-    def run(mode, wrapping):
-        if (mode, wrapping) not in made:
-            out = root / f"{mode}-{wrapping}"
-            flags = ["--fsdp"] if wrapping == "fsdp" else []
-            _torchrun(_train_cmd(tiny, out, *DROPOUT_ON, *_mode(mode, "0.1"), *flags), check=True, capture_output=True)
-            made[mode, wrapping] = out
-        return made[mode, wrapping]
-    return run
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp_equals_ddp_with_dropout_on(two_process, mode):
     fsdp, ddp = two_process(mode, "fsdp"), two_process(mode, "ddp")
-    assert _max_diff(_weights(ddp / "last"), _weights(fsdp / "last")) <= 1e-5
-    assert _max_diff(_weights(ddp / "best"), _weights(fsdp / "best")) <= 1e-5
+    assert max_diff(ckpt_weights(ddp / "last"), ckpt_weights(fsdp / "last")) <= 1e-5
+    assert max_diff(ckpt_weights(ddp / "best"), ckpt_weights(fsdp / "best")) <= 1e-5
 
 
 @pytest.mark.slow
 def test_fsdp_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_process):
     """Full fine-tuning, dropout on: the weights, every rank's optimizer shard and RNG come back exactly."""
     killed = tmp_path / "killed"
-    state = _torchrun_killed(_train_cmd(tiny, killed, *DROPOUT_ON, *_mode("full", "0.1"), "--fsdp"), killed)
+    state = torchrun_killed(two_process_cmd(tiny, killed, "full", "fsdp"), killed)
     assert 0 < state["step"] < 8 and state["optimizer"]["sharded"] == checkpoint.OPTIMIZER_SHARDS
-    _torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
-    assert _max_diff(_weights(two_process("full", "fsdp") / "last"), _weights(killed / "last")) <= 1e-6
+    torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
+    assert max_diff(ckpt_weights(two_process("full", "fsdp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
     assert checkpoint.load_state(str(killed / "last"))["step"] == 8
 
 
 @pytest.mark.slow
 def test_fsdp_is_refused_alone_and_at_another_world_size(tiny, tmp_path, two_process):
     """Without torchrun there is nothing to shard over; a 2-process --fsdp checkpoint resumes only on 2."""
-    res = subprocess.run(_train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
+    res = subprocess.run(train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: --fsdp shards the model over processes: start it with torchrun")
     three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",

@@ -7,28 +7,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import CORPUS, REPO
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, torchrun, torchrun_killed, train_cmd,
+                      two_process_cmd)
 from dialsum_raw import checkpoint, training
 from dialsum_raw.config import Settings, validate
 from dialsum_raw.errors import UserError
-
-
-def _train_cmd(tiny, out, *extra):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny-smoke.toml"),
-            "--model", tiny, "--data", CORPUS, "--output-dir", str(out), "--subsample", "40",
-            "--max-source-len", "128", "--max-target-len", "32", "--log-every", "1", "--precision", "fp32", *extra]
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _weights(ckpt):
-    name = "adapter.safetensors" if os.path.isfile(os.path.join(ckpt, "adapter.safetensors")) else "model.safetensors"
-    return load_file(os.path.join(ckpt, name))
 
 
 def test_lr_schedule_matches_hf():
@@ -52,17 +36,17 @@ def test_no_weight_decay_on_norms_and_biases():
 @pytest.mark.parametrize("lora_flags", [
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2"],
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2", "--dora", "--lora-init", "pissa",
-     "--lora-plus-ratio", "4"],
-    ["--lora-rank", "0"]], ids=["lora", "dora-pissa-loraplus", "full"])
+     "--lora-plus-ratio", "4", "--base-dtype", "nf4"],  # QLoRA: the residual is quantized again on resume
+    ["--lora-rank", "0"]], ids=["lora", "qlora-dora-pissa-loraplus", "full"])
 def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
     """Dropout stays on, so equality also proves the RNG states were restored. The uninterrupted run goes
     side by side with the one that is killed (one core each)."""
     common = ["--max-steps", "12", "--eval-every", "3", "--log-every", "2", *lora_flags]
-    straight = subprocess.Popen(_train_cmd(tiny, tmp_path / "straight", *common), stdout=subprocess.PIPE,
+    straight = subprocess.Popen(train_cmd(tiny, tmp_path / "straight", *common), stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while checkpoint.find(str(killed / "last")) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -75,41 +59,16 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
     assert "trainable model parameters:" in out and "percentage of trainable model parameters:" in out
 
     subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
-    a, b = _weights(tmp_path / "straight" / "last"), _weights(killed / "last")
+    a, b = ckpt_weights(tmp_path / "straight" / "last"), ckpt_weights(killed / "last")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert checkpoint.load_state(str(killed / "last"))["step"] == 12
-    logged = [m for m in _metrics(killed) if "val_loss" not in m]
+    logged = [m for m in metric_lines(killed) if "val_loss" not in m]
     assert [m["step"] for m in logged] == list(range(2, 13, 2))  # lines after the checkpoint dropped, none repeated
-    straight = [m for m in _metrics(tmp_path / "straight") if "val_loss" not in m]
+    straight = [m for m in metric_lines(tmp_path / "straight") if "val_loss" not in m]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(logged, straight)) <= 1e-6  # windows span the restart
     assert [m["tokens"] for m in logged] == [m["tokens"] for m in straight]
-    assert _metrics(killed)[-1]["val_loss"] == pytest.approx(_metrics(tmp_path / "straight")[-1]["val_loss"], abs=1e-6)
-
-
-def _torchrun(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *cmd[1:]], env=env, **kw)
-
-
-def _torchrun_killed(cmd, out):
-    """cmd under torchrun, SIGKILLed once out/last holds a checkpoint; returns that checkpoint's state."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *cmd[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 180
-    while checkpoint.find(str(out / "last")) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
-    proc.wait()
-    return checkpoint.load_state(checkpoint.find(str(out / "last")))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    assert metric_lines(killed)[-1]["val_loss"] == pytest.approx(metric_lines(tmp_path / "straight")[-1]["val_loss"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -121,13 +80,13 @@ def test_two_processes_equal_one(tiny, tmp_path):
     common = ["--max-steps", "4", "--dropout", "0", "--lora-rank", "4", "--lora-dropout", "0", "--lr", "1e-2",
               "--eval-every", "4", "--grad-accum", "2", "--eval-rouge", "6",
               "--max-new-tokens", "12"]
-    subprocess.run(_train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
-    subprocess.run(_train_cmd(tiny, tmp_path / "two", "--max-steps", "1", "--eval-every", "1"), check=True,
+    subprocess.run(train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
+    subprocess.run(train_cmd(tiny, tmp_path / "two", "--max-steps", "1", "--eval-every", "1"), check=True,
                    capture_output=True)
-    _torchrun(_train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--overwrite", *common), check=True,
+    torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--overwrite", *common), check=True,
               capture_output=True)
-    assert _max_diff(_weights(tmp_path / "one" / "last"), _weights(tmp_path / "two" / "last")) <= 1e-5
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert max_diff(ckpt_weights(tmp_path / "one" / "last"), ckpt_weights(tmp_path / "two" / "last")) <= 1e-5
+    one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 4]
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
     assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")}
@@ -136,17 +95,15 @@ def test_two_processes_equal_one(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path):
-    """Dropout on in both processes: each rank must get its own RNG state back, or the masks repeat."""
-    common = ["--max-steps", "8", "--save-every", "3", "--eval-every", "100", "--lora-rank", "4", "--lora-dropout",
-              "0.1", "--dropout", "0.1", "--lr", "1e-2", "--batch-size", "4"]
-    _torchrun(_train_cmd(tiny, tmp_path / "straight", *common), check=True, capture_output=True)
+def test_two_process_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_process):
+    """Dropout on in both processes: each rank must get its own RNG state back, or the masks repeat. The
+    uninterrupted run is the shared 2-process LoRA run (conftest.two_process_cmd)."""
     killed = tmp_path / "killed"
-    state = _torchrun_killed(_train_cmd(tiny, killed, *common), killed)
+    state = torchrun_killed(two_process_cmd(tiny, killed, "lora", "ddp"), killed)
     assert 0 < state["step"] < 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    _torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
-    assert _max_diff(_weights(tmp_path / "straight" / "last"), _weights(killed / "last")) <= 1e-6
+    torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
+    assert max_diff(ckpt_weights(two_process("lora", "ddp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
 
 
 def _settings(tiny, out, **over):
@@ -162,7 +119,7 @@ def test_grad_accumulation_equals_the_big_batch(tiny, tmp_path):
     """2 x batch 4 with accumulation and 1 x batch 8 see the same examples and must take the same steps."""
     training.train(_settings(tiny, tmp_path / "big"))
     training.train(_settings(tiny, tmp_path / "acc", batch_size=4, grad_accum=2))
-    assert _max_diff(_weights(tmp_path / "big" / "last"), _weights(tmp_path / "acc" / "last")) <= 1e-6
+    assert max_diff(ckpt_weights(tmp_path / "big" / "last"), ckpt_weights(tmp_path / "acc" / "last")) <= 1e-6
 
 
 @pytest.mark.slow
@@ -181,7 +138,7 @@ def test_save_every_writes_last_between_validations(tiny, tmp_path, monkeypatch)
 def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path):
     """A crash after last/ is written and before best/ is copied leaves best/ stale; resume repairs it."""
     out = tmp_path / "run"
-    subprocess.run(_train_cmd(tiny, out, "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2"),
+    subprocess.run(train_cmd(tiny, out, "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2"),
                    check=True, capture_output=True)
     state = checkpoint.load_state(str(out / "last"))
     best = json.loads((out / "best" / "best.json").read_text())
@@ -194,14 +151,14 @@ def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path)
                          capture_output=True, text=True)
     assert "repaired to step 4" in res.stdout
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 4
-    assert _max_diff(_weights(out / "best"), _weights(out / "last")) == 0
+    assert max_diff(ckpt_weights(out / "best"), ckpt_weights(out / "last")) == 0
 
 
 @pytest.mark.slow
 def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
     from dialsum_raw.config import read_config
     out = tmp_path / "run"
-    subprocess.run(_train_cmd(tiny, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"), check=True,
+    subprocess.run(train_cmd(tiny, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"), check=True,
                    capture_output=True)
     resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(out)]
     res = subprocess.run([*resume, "--batch-size", "4", "--seed", "7", "--max-source-len", "256", "--log-every", "3",
@@ -221,7 +178,7 @@ def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
         f.write(json.dumps({"step": 99, "loss": 1.0}) + "\n" + '{"step": 10')
     res = subprocess.run([*resume, "--log-every", "3", "--max-steps", "4"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-1500:]
-    assert max(m["step"] for m in _metrics(out)) == 4
+    assert max(m["step"] for m in metric_lines(out)) == 4
 
 
 @pytest.mark.slow
@@ -243,7 +200,7 @@ def test_rouge_during_training_picks_best(tiny, tmp_path):
     s = _settings(tiny, tmp_path / "run", max_steps=6, eval_every=2, eval_rouge=5, best_metric="rouge1",
                   max_new_tokens=16, lr=3e-2, lora_rank=0)
     training.train(s)
-    val = [m for m in _metrics(s.output_dir) if "val_loss" in m]
+    val = [m for m in metric_lines(s.output_dir) if "val_loss" in m]
     assert [m["step"] for m in val] == [2, 4, 6] and all("loss" not in m for m in val)
     dialogues = load_splits(CORPUS, ("validation",))["validation"][::s.subsample][:5]
     preds = summarize(load_model(os.path.join(s.output_dir, "last")), load_tokenizer(tiny),
@@ -273,7 +230,7 @@ def test_tensorboard_gets_the_metrics_lines(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     s = _settings(tiny, tmp_path / "run", max_steps=4, eval_every=2, tensorboard=True)
     training.train(s)
-    expect = [("open", 1)] + [(k, v, m["step"]) for m in _metrics(s.output_dir) for k, v in m.items() if k != "step"]
+    expect = [("open", 1)] + [(k, v, m["step"]) for m in metric_lines(s.output_dir) for k, v in m.items() if k != "step"]
     assert written == expect
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[tensorboard\]"'):
@@ -293,7 +250,18 @@ def test_gradient_checkpointing_takes_the_same_steps(tiny, tmp_path, monkeypatch
         training.train(_settings(tiny, tmp_path / name, dropout=0.1, lora_dropout=0.1, gradient_checkpointing=flag))
         counts[name] = sum(calls)  # training-mode calls only (validation runs in eval mode)
     assert counts["ckpt"] == 2 * counts["plain"] > 0
-    assert _max_diff(_weights(tmp_path / "plain" / "last"), _weights(tmp_path / "ckpt" / "last")) <= 1e-6
+    assert max_diff(ckpt_weights(tmp_path / "plain" / "last"), ckpt_weights(tmp_path / "ckpt" / "last")) <= 1e-6
+
+
+def test_progress_is_saved_as_the_keys_runs_saved_before_it_was_a_dataclass():
+    """trainer_state.pt keeps one key per counter, as runs saved them when progress was a dict (the state below),
+    so those runs resume; a counter a state lacks keeps its start."""
+    old = {"optimizer": {}, "scheduler": {}, "rng": [], "world": 1, "step": 7, "tokens": 900, "padded_tokens": 1000,
+           "seconds": 3.5, "best_val_loss": 2.0, "best_step": 6, "best_value": 2.0, "stale": 1, "window_loss": 0.5,
+           "window_tokens": 40}
+    progress = training.Progress.restore(old)
+    assert progress.state() == {k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "rng", "world")}
+    assert training.Progress.restore({"step": 3}) == training.Progress(step=3)
 
 
 def test_atomic_dir_flushes_everything_before_publishing(tmp_path, monkeypatch):
@@ -318,7 +286,7 @@ def _learn(tiny, out, steps):
                  max_steps=steps, warmup_ratio=0.05, subsample=10, max_source_len=128, max_target_len=48,
                  eval_every=steps, log_every=10, seed=0)
     validate(s)
-    return training.train(s), _metrics(out)
+    return training.train(s), metric_lines(out)
 
 
 @pytest.mark.slow
@@ -379,7 +347,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, t
     """The first run is paused (SIGSTOP) while holding its folder, so the attempts meet it for sure: a plain
     start, --overwrite and --resume are all refused naming it, and it then finishes as if alone."""
     out = tmp_path / "run"
-    first = subprocess.Popen(_train_cmd(tiny, out, "--max-steps", "6", "--eval-every", "6", "--save-every", "2"),
+    first = subprocess.Popen(train_cmd(tiny, out, "--max-steps", "6", "--eval-every", "6", "--save-every", "2"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while checkpoint.find(str(out / "last")) is None and time.time() < deadline and first.poll() is None:
@@ -388,7 +356,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, t
     try:
         holder = (out / ".lock").read_text().strip()
         assert holder.startswith(f"pid {first.pid} on {os.uname().nodename} since ")
-        start = _train_cmd(tiny, out)[2:]
+        start = train_cmd(tiny, out)[2:]
         for argv in (start, [*start, "--overwrite"], ["--resume", str(out)]):
             with pytest.raises(UserError) as refused:
                 _train_main(argv)
@@ -397,7 +365,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, t
         os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
-    assert [m["step"] for m in _metrics(out) if "val_loss" not in m] == list(range(1, 7))
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == list(range(1, 7))
     assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
 
 
@@ -469,7 +437,7 @@ def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_pa
     They must notice within a step or two and stop, leaving last/ and metrics.jsonl as they were at the kill
     (without the check they train on to step 200, saving every 4 steps and logging every step)."""
     out, log = tmp_path / "run", tmp_path / "workers.log"
-    cmd = _train_cmd(tiny, out, "--max-steps", "200", "--save-every", "4", "--eval-every", "1000", "--lora-rank", "4",
+    cmd = train_cmd(tiny, out, "--max-steps", "200", "--save-every", "4", "--eval-every", "1000", "--lora-rank", "4",
                      "--lr", "1e-2", "--batch-size", "4")
     with open(log, "w") as stderr:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -500,22 +468,22 @@ def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_pa
 
 
 @pytest.mark.slow
-def test_validation_rouge_with_a_rank_that_gets_no_dialogue(tiny, tmp_path):
-    """--eval-rouge 1 over 2 processes: rank 1 has nothing to generate, joins the gather all the same, and
-    the score is one process's on the same weights."""
+def test_validation_rouge_with_a_rank_that_gets_no_dialogue(tiny, two_process):
+    """--eval-rouge 1 over 2 processes (the shared full fine-tuning DDP run): rank 1 has nothing to generate,
+    joins the gather all the same, and the score is one process's on the same weights."""
     from dialsum_raw import metrics
     from dialsum_raw.config import read_config
     from dialsum_raw.data import load_splits
     from dialsum_raw.generation import summarize
     from dialsum_raw.modeling import load_model, load_tokenizer
-    out = tmp_path / "run"
-    _torchrun(_train_cmd(tiny, out, "--max-steps", "1", "--eval-every", "1", "--eval-rouge", "1", "--max-new-tokens", "8",
-                         "--batch-size", "4"), check=True, capture_output=True, timeout=300)
+    out = two_process("full", "ddp")
     s = Settings(**read_config(str(out / "settings.toml")))
+    assert (s.eval_rouge, s.max_steps, s.eval_every) == (1, 8, 4)
     (dialogue,) = load_splits(CORPUS, ("validation",))["validation"][::s.subsample][:1]
     (summary,) = summarize(load_model(str(out / "last")), load_tokenizer(tiny), [dialogue.dialogue], s)
     expect = metrics.rouge([summary], [dialogue.refs])["per_row"]
-    assert {k: _metrics(out)[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {
+    last = metric_lines(out)[-1]
+    assert last["step"] == 8 and {k: last[k] for k in ("rouge1", "rouge2", "rougeL")} == {
         k: round(expect[k], 6) for k in ("rouge1", "rouge2", "rougeL")}
 
 

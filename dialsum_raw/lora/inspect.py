@@ -36,7 +36,7 @@ import torch
 
 from .. import spectra
 from ..errors import UserError
-from . import adapter as lora
+from .adapter import ADAPTER_CONFIG, check_adapter, read_adapter, target_layers, updates
 
 HELP = "per-layer norms, spectra, amplification and (with --compare) subspace similarity of an adapter"
 KEYS = ("layer", "fro_norm", "rel_norm", "singular_values", "effective_rank", "amplification", "stable_rank",
@@ -90,16 +90,16 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, k1=None, k2=None) ->
 
 def adapter_updates(model, adapter):
     """(config, [(layer, W, ΔW, k)]) for an adapter on `model`'s original weights, in model order."""
-    cfg, tensors = lora.check_adapter(model, adapter)
+    cfg, tensors = check_adapter(model, adapter)
     return cfg, [(name, model.get_submodule(name).weight.detach().double(), dw, k)
-                 for name, dw, k in lora.updates(model, cfg, tensors)]
+                 for name, dw, k in updates(model, cfg, tensors)]
 
 
 def full_updates(model, folder, targets, rank):
     """[(layer, W0, W_ft - W0, rank)] on the `targets` layers of a full fine-tune's model folder, W0 from `model`."""
     from ..modeling import load_model
     tuned, out = load_model(folder), []
-    for name in lora.target_layers(model, targets):
+    for name in target_layers(model, targets):
         w = model.get_submodule(name).weight.detach().double()
         try:
             w_ft = tuned.get_submodule(name).weight.detach().double()
@@ -114,11 +114,11 @@ def full_updates(model, folder, targets, rank):
 
 def run_config(folder):
     """An adapter's LoRAConfig, or None for a model folder (a full fine-tune); anything else is a UserError."""
-    if os.path.isfile(os.path.join(folder, lora.ADAPTER_CONFIG)):
-        return lora.read_adapter(folder)[0]
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
+        return read_adapter(folder)[0]
     if os.path.isfile(os.path.join(folder, "config.json")):
         return None
-    raise UserError(f"{folder}: neither an adapter ({lora.ADAPTER_CONFIG}) nor a model folder (config.json)")
+    raise UserError(f"{folder}: neither an adapter ({ADAPTER_CONFIG}) nor a model folder (config.json)")
 
 
 def inspect(base, adapter, compare=None, targets=None, rank=None, intruder_k=spectra.INTRUDER_K,
