@@ -2,12 +2,13 @@
 here by a test that failed before its fix."""
 
 import json
+import re
 import shutil
 import types
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS
+from conftest import CORPUS, metric_lines, train_cmd
 from test_failures import EVAL, SMOKE, TRAIN, _fails
 from test_sweep import _sweep_file
 
@@ -356,14 +357,14 @@ def test_an_elastic_restart_resumes_from_last_and_never_starts_over(tiny, tmp_pa
     """torchrun --max-restarts N reruns the same command (here with --overwrite) after a worker dies. The
     restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from last/ and finishes: no step twice, none lost; with
     no checkpoint yet it is refused in one line, never started over."""
-    from test_training import _metrics, _settings
+    from test_training import _settings
 
     from dialsum_raw import checkpoint
     from dialsum_raw.errors import UserError
     out, step = tmp_path / "run", training.train_step
 
     def dies_at_step_3(run, *args):
-        if run.progress["step"] == 3:
+        if run.progress.step == 3:
             raise RuntimeError("a worker died")
         return step(run, *args)
     monkeypatch.setattr(training, "train_step", dies_at_step_3)
@@ -373,7 +374,7 @@ def test_an_elastic_restart_resumes_from_last_and_never_starts_over(tiny, tmp_pa
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     training.train(_settings(tiny, out, max_steps=6, save_every=2, overwrite=True))
     assert f"torchrun restart 1: resuming {out} from its last checkpoint" in capsys.readouterr().out
-    assert [m["step"] for m in _metrics(out) if "val_loss" not in m] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == [1, 2, 3, 4, 5, 6]
     assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
     with pytest.raises(UserError, match=f"^torchrun restarted this run \\(restart 1\\), but {tmp_path / 'new'} holds "
                                         "no checkpoint yet to resume from"):
@@ -391,11 +392,11 @@ def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, 
     import sys
     import time
 
-    from test_training import _children, _metrics, _train_cmd
+    from test_training import _children
 
     from dialsum_raw import checkpoint
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
-    cmd = _train_cmd(tiny, out, "--max-steps", "8", "--save-every", "2", "--eval-every", "8", "--lora-rank", "4",
+    cmd = train_cmd(tiny, out, "--max-steps", "8", "--save-every", "2", "--eval-every", "8", "--lora-rank", "4",
                      "--batch-size", "4", "--overwrite")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIALSUM_HEARTBEAT_S": "1"}
     with open(log, "w") as sink:
@@ -419,7 +420,7 @@ def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, 
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
-    assert "waiting for rank 1 for 1 s: it last reported " in text
+    assert re.search(r"waiting for rank 1 for \d+ s: it (last reported|has given no sign of life)", text)
     assert "torchrun restart 1: resuming" in text and "resumed from" in text
-    assert [m["step"] for m in _metrics(out) if "val_loss" not in m] == list(range(1, 9))  # no step twice, none lost
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == list(range(1, 9))  # no step twice, none lost
     assert checkpoint.load_state(str(out / "last"))["step"] == 8 and (out / "summary.json").is_file()
