@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from test_lora import _inputs, _randomize
+from conftest import randomize_adapter
+from test_lora import _inputs
 
 from dialsum_raw import lora
 from dialsum_raw.errors import UserError
@@ -20,7 +21,7 @@ FULL = 64  # the tiny stand-in's q and v are 64 x 64: rank 64 is every layer's f
 def _adapter(tiny, path, seed, targets=("q", "v"), rank=4, **fields):
     model = load_model(tiny).eval()
     lora.inject(model, LoRAConfig(targets, rank, 8, **fields))
-    _randomize(model, seed)
+    randomize_adapter(model, seed)
     lora.save_adapter(model, path, base_model=tiny)
     return str(path)
 
@@ -40,9 +41,10 @@ def _deltas(tiny, directory):
     return {name: dw for name, dw, _ in lora.updates(model, cfg, tensors)}
 
 
-@pytest.mark.parametrize("method", ["linear", "svd"])
-@pytest.mark.parametrize("fields", [{"rslora": True}, {"variant": "dora"}, {"init": "pissa", "rslora": True}],
-                         ids=["rslora", "dora", "pissa+rslora"])
+@pytest.mark.parametrize("fields, method", [
+    ({"rslora": True}, "linear"), ({"rslora": True}, "svd"), ({"variant": "dora"}, "linear"),
+    ({"init": "pissa", "rslora": True}, "linear"), ({"init": "olora", "variant": "dora"}, "linear"),
+    ({"variant": "vera"}, "linear")], ids=["rslora", "rslora-svd", "dora", "pissa+rslora", "olora+dora", "vera"])
 def test_one_adapter_alone_at_weight_one_is_the_adapter(tiny, tmp_path, fields, method):
     """peft #3761: add_weighted_adapter of one rsLoRA adapter alone at weight 1.0 is 0.42 relative off. Here the
     combined plain-LoRA adapter at full rank gives the original adapter's logits, unmerged (its own forward) and
