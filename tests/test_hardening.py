@@ -39,7 +39,7 @@ def _adapter(tiny, folder, **cfg):
 
 
 @pytest.mark.parametrize("cfg, edit, message", [
-    ({"alpha": 64.0}, {"alpha": None}, "adapter field 'alpha' is missing: format dialsum_raw-lora/2 holds every field"),
+    ({"alpha": 64.0}, {"alpha": None}, "adapter field 'alpha' is missing: format dialsum_raw-lora/3 holds every field"),
     ({"variant": "dora"}, {"variant": None}, "adapter field 'variant' is missing"),
     ({"init": "gaussian"}, {"init": None}, "adapter field 'init' is missing"),
     ({}, {"rank": 4.0}, "adapter rank must be an integer, got 4.0"),
@@ -68,6 +68,23 @@ def test_a_format_1_adapter_keeps_its_documented_defaults(tiny, tmp_path):
     path.write_text(json.dumps({"format": "dialsum_raw-lora/1", "rank": 4, "targets": ["q", "v"]}))
     cfg, _, _ = lora.read_adapter(tmp_path / "ad")
     assert (cfg.alpha, cfg.dropout, cfg.rslora, cfg.variant, cfg.init) == (16.0, 0.0, False, "lora", "kaiming")
+
+
+def test_a_format_2_adapter_loads_on_an_fp32_base_and_a_format_3_one_must_name_its_base(tiny, tmp_path):
+    """Format 2 (the previous release) held every field of its day: its adapters load, with the fp32 base they
+    were trained on; since format 3 the base dtype is one of the fields a default must not fill in."""
+    from dialsum_raw import lora
+    from dialsum_raw.errors import UserError
+    from dialsum_raw.modeling import load_model
+    path = _adapter(tiny, tmp_path / "ad", alpha=64.0)
+    saved = json.loads(path.read_text())
+    old = {k: v for k, v in saved.items() if k not in ("base_dtype", "loftq_iter")}
+    path.write_text(json.dumps({**old, "format": "dialsum_raw-lora/2"}))
+    cfg, _, _ = lora.read_adapter(tmp_path / "ad")
+    assert (cfg.alpha, cfg.base_dtype, cfg.loftq_iter) == (64.0, "fp32", 1)
+    path.write_text(json.dumps({**old, "format": "dialsum_raw-lora/3"}))
+    with pytest.raises(UserError, match="adapter field 'base_dtype' is missing: format dialsum_raw-lora/3"):
+        lora.load_adapter(load_model(tiny), tmp_path / "ad")
 
 
 def _data_with(tmp_path, **files):
