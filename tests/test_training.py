@@ -513,7 +513,10 @@ def test_more_processes_than_gpus_is_refused_and_every_gpu_is_set(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(training.dist, "init_process_group", lambda *a, **k: groups.append((a, k)))
     monkeypatch.setattr(training.dist, "get_rank", lambda: 1)
-    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(training.dist, "rendezvous", lambda url, timeout: iter([(store, 1, 2)]))
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1"),
+                        ("TORCHELASTIC_RESTART_COUNT", "3")):
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=r"^2 processes on this machine but it has 1 GPU: run one process per GPU "
                                         r"\(torchrun --nproc_per_node 1\)$"):
@@ -523,11 +526,16 @@ def test_more_processes_than_gpus_is_refused_and_every_gpu_is_set(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert training.setup_distributed() == (1, 2, torch.device("cuda:1"))
     assert chosen == [torch.device("cuda:1")]
-    assert groups == [(("nccl",), {"device_id": torch.device("cuda:1"), "timeout": training.COLLECTIVE_TIMEOUT})]
+    (args, kwargs), = groups
+    group_store = kwargs.pop("store")
+    assert args == ("nccl",) and kwargs == {"rank": 1, "world_size": 2, "device_id": torch.device("cuda:1"),
+                                            "timeout": training.COLLECTIVE_TIMEOUT}
+    group_store.set("key", "x")  # the group's keys live under this restart's prefix (PrefixStore adds a "/")
+    assert store.check(["dialsum/restart3//key"]) and not store.check(["key"])
     assert training.COLLECTIVE_TIMEOUT >= datetime.timedelta(minutes=30)
 
     chosen.clear()
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(name)
     assert training.setup_distributed() == (0, 1, torch.device("cuda:0")) and chosen == [torch.device("cuda:0")]
 
