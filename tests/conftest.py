@@ -18,21 +18,49 @@ FLAN = os.path.join(SHARED, "flan-t5-small")
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
 def pytest_cmdline_main(config):
     """Two xdist workers unless the command line says how many: here rather than in setup.cfg's addopts, so
-    that `-p no:xdist` still parses. --dist loadfile unless told otherwise keeps a module on one worker (its
-    module fixtures built once); `-n 0` runs everything in this process."""
-    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput") or config.option.usepdb:
+    that `-p no:xdist` still parses; `-n 0` runs everything in this process. Unless --dist is given, the work
+    is dealt in the units and the order pytest_collection_modifyitems gives (--dist loadgroup)."""
+    if hasattr(config, "workerinput"):  # a worker parses only the command line: it learns --dist from its input
+        config.option.loadgroup = config.workerinput.get("dist") == "loadgroup"
+        return
+    if not config.pluginmanager.hasplugin("xdist") or config.option.usepdb:
         return
     if config.option.numprocesses is None and not config.option.tx:
         config.option.numprocesses, config.option.tx = 2, ["popen"] * 2
     if config.option.numprocesses and config.option.dist == "no":
-        config.option.dist = "loadfile"
+        config.option.dist, config.option.loadscopereorder = "loadgroup", False
 
 
-def pytest_collection_modifyitems(items):
-    """A test that uses the `trained` fixture is slow (two training runs, once per session and worker)."""
+@pytest.hookimpl(optionalhook=True)  # xdist's: the --dist chosen above, for each worker
+def pytest_configure_node(node):
+    node.workerinput["dist"] = node.config.option.dist
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the `trained` fixture is slow. Under the default --dist loadgroup, the units of work:
+    each slow test that holds no module- or class-scoped fixture is a unit of its own; every other test stays
+    with its module, whose fixtures are then built once. The largest units go first (modules whose own tests
+    are slow), then the slow tests one by one, and the quick modules fill in at the end, so that the workers
+    finish together."""
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker("slow")
+    if not getattr(config.option, "loadgroup", False):  # on an xdist worker under --dist loadgroup only
+        return
+
+    def alone(item):
+        fixtures = getattr(item, "_fixtureinfo", None)
+        return item.get_closest_marker("slow") is not None and fixtures is not None and all(
+            defs[-1].scope not in ("module", "class") for defs in fixtures.name2fixturedefs.values())
+
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    slow_modules = {module[item] for item in items if item.get_closest_marker("slow") and not alone(item)}
+    rank = {item: 1 if alone(item) else 0 if module[item] in slow_modules else 2 for item in items}
+    for i, item in enumerate(items):
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(f"own{i}" if rank[item] == 1 else module[item]))
+    items.sort(key=rank.get)
 
 
 def randomize_adapter(model, seed=1):
