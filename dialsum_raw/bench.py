@@ -3,7 +3,8 @@
     python -m dialsum_raw.bench train   [--quick]   # our loop (torch/fast dropout) vs HF Seq2SeqTrainer + peft; long pool; MFU
     python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate and CTranslate2, batch 1/8/16/32
     python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size;
-                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding)
+                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding);
+                                                    # the base stored fp32 / bf16 / nf4 (--only base-dtype)
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -30,7 +31,8 @@ from .config import Settings, validate
 from .errors import run_cli
 from .generation import generation_kwargs, length_sorted_batches, summarize
 from .measure import bare_steps, consumed, lora_settings, machine, save, table, timed_ids
-from .modeling import autocast_for, choose_precision, compute_device, count_parameters, load_model, load_tokenizer
+from .modeling import (BASE_DTYPES, autocast_for, choose_precision, compute_device, count_parameters, load_model,
+                       load_tokenizer, stored_bytes)
 from .trainbench import bench_train
 
 
@@ -263,6 +265,8 @@ def bench_memory(args):
     bench_sharded_memory. --only picks one of the two parts."""
     if args.only == "sharding":
         return bench_sharded_memory(args)
+    if args.only == "base-dtype":
+        return bench_base_dtype(args)
     sizes = ("small", "base") if args.quick else ("small", "base", "large")
     probes = [(size, "lora", gc) for size in sizes for gc in (False, True)] + [("small", "full", False)]
     runs = {}
@@ -301,6 +305,61 @@ def bench_memory(args):
     save("memory", result, args)
     if args.only is None:
         bench_sharded_memory(args)
+        bench_base_dtype(args)
+
+
+def bench_base_dtype(args):
+    """One LoRA step (r=8 q,v, batch 8, bf16 autocast) with the frozen base stored in fp32, bf16 and nf4, each in
+    its own process that loads a saved stand-in through load_model (nf4 quantizes as it reads): peak RSS of the
+    whole process, bytes of the stored weights, seconds per step and the share of it spent dequantizing; the
+    small and large stand-ins (small only with --quick), and xl and xxl predicted (see _predicted)."""
+    sizes = ("small",) if args.quick else ("small", "large")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            folder = args.model if size == "small" else standin.build(args.config, os.path.join(tmp, size), size=size)
+            for dtype in BASE_DTYPES:
+                print(f"probe: {size} base {dtype}", flush=True)
+                cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", folder, "--data",
+                       args.data, "--config", args.config, "--size", size, "--mode", "lora", "--steps", "2",
+                       "--base-dtype", dtype]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs[f"{size} {dtype}"] = json.loads(out.strip().splitlines()[-1])
+    peak = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
+    predicted = _predicted(runs, sizes[-1], args.config)
+    rows = []
+    for size in sizes:
+        fp32, bf16 = runs[f"{size} fp32"], runs[f"{size} bf16"]
+        for dtype in BASE_DTYPES:
+            r = runs[f"{size} {dtype}"]
+            rows.append((f"{size} base {dtype}", f"{r[peak]:>8,.0f} MB peak ({r[peak] / fp32[peak]:.2f}x fp32), weights "
+                         f"{r['weight_bytes'] / 2 ** 20:>7,.0f} MB; {r['seconds_per_step']:.2f} s per step "
+                         f"({r['seconds_per_step'] / bf16['seconds_per_step']:.2f}x bf16 base)"
+                         + (f", dequantizing {r['dequantize_share']:.0%} of it" if dtype == "nf4" else "")))
+    rows += [(f"{size} base {dtype} (predicted)", f"{p['peak_mb']:>8,.0f} MB peak, weights {p['weight_bytes'] / 2 ** 20:>7,.0f} MB")
+             for size, by_dtype in predicted.items() for dtype, p in by_dtype.items()]
+    table(f"memory by base dtype: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS of the process'}, "
+          f"one LoRA step (r=8 q,v) of batch 8, bf16 autocast, loading included; seconds: the second step", rows)
+    save("memory-base-dtype", {"runs": runs, "predicted": predicted, "peak": peak}, args)
+
+
+def _predicted(runs, measured, config):
+    """xl and xxl: stored weights counted exactly on the meta-device shape (quant.stored_bytes), and a peak of
+    weights + the measured size's peak beyond its weights, scaled by d_model x layers (activations and LoRA state
+    grow with both; the interpreter and libraries do not, so this leans high)."""
+    predicted = {}
+    cfg = standin.config(config, measured)
+    for size in ("xl", "xxl"):
+        other = standin.config(config, size)
+        scale = other.d_model * other.num_layers / (cfg.d_model * cfg.num_layers)
+        with torch.device("meta"):
+            model = standin.random_model(config, size)
+        predicted[size] = {}
+        for dtype in BASE_DTYPES:
+            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
+            beyond = r["peak_rss_mb"] * 2 ** 20 - r["weight_bytes"]
+            predicted[size][dtype] = {"weight_bytes": weights, "peak_mb": round((weights + beyond * scale) / 2 ** 20)}
+    return predicted
 
 
 def bench_sharded_memory(args):
@@ -391,6 +450,8 @@ def memory_probe(args):
     tok = load_tokenizer(args.model)
     s = lora_settings(args, "", args.steps)
     examples, batches = consumed(s, tok)
+    if args.base_dtype:
+        return base_dtype_probe(args, tok, examples, batches, rss_mb)
     model = standin.random_model(args.config, args.size)
     total = count_parameters(model)[1]
     if args.mode == "lora":
@@ -413,6 +474,34 @@ def memory_probe(args):
                       "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds / args.steps, 2),
                       "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
                       "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20 if device.type == "cuda" else None}))
+
+
+def base_dtype_probe(args, tok, examples, batches, rss_mb):
+    """memory-probe --base-dtype: the saved stand-in loaded with that storage, LoRA r=8 q,v, bf16 autocast; the first
+    batch twice: the first step has the peak, the second is timed, with the time spent in NF4.dequantize."""
+    from . import quant
+    device = compute_device()
+    model = load_model(args.model, base_dtype=args.base_dtype)
+    lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
+    model.to(device)
+    batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
+    autocast = autocast_for("bf16", device)
+    bare_steps(model, batch, device, autocast)
+    spent, dequantize = [0.0], quant.NF4.dequantize
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        out = dequantize(self, *a, **k)
+        spent[0] += time.perf_counter() - start
+        return out
+    quant.NF4.dequantize = timed
+    seconds = bare_steps(model, batch, device, autocast)
+    print(json.dumps({"size": args.size, "base_dtype": args.base_dtype, "batch_shape": [*batch[0]["input_ids"].shape,
+                      batch[0]["labels"].shape[1]], "parameters": count_parameters(model)[1],
+                      "weight_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+                      "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds, 3),
+                      "dequantize_share": round(spent[0] / seconds, 3),
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}))
 
 
 def bench_learn(args):
@@ -465,7 +554,8 @@ def main(argv=None):
     p.add_argument("--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only")
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["lora", "sharding"], help="memory: only one of its two parts")
+    p.add_argument("--only", choices=["lora", "sharding", "base-dtype"], help="memory: only one of its three parts")
+    p.add_argument("--base-dtype", choices=BASE_DTYPES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cpu":  # before anything starts CUDA; child processes inherit it
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import UserError, need
 from .lora import INITS, VARIANTS, LoRAConfig
 from .lora.config import expected_type
+from .modeling import BASE_DTYPES, STORAGE_RULE
 
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 LORA_VARIANTS, LORA_INITS = tuple(VARIANTS), tuple(INITS)  # the lora package's tables: a new one needs no edit here
@@ -61,6 +62,7 @@ class Settings:
     vera_rank: int = option(256, "rank of VeRA's shared random projections", (TRAIN,))
     rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r", (TRAIN,))
     lora_init: str = option("kaiming", "how A and B start", (TRAIN,), choices=LORA_INITS)
+    loftq_iter: int = option(1, "--lora-init loftq: alternations of nf4 quantization and rank-r fit", (TRAIN,))
     lora_plus_ratio: float = option(1.0, "LoRA+: B's learning rate is K x A's (1 = plain LoRA)", (TRAIN,))
     # optimisation
     lr: float = option(1e-3, "peak learning rate", (TRAIN,))
@@ -81,6 +83,8 @@ class Settings:
                             "bf16 or fp32", ALL, resume="free", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more compute",
                                           (TRAIN,), resume="free")
+    base_dtype: Optional[str] = option(None, f"how the frozen base is stored (default fp32; evaluate and summarize: "
+                                       f"as the adapter was trained). {STORAGE_RULE}", ALL, choices=BASE_DTYPES)
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP2 (needs torchrun)",
                         (TRAIN,))
     seed: int = option(42, "seed for init, shuffling and dropout", (TRAIN,))
@@ -134,7 +138,8 @@ class Settings:
         """The adapter these settings ask for; LoRAConfig refuses, in one line, a combination peft refuses."""
         return LoRAConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
                           dropout=self.lora_dropout, rslora=self.rslora, variant=self.lora_variant,
-                          init=self.lora_init, vera_rank=self.vera_rank)
+                          init=self.lora_init, vera_rank=self.vera_rank, base_dtype=self.base_dtype or "fp32",
+                          loftq_iter=self.loftq_iter)
 
 
 def fields_of(front):
@@ -281,7 +286,7 @@ def validate(s: Settings, given=()):
                         "and the loss turns NaN); use bf16 or fp32")
     for f in dataclasses.fields(Settings):
         choices, value = f.metadata["choices"], getattr(s, f.name)
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             raise UserError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
     for f in dataclasses.fields(Settings):  # inf and nan pass every range check below as a comparison would
         value = getattr(s, f.name)
@@ -307,8 +312,13 @@ def validate(s: Settings, given=()):
             ("--lora-init", s.lora_init != "kaiming"), ("--lora-plus-ratio", s.lora_plus_ratio != 1),
             ("--rslora", s.rslora),
             *((f"--{k.replace('_', '-')}", k in given) for k in ("lora_alpha", "lora_targets", "lora_dropout",
-                                                                 "vera_rank"))) if on]
+                                                                 "vera_rank", "loftq_iter"))) if on]
         need(not variant, f"{variant[0] if variant else ''} is a LoRA setting, but --lora-rank 0 is full fine-tuning")
+    if s.base_dtype not in (None, "fp32"):
+        need(s.is_lora, f"--base-dtype {s.base_dtype} stores the base frozen, but --lora-rank 0 (full fine-tuning) "
+                        "trains every weight in fp32: drop --base-dtype or train LoRA (--lora-rank R)")
+        need(not s.fsdp, f"--fsdp shards an fp32 base only; with --base-dtype {s.base_dtype} drop --fsdp (an nf4 base "
+                         "is ~7x smaller than fp32, a bf16 one 2x) or use --base-dtype fp32")
     need(s.lr > 0, f"--lr must be > 0, got {s.lr}")
     need(s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}")
     need(s.eval_batch_size >= 1, f"--batch-size must be >= 1, got {s.eval_batch_size}")

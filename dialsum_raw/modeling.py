@@ -29,19 +29,129 @@ def load_tokenizer(name_or_path, what="model"):
                         + ("" if os.path.isdir(name_or_path) else "; offline? give a local folder instead"))
 
 
-def load_model(name_or_path, dropout=None):
-    """A seq2seq model in fp32 (autocast handles bf16); `dropout` overrides config.dropout_rate."""
+# How --base-dtype stores the frozen base. Trainable tensors (LoRA's) and optimizer state stay fp32 either way.
+BASE_DTYPES = ("fp32", "bf16", "nf4")
+STORAGE_RULE = ("nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
+                "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
+                "bf16 stores every weight in bf16 but wo, which transformers keeps in fp32")
+
+
+def load_model(name_or_path, dropout=None, base_dtype="fp32"):
+    """A seq2seq model with its weights stored as `base_dtype` says (see STORAGE_RULE); `dropout` overrides
+    config.dropout_rate. fp32 and bf16 load through from_pretrained; nf4 quantizes as it reads, tensor by
+    tensor, so the process never holds the whole base in fp32 (load_quantized)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
     _check_source(name_or_path, "model")
-    kwargs = {"dtype": torch.float32}
-    if dropout is not None:
-        kwargs["dropout_rate"] = dropout
+    kwargs = {} if dropout is None else {"dropout_rate": dropout}
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+        if base_dtype == "nf4":
+            return load_quantized(name_or_path, kwargs)
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            name_or_path, dtype=torch.bfloat16 if base_dtype == "bf16" else torch.float32, **kwargs)
+    except UserError:
+        raise
     except Exception as e:
         hint = "is the weights file intact?" if os.path.isdir(name_or_path) else "offline? give a local folder instead"
         raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}")
+
+
+def quantized_names(model):
+    """The Linear layers that --base-dtype nf4 stores in 4 bits: every one inside T5's blocks."""
+    from torch import nn
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".block." in f".{n}."}
+
+
+def stored_bytes(model, base_dtype):
+    """Bytes of a model's weights stored as `base_dtype` says, counted on its shapes (the meta device will do),
+    shared tensors once: the bench's prediction for sizes too large to build here."""
+    from .quant import nf4_bytes
+    quantized = quantized_names(model) if base_dtype == "nf4" else set()
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += nf4_bytes(p.numel()) if name in quantized else p.numel() * (2 if base_dtype == "bf16" else 4)
+    return total
+
+
+def load_quantized(name_or_path, config_kwargs):
+    """The model with quantized_names() in NF4, built on the meta device and filled tensor by tensor from its
+    safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied weights
+    follow from_pretrained's rule: a tied tensor shares its source unless the file holds different values."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+
+    from .quant import NF4Linear, quantize
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    targets, dense = quantized_names(model), {}
+    for path, key, tensor in read_safetensors(weight_files(name_or_path)):
+        module, leaf = key.rsplit(".", 1)
+        if module in targets and leaf == "weight":
+            parent, child = module.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, NF4Linear(quantize(tensor), source=(path, key)))
+        else:
+            dense[key] = tensor.float()
+    for key, tensor in dense.items():
+        module, leaf = key.rsplit(".", 1)
+        model.get_submodule(module)._parameters[leaf] = nn.Parameter(tensor)
+    for target, source in getattr(model, "all_tied_weights_keys", {}).items():
+        if target not in dense or torch.equal(dense[target], dense[source]):
+            module, leaf = target.rsplit(".", 1)
+            model.get_submodule(module)._parameters[leaf] = model.get_parameter(source)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise UserError(f"{name_or_path}: the weights lack {missing[0]} (and {len(missing) - 1} more)")
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:  # no generation_config.json: from_config's default stays
+        pass
+    return model.eval()
+
+
+def weight_files(name_or_path):
+    """The safetensors file(s) of a model folder or hub id (one file, or the shards of its index)."""
+    import json
+
+    from transformers.utils import cached_file
+    found = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    if found:
+        return [found]
+    index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if not index:
+        raise UserError(f"{name_or_path}: --base-dtype nf4 reads safetensors weights, and there are none "
+                        "(model.safetensors or model.safetensors.index.json)")
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [cached_file(name_or_path, shard) for shard in shards]
+
+
+def read_safetensors(paths, keys=None):
+    """(file, name, tensor) of every tensor in safetensors files (or of those named in `keys`), each read into
+    memory of its own with plain file reads: a memory map would keep the pages of the tensors already read
+    in the process's resident set."""
+    import json
+
+    import torch
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for path in paths:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key == "__metadata__" or keys is not None and key not in keys:
+                    continue
+                if info["dtype"] not in dtypes:
+                    raise UserError(f"{path}: {key} is {info['dtype']}; --base-dtype nf4 reads F32, BF16 or F16")
+                start, end = info["data_offsets"]
+                f.seek(8 + size + start)
+                data = bytearray(end - start)
+                f.readinto(data)
+                yield path, key, torch.frombuffer(data, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
 
 
 def compute_device():
@@ -57,6 +167,7 @@ def set_dropout_impl(model, impl):
     probability dropout is a functional call, runs through dropout.attention. "torch" leaves the model
     as loaded (nn.Dropout and HF's sdpa, bit for bit). Eval outputs are the same either way."""
     from torch import nn
+
     from . import dropout
     if impl == "fast":
         for holder in list(model.modules()):
@@ -106,10 +217,32 @@ def choose_precision(precision, device):
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
+def check_base_precision(base_dtype, precision):
+    """A bf16-stored base computes in bf16: refused, in one line, where the run's compute dtype is fp32."""
+    if base_dtype == "bf16" and precision == "fp32":
+        raise UserError("--base-dtype bf16 needs bf16 compute, but this run computes in fp32 (--precision fp32, or "
+                        "auto on hardware without native bf16): pass --precision bf16, or --base-dtype fp32 or nf4")
+
+
+def inference_base_dtype(settings, device, adapters):
+    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter folders
+    were trained on (a QLoRA adapter is evaluated on the base it learned to correct; they must agree), else fp32."""
+    from .lora import read_adapter
+    trained = {folder: read_adapter(folder)[0].base_dtype for folder in adapters}
+    if not settings.base_dtype and len(set(trained.values())) > 1:
+        raise UserError("the adapters were trained on bases stored differently ("
+                        + ", ".join(f"{folder}: {dtype}" for folder, dtype in trained.items())
+                        + "): give --base-dtype, or evaluate them in separate runs")
+    base_dtype = settings.base_dtype or next(iter(trained.values()), "fp32")
+    check_base_precision(base_dtype, choose_precision(settings.precision, device)[0])
+    return base_dtype
+
+
 def autocast_for(precision, device):
     """A context factory for the forward pass: bf16 autocast (CUDA or CPU) when `choose_precision`
     picks bf16, else nothing. Weights, gradients and optimizer state stay fp32 either way."""
     from contextlib import nullcontext
+
     import torch
     if choose_precision(precision, device)[0] == "fp32":
         return nullcontext

@@ -38,6 +38,13 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data + [0.0, 1.0]), dtype=torch.float32)
 
 
+def nf4_bytes(n) -> int:
+    """Bytes of an NF4 weight of n values: the codes, one absmax code per 64, an fp32 scale per 256 of those,
+    the fp32 offset."""
+    blocks = -(-n // BLOCK)
+    return -(-n // 2) + blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4
+
+
 def _midpoints(levels):
     return (levels[:-1] + levels[1:]) / 2
 
@@ -159,21 +166,26 @@ class NF4Linear(nn.Module):
     `weight` is a meta tensor: the shape and the float dtype of the layer, no values. T5's feed-forward reads
     wo.weight.dtype to cast its input (a weight reporting uint8 breaks it, as bitsandbytes' Linear4bit does);
     readers that need the values call dequantize(). The quantized tensors are buffers (they follow .to(device))
-    but not state: a run saves its adapter, and loading quantizes the base again, bit for bit the same."""
+    but not state: a run saves its adapter, and loading quantizes the base again, bit for bit the same.
+    `source` (file, tensor name) says where the original weight is, for inits that need it (original_weight)."""
 
-    def __init__(self, nf4: NF4, bias=None, dtype=torch.float32):
+    def __init__(self, nf4: NF4, bias=None, dtype=torch.float32, source=None):
         super().__init__()
         self.out_features, self.in_features = nf4.shape
-        for name, t in nf4.tensors().items():
-            self.register_buffer(name, t, persistent=False)
+        self.store(nf4)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.weight = torch.empty(nf4.shape, dtype=dtype, device="meta")
+        self.source = source
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight=None):
-        """The layer with `weight` (default: the Linear's own) quantized; the Linear's dtype is reported."""
-        w = linear.weight if weight is None else weight
-        return cls(quantize(w), linear.bias, linear.weight.dtype)
+    def from_linear(cls, linear: nn.Linear):
+        """The Linear quantized; its dtype is reported. Without a source, the original is not kept."""
+        return cls(quantize(linear.weight), linear.bias, linear.weight.dtype)
+
+    def store(self, nf4: NF4):
+        """Hold these quantized tensors (a residual init re-quantizes the layer's weight with this)."""
+        for name, t in nf4.tensors().items():
+            self.register_buffer(name, t, persistent=False)
 
     def nf4(self) -> NF4:
         return NF4(self.codes, self.absmax_codes, self.absmax_scale, self.offset, (self.out_features, self.in_features))
@@ -195,7 +207,49 @@ def quantized_linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 
 
+def dequantize_model(model):
+    """Every NF4Linear replaced by an nn.Linear holding its dequantized weight in fp32 (lora merge writes the
+    merged model in fp32 or bf16; it never quantizes again)."""
+    for name, m in quantized_linears(model):
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(m.dequantize(torch.float32), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = nn.Parameter(m.bias.float(), requires_grad=False)
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 def dense_weight(linear: nn.Module) -> torch.Tensor:
     """The weight's values: dequantized (in the reported dtype) for an NF4Linear, the parameter otherwise."""
     return linear.dequantize() if isinstance(linear, NF4Linear) else linear.weight
 
+
+def original_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight before quantization, in fp32, for the inits that decompose it (PiSSA, OLoRA, MiCA, LoftQ):
+    read again from the model's file for an NF4Linear; the parameter itself otherwise."""
+    if not isinstance(linear, NF4Linear):
+        return linear.weight.float()
+    from .modeling import read_safetensors
+    path, key = linear.source
+    return next(t for _, _, t in read_safetensors([path], {key})).float().to(linear.codes.device)
+
+
+def stored_weight(linear: nn.Module):
+    """A copy of what a base layer stores (its NF4, or its weight), for set_weight to put back bit for bit."""
+    return linear.nf4() if isinstance(linear, NF4Linear) else linear.weight.detach().clone()
+
+
+@torch.no_grad()
+def set_weight(linear: nn.Module, weight):
+    """Replace a base layer's weight: an NF4 as it is, a float weight quantized again for an NF4Linear and cast
+    to the weight's dtype otherwise."""
+    if isinstance(linear, NF4Linear):
+        linear.store(weight if isinstance(weight, NF4) else quantize(weight))
+    else:
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+def device_of(linear: nn.Module) -> torch.device:
+    """Where a base layer's tensors are (an NF4Linear's `weight` is on the meta device)."""
+    return linear.codes.device if isinstance(linear, NF4Linear) else linear.weight.device

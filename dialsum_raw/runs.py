@@ -4,7 +4,9 @@
 
 A row per run: its folder, every setting that differs between the runs given, best_metric, best_value and
 best_step (summary.json), the final val_loss and ROUGE (metrics.jsonl's last validation line), tokens/s and
-wall_s (summary.json: tokens per second of the loop, and the loop's seconds summed over resumes).
+wall_s (summary.json: tokens per second of the loop, and the loop's seconds summed over resumes), and, when
+`sweep --evaluate` scored the run, its ROUGE on that split (evaluation.json: test_rouge1, ..., the mean over
+reference rows, from the evaluation's report).
 Runs whose settings differ only in seed form a group: its mean ± sample std (n - 1) and n are printed under
 the table, and written into --csv beside the per-run rows (run = "mean" or "std"), every row naming its group.
 A folder holding runs (a sweep's output) stands for the runs inside it. A folder that is not a run, or a run
@@ -25,8 +27,10 @@ from .plot import _pyplot, _save, read_run
 
 SUMMARY_FILE = "summary.json"  # what training.py writes into a run folder, beside SETTINGS_FILE
 NOT_COMPARED = {"output_dir", "resume", "overwrite"}  # differ between any two runs, or say nothing about them
+EVALUATION_FILE = "evaluation.json"  # what sweep --evaluate writes into a run folder: its ROUGE on a split
 ROUGE = ("rouge1", "rouge2", "rougeL")
-METRICS = ("best_value", "best_step", "val_loss", *ROUGE, "tokens/s", "wall_s")
+EVALUATED = tuple(f"{split}_{k}" for split in ("test", "validation", "train") for k in ROUGE)
+METRICS = ("best_value", "best_step", "val_loss", *ROUGE, *EVALUATED, "tokens/s", "wall_s")
 
 
 def find_runs(paths):
@@ -78,7 +82,21 @@ def read(run, notes):
     if why:
         notes.append(f"{path}: damaged ({why}); skipped")
         return None
-    return {"settings": vars(settings), "summary": summary, "lines": lines}
+    return {"settings": vars(settings), "summary": summary, "lines": lines, "evaluated": evaluated(run, notes)}
+
+
+def evaluated(run, notes):
+    """{split_rougeN: value} of the run's evaluation.json ({} without one; a damaged one is a note)."""
+    path = os.path.join(run, EVALUATION_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return {f"{saved['split']}_{k}": float(saved["rouge"][k]) for k in ROUGE}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        notes.append(f"{path}: damaged ({first_line(e)}); its ROUGE is left out")
+        return {}
 
 
 def row(run, record, keys):
@@ -89,7 +107,7 @@ def row(run, record, keys):
     return {"run": run, **{k: record["settings"][k] for k in keys}, "best_metric": summary.get("best_metric"),
             "best_value": summary.get("best_value"), "best_step": summary.get("best_step"),
             "val_loss": last.get("val_loss"), **{k: last.get(k) for k in ROUGE},
-            "tokens/s": summary.get("tokens_per_second"), "wall_s": summary.get("seconds")}
+            **{k: record["evaluated"].get(k) for k in EVALUATED}, "tokens/s": summary.get("tokens_per_second"), "wall_s": summary.get("seconds")}
 
 
 def differing(records):

@@ -50,12 +50,13 @@ def main(argv=None):
 
     from . import lora
     from .generation import summarize
-    from .modeling import compute_device, load_model, load_tokenizer
-    model = load_model(settings.model)
+    from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
+    device = compute_device()
+    model = load_model(settings.model, base_dtype=inference_base_dtype(settings, device, settings.adapter))
     if settings.adapter:
         lora.load_adapter(model, settings.adapter[0])
-        lora.merge(model)
-    model.to(compute_device())
+        lora.merge_for_inference(model)
+    model.to(device)
     (summary,) = summarize(model, load_tokenizer(settings.model), [dialogue], settings, desc="summarize")
     for tag, name in tags.items():
         summary = summary.replace(tag, name)

@@ -1,6 +1,6 @@
 """A grid of ordinary training runs from one file: one train.py run folder per point, resumable.
 
-    python -m dialsum_raw.sweep SWEEP.toml [--dry-run] [--jobs N]
+    python -m dialsum_raw.sweep SWEEP.toml [--dry-run] [--jobs N] [--evaluate [--split test] [--limit N]]
 
 A sweep file (see configs/sweep-*.toml):
 
@@ -25,12 +25,22 @@ runs as `python train.py --config OUT/<name>/<point>.toml`. Run again, the sweep
 (summary.json), continues an interrupted one with --resume, and starts the others. It ends with the
 `python -m dialsum_raw.runs` table of its folder. --dry-run prints the commands the sweep would run now,
 one per line, for a cluster scheduler (a SLURM job array runs line $SLURM_ARRAY_TASK_ID).
+
+With --evaluate, once the points are done, every finished point's best/ is scored in ONE `evaluate.py` run
+(its command is printed by --dry-run too): the base loaded once and its zero-shot summaries generated once,
+adapters applied to it one after another, full fine-tunes loaded one at a time as --instruct models, each named
+after its point ('=' written ':'). The report goes to OUT/<name>/eval-<split>[-first<N>]/, and each run folder
+gets evaluation.json (its ROUGE there), which `runs` shows beside the validation figures. Run again, an
+evaluation of the same points with the same settings is skipped; a point finished since re-runs the evaluation
+of all of them (one report: its paired intervals need every model scored on the same dialogues in one run).
 """
 
 import argparse
 import dataclasses
 import itertools
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -43,12 +53,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import runs
-from .checkpoint import find
+from .checkpoint import atomic_write, find
 from .config import (SETTINGS_FILE, TRAIN, Settings, did_you_mean, fields_of, normalize, read_config, read_run_settings,
                      typed, validate)
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+EVALUATE_PY = os.path.join(os.path.dirname(TRAIN_PY), "evaluate.py")
+EVALUATED = "evaluated.json"  # in an evaluation folder: the evaluate.py arguments of its finished run
 SWEEP_KEYS = {"name", "out", "base", "settings", "variant", "grid"}
 OWNED = {"output_dir", "resume", "overwrite"}  # the sweep sets these for every point
 
@@ -225,6 +237,67 @@ def execute(todo, jobs):
     return failed
 
 
+def finished(point):
+    return os.path.isfile(os.path.join(point.out, runs.SUMMARY_FILE)) and os.path.isdir(os.path.join(point.out, "best"))
+
+
+def model_name(point):
+    """The point's name as evaluate.py's NAME (no '=', which separates NAME=DIR)."""
+    return re.sub(r"[^A-Za-z0-9_.+,:-]", "_", point.name.replace("=", ":"))
+
+
+def evaluation(folder, points, split, limit):
+    """(evaluation folder, evaluate.py arguments) scoring the best/ of `points` in one run: adapters as --adapter
+    NAME=DIR, full fine-tunes as --instruct NAME=DIR, on the base, data, source length and precision they trained
+    with (one base and one data set for all of them)."""
+    settings = [Settings(**p.values) for p in points]
+    for key in ("model", "data"):
+        values = sorted({str(getattr(s, key)) for s in settings})
+        if len(values) > 1:
+            raise UserError(f"--evaluate scores every point on one base and data set; these points have {key} "
+                            f"{' and '.join(values)}")
+    out = os.path.join(folder, f"eval-{split}" + (f"-first{limit}" if limit else ""))
+    args = ["--base", settings[0].model, "--data", settings[0].data, "--split", split, "--output-dir", out,
+            "--overwrite"] + (["--limit", str(limit)] if limit else [])
+    for key in ("max_source_len", "precision"):
+        values = {getattr(s, key) for s in settings}
+        if len(values) == 1:
+            args += ["--" + key.replace("_", "-"), str(values.pop())]
+    for point, s in zip(points, settings):
+        args += ["--adapter" if s.is_lora else "--instruct", f"{model_name(point)}={os.path.join(point.out, 'best')}"]
+    return out, args
+
+
+def up_to_date(out, args):
+    """Whether `out` holds a finished evaluation run with exactly these arguments."""
+    try:
+        with open(os.path.join(out, EVALUATED), encoding="utf-8") as f:
+            return json.load(f).get("args") == args and os.path.isfile(os.path.join(out, "metrics.json"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def evaluate(folder, points, split, limit):
+    """Score the finished points in one evaluate.py run (unless already done with the same arguments), then write
+    each run's evaluation.json for `runs`."""
+    out, args = evaluation(folder, points, split, limit)
+    if up_to_date(out, args):
+        print(f"sweep: {out} already evaluates these {len(points)} points with these settings; skipped",
+              file=sys.stderr)
+        return
+    print(f"sweep: evaluate.py {' '.join(map(shlex.quote, args))}", file=sys.stderr)
+    code = subprocess.run([sys.executable, EVALUATE_PY, *args], stdout=sys.stderr).returncode
+    if code:
+        raise UserError(f"the evaluation failed (exit {code}); its output is above")
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        scores = json.load(f)
+    for point in points:
+        atomic_write(os.path.join(point.out, runs.EVALUATION_FILE), json.dumps(
+            {"split": split, "dialogues": scores["meta"]["dialogues"], "report": os.path.join(out, "report.md"),
+             "model": model_name(point), "rouge": scores[model_name(point)]["per_row"]}, indent=2) + "\n")
+    atomic_write(os.path.join(out, EVALUATED), json.dumps({"args": args}, indent=2) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.sweep", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,9 +305,16 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="write the points' settings files and print the train.py "
                                                            "commands the sweep would run now, one per line")
     p.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
+    p.add_argument("--evaluate", action="store_true", help="then score every finished point's best/ in one "
+                                                            "evaluate.py run; `runs` shows its ROUGE")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                   help="--evaluate: the split scored (default test)")
+    p.add_argument("--limit", type=int, default=0, help="--evaluate: the first N dialogues only (default 0 = all)")
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {a.jobs}")
+    if a.jobs < 1 or a.limit < 0:
+        raise UserError(f"--jobs must be >= 1 and --limit >= 0, got {a.jobs}, {a.limit}")
+    if (a.split != "test" or a.limit) and not a.evaluate:
+        raise UserError("--split and --limit choose what --evaluate scores: add --evaluate")
     if not os.path.isfile(TRAIN_PY):
         raise UserError(f"{TRAIN_PY} not found: run the sweep from a checkout of the project (pip install -e .)")
     folder, points = load(a.sweep)
@@ -249,8 +329,14 @@ def main(argv=None):
     if a.dry_run:
         for _, args in todo:
             print(" ".join(map(shlex.quote, ["python", os.path.relpath(TRAIN_PY), *args])))
+        out, args = evaluation(folder, points, a.split, a.limit) if a.evaluate else (None, None)
+        if a.evaluate and not up_to_date(out, args):  # once every point has finished
+            print(" ".join(map(shlex.quote, ["python", os.path.relpath(EVALUATE_PY), *args])))
         return
     failed = execute(todo, a.jobs)
+    done = [point for point in points if finished(point)]
+    if a.evaluate and done:
+        evaluate(folder, done, a.split, a.limit)
     if len(failed) < len(points):
         runs.main([folder])
     if failed:

@@ -171,6 +171,11 @@ def _timed_rows(args, tok, steps, tmp, device, long_data, pools, ours_batches):
         rows += [("default", f"ours {name}, {impl} dropout", choose_precision(precision, device)[0],
                   *ours(f"ours-{precision}-{impl}", "default", precision=precision, dropout_impl=impl))
                  for impl in ("torch", "fast")]
+    # the base stored in bf16 and nf4 (--base-dtype), beside the fp32 base's row above; a bf16 base computes in bf16
+    rows += [("default", f"ours {'bf16' if dtype == 'bf16' else auto}, base {dtype}, fast dropout",
+              "bf16" if dtype == "bf16" else auto,
+              *ours(f"ours-base-{dtype}", "default", precision="bf16" if dtype == "bf16" else "auto", base_dtype=dtype))
+             for dtype in ("bf16", "nf4")]
     rows += [("long", f"long: HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-long", "long", **best))]
     rows += [("long", f"long: ours auto = {auto}, {impl} dropout", auto,
               *ours(f"ours-long-{impl}", "long", data=long_data, subsample=1, dropout_impl=impl))
@@ -203,7 +208,10 @@ def _ratios(result_rows, auto):
     for r in result_rows:
         r["vs_hf_best"] = round(r["real_tokens_per_s"] / hf_best[r["pool"]], 3)
     fast_auto, fast_long = f"ours auto = {auto}, fast dropout", f"long: ours auto = {auto}, fast dropout"
+    bf16_base, nf4_base = speed["ours bf16, base bf16, fast dropout"], speed[f"ours {auto}, base nf4, fast dropout"]
     return {"ours_auto_over_ours_fp32": round(speed[fast_auto] / speed["ours fp32, fast dropout"], 3),
+            "base_bf16_over_base_fp32": round(bf16_base / speed[fast_auto], 3),
+            "base_nf4_step_over_base_bf16_step": round(bf16_base / nf4_base, 3),
             "ours_over_hf_best_same_precision": round(speed[fast_auto] / hf_best["default"], 3),
             "ours_over_hf_best_same_precision_long": round(speed[fast_long] / hf_best["long"], 3),
             "fast_over_torch_dropout": {
@@ -221,6 +229,8 @@ def _print_train(result, peak):
                       f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)")
            for r in rows] +
           [("ours auto / ours fp32 (fast dropout)", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
+           ("base bf16 / base fp32, speed (fast dropout)", f"{result['base_bf16_over_base_fp32']:.2f}x"),
+           ("base nf4 step / base bf16 step", f"{result['base_nf4_step_over_base_bf16_step']:.2f}x"),
            (f"ours (fast dropout) / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x; "
                                                            f"long pool {result['ours_over_hf_best_same_precision_long']:.2f}x"),
            ("fast dropout / torch dropout", ", ".join(f"{k} {v:.2f}x" for k, v in result["fast_over_torch_dropout"].items()))])

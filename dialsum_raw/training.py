@@ -29,8 +29,8 @@ from . import checkpoint, data, lora, metrics, sharding
 from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resume_may_change
 from .errors import Stopped, UserError
 from .generation import check_length, summarize
-from .modeling import (autocast_for, choose_precision, count_parameters, load_model, load_tokenizer,
-                       parameter_report, set_dropout_impl)
+from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model,
+                       load_tokenizer, parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
 
 
@@ -323,6 +323,7 @@ def set_up(run: Run):
     run.precision = choose_precision(settings.precision, device)
     run.autocast = autocast_for(settings.precision, device)
     run.log(f"precision: {run.precision[0]} ({run.precision[1]})")
+    check_base_precision(settings.base_dtype, run.precision[0])
 
     run.tokenizer = load_tokenizer(settings.model)
     examples = load_examples(settings, run.tokenizer, run.log)
@@ -395,7 +396,7 @@ def build_model(settings: Settings, resume_from):
     """The base model with fresh LoRA layers, or the checkpoint being resumed."""
     if not settings.is_lora:
         return load_model(resume_from or settings.model, settings.dropout)
-    model = load_model(settings.model, settings.dropout)
+    model = load_model(settings.model, settings.dropout, settings.base_dtype or "fp32")
     if resume_from:
         lora.load_adapter(model, resume_from)
     else:

@@ -70,7 +70,7 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
 def test_base_loaded_once_and_peft_matches_base_plus_adapter(tiny, trained, corpus, tmp_path, monkeypatch):
     loads = []
     real = modeling.load_model
-    monkeypatch.setattr(compare, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    monkeypatch.setattr(compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
     s = Settings(model=tiny, adapter=(trained["lora"],), data=CORPUS, output_dir=str(tmp_path / "e"), limit=4,
                  eval_batch_size=4, num_beams=2, max_new_tokens=16, precision="fp32")
     result = compare.run(s)
@@ -112,7 +112,7 @@ def test_each_adapter_of_a_multi_adapter_run_equals_its_run_alone(tiny, random_m
     """fp32, bit for bit: a, then b applied to the same base, as evaluated alone (each alone is the notebook's peft)."""
     loads = []
     real = modeling.load_model
-    monkeypatch.setattr(compare, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    monkeypatch.setattr(compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
     a, b = random_models["a"], random_models["b"]
     both = compare.run(_settings(tiny, tmp_path, "both", adapter=(f"a={a}", f"b={b}")))["summaries"]
     assert loads == [tiny] and list(both) == ["original", "a", "b"]

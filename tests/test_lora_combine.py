@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from test_lora import _inputs, _randomize
+from conftest import randomize_adapter
+from test_lora import _inputs
 
 from dialsum_raw import lora
 from dialsum_raw.errors import UserError
@@ -20,7 +21,7 @@ FULL = 64  # the tiny stand-in's q and v are 64 x 64: rank 64 is every layer's f
 def _adapter(tiny, path, seed, targets=("q", "v"), rank=4, **fields):
     model = load_model(tiny).eval()
     lora.inject(model, LoRAConfig(targets, rank, 8, **fields))
-    _randomize(model, seed)
+    randomize_adapter(model, seed)
     lora.save_adapter(model, path, base_model=tiny)
     return str(path)
 

@@ -125,3 +125,22 @@ def test_a_group_whose_runs_share_a_seed_is_flagged(tmp_path, capsys):
     printed, notes = capsys.readouterr()
     assert f"group all: {tmp_path / 'lora_rank=0,seed=1'} and {tmp_path / 'seed=1'} share seed 1" in notes
     assert next(line for line in printed.splitlines() if line.startswith("all ")).split()[1:3] == ["4", "(2"]
+
+
+def test_evaluated_runs_show_test_rouge_with_group_mean_std_and_n(folder, capsys):
+    """sweep --evaluate leaves evaluation.json in each run: its test ROUGE stands beside the validation figures, and
+    the seed group gets mean ± std and n over the runs that have it; a damaged file is a note, not a traceback."""
+    for run, r1 in (("r8-s1", 0.30), ("r8-s2", 0.20)):
+        (folder / run / runs.EVALUATION_FILE).write_text(json.dumps(
+            {"split": "test", "dialogues": 50, "report": "x/report.md", "model": run,
+             "rouge": {"rouge1": r1, "rouge2": r1 / 2, "rougeL": r1 - 0.05, "rougeLsum": r1}}))
+    (folder / "r64-s1" / runs.EVALUATION_FILE).write_text('{"split": "test"')
+    runs.main([str(folder)])
+    printed, notes = capsys.readouterr()
+    head = printed.splitlines()[0].split()
+    assert head[head.index("rougeL") + 1:head.index("tokens/s")] == ["test_rouge1", "test_rouge2", "test_rougeL"]
+    r8 = {line.split()[0].rsplit("/", 1)[-1]: line.split() for line in printed.splitlines() if "/r8-s" in line}
+    assert r8["r8-s1"][head.index("test_rouge1")] == "0.3" and r8["r8-s2"][head.index("test_rouge2")] == "0.1"
+    group = next(line for line in printed.splitlines() if line.startswith("lora_rank=8 "))
+    assert f"0.25 ± {math.sqrt(0.005):.4g}" in group  # test_rouge1 over the two seeds, n = 2
+    assert f"r64-s1/{runs.EVALUATION_FILE}: damaged" in notes

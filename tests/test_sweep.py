@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,33 @@ def test_an_empty_sweep_name_is_refused(tiny, tmp_path):
     path.write_text(Path(_sweep_file(tmp_path, tiny, tmp_path / "out")).read_text().replace('name = "t"', 'name = ""'))
     with pytest.raises(UserError, match="name is empty"):
         sweep.load(str(path))
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_finished_point_in_one_run_and_a_rerun_skips_it(tiny, tmp_path):
+    path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid="lora_rank = [0, 4]\nseed = [1]")
+    res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--jobs", "2", "--evaluate", "--limit", "2"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    head = res.stdout.splitlines()[0].split()
+    assert head[-5:] == ["test_rouge1", "test_rouge2", "test_rougeL", "tokens/s", "wall_s"]
+    out = tmp_path / "out" / "t" / "eval-test-first2"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["meta"]["models"] == {"original": tiny, "lora_rank:0,seed:1": str(tmp_path / "out/t/lora_rank=0,seed=1/best"),
+                                         "seed:1": f"{tiny} + {tmp_path / 'out/t/seed=1/best'}"}
+    assert metrics["meta"]["dialogues"] == 2 and metrics["meta"]["reference"] == "seed:1"
+    saved = json.loads((tmp_path / "out/t/seed=1" / "evaluation.json").read_text())
+    assert saved["rouge"] == metrics["seed:1"]["per_row"] and saved["split"] == "test"
+    row = next(line.split() for line in res.stdout.splitlines() if line.startswith(str(tmp_path / "out/t/seed=1")))
+    assert row[head.index("test_rouge1")] == f"{saved['rouge']['rouge1']:.4g}"
+    written = (out / "metrics.json").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "2"], cwd=REPO,
+                           env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "already evaluates these 2 points with these settings; skipped" in again.stderr
+    assert (out / "metrics.json").stat().st_mtime_ns == written
+    dry = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "3", "--dry-run"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert dry.stdout.splitlines() == [
+        f"python evaluate.py --base {tiny} --data {CORPUS} --split test --output-dir {tmp_path}/out/t/eval-test-first3 "
+        f"--overwrite --limit 3 --max-source-len 128 --precision fp32 --instruct "
+        f"lora_rank:0,seed:1={tmp_path}/out/t/lora_rank=0,seed=1/best --adapter seed:1={tmp_path}/out/t/seed=1/best"]

@@ -36,8 +36,8 @@ def test_no_weight_decay_on_norms_and_biases():
 @pytest.mark.parametrize("lora_flags", [
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2"],
     ["--lora-rank", "4", "--lora-dropout", "0.1", "--lr", "1e-2", "--dora", "--lora-init", "pissa",
-     "--lora-plus-ratio", "4"],
-    ["--lora-rank", "0"]], ids=["lora", "dora-pissa-loraplus", "full"])
+     "--lora-plus-ratio", "4", "--base-dtype", "nf4"],  # QLoRA: the residual is quantized again on resume
+    ["--lora-rank", "0"]], ids=["lora", "qlora-dora-pissa-loraplus", "full"])
 def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
     """Dropout stays on, so equality also proves the RNG states were restored. The uninterrupted run goes
     side by side with the one that is killed (one core each)."""

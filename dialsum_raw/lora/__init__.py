@@ -1,7 +1,7 @@
 """LoRA from scratch: y = W x + (B A dropout(x)) * scale, with W frozen, and the variants that change it.
 
     config.py       LoRAConfig: what inject takes, what adapter.json holds
-    layers.py       one class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear
+    layers.py       one class per structural variant: LoRALinear, LoRAFALinear, DoRALinear, VeRALinear
     init.py         how A and B start (one function each, one table: INITS), and the Residual save form
                     of the inits that move part of W into the adapter
     adapter.py      inject, merge/unmerge, save and load an adapter folder
@@ -9,8 +9,9 @@
     inspect.py      what an adapter learned, per layer, from each layer's delta_weight()
     combine.py      adapters combined (linear/svd, cat, ties, dare) into one plain-LoRA adapter, from delta_weight()
 
-Every variant and init is matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (B
-learns K x faster): training.make_optimizer.
+Every class in VARIANTS, with every init it allows, passes the layer contract (tests/test_contract.py); those
+peft has are matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (the tensors a layer
+marks FAST, B, learn K x faster): training.make_optimizer.
 
     python -m dialsum_raw.lora merge --base MODEL --adapter DIR --out OUT
     python -m dialsum_raw.lora export-peft --adapter DIR --out OUT
@@ -19,8 +20,8 @@ learns K x faster): training.make_optimizer.
 """
 
 from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, applied, apply_adapter, check_adapter,
-                      inject, load_adapter, lora_layers, merge, merge_to_model, read_adapter, save_adapter,
-                      target_layers, unload, unmerge, updates)
+                      inject, load_adapter, lora_layers, merge, merge_for_inference, merge_to_model, read_adapter,
+                      save_adapter, target_layers, unload, unmerge, updates)
 from .cli import main
 from .config import LoRAConfig
 from .init import INITS

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..quant import NF4Linear, set_weight, stored_weight
 from .config import LoRAConfig
 from .init import INITS
 from .layers import AdapterLinear, layer_class
@@ -21,7 +22,8 @@ ADAPTER_CONFIG = "adapter.json"
 
 def target_layers(model, targets):
     """Names of the Linear layers whose last name part is a target; every target must match one."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))
+             and n.rsplit(".", 1)[-1] in targets]
     missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in names)]
     if missing:
         raise UserError(f"LoRA target {missing[0]!r} matches no Linear layer of this model "
@@ -60,6 +62,15 @@ def lora_layers(model):
 def merge(model):
     for _, m in lora_layers(model):
         m.merge()
+
+
+def merge_for_inference(model):
+    """Merge where that is exact up to fp32 rounding, for inference at base speed: onto fp32 bases. A bf16 base
+    would round the update to bf16 and an nf4 base re-quantize it, so those layers stay unmerged (same outputs
+    as in training, at the unmerged layer's cost)."""
+    for _, m in lora_layers(model):
+        if isinstance(m.base, nn.Linear) and m.base.weight.dtype == torch.float32:
+            m.merge()
 
 
 def unmerge(model):
@@ -162,17 +173,17 @@ def applied(model, cfg: LoRAConfig, tensors, merged=False):
     bit: the target weights come back from copies, since merge + unmerge (or a residual init's W - s B0 A0 and back)
     would round them. Evaluation applies one adapter after another to one base this way."""
     names = target_layers(model, cfg.targets)
-    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    originals = {n: stored_weight(model.get_submodule(n)) for n in names}
     grads = {p: p.requires_grad for p in model.parameters()}
     apply_adapter(model, cfg, tensors)
     try:
         if merged:
-            merge(model)
+            merge_for_inference(model)
         yield model
     finally:
         with torch.no_grad():
             for name, m in lora_layers(model):
-                m.base.weight.copy_(originals[name])
+                set_weight(m.base, originals[name])
                 parent, child = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), child, m.base)
         for p, flag in grads.items():
@@ -195,10 +206,18 @@ def load_adapter(model, directory):
     return apply_adapter(model, *check_adapter(model, directory))
 
 
-def merge_to_model(base, adapter, out):
-    """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied)."""
+def merge_to_model(base, adapter, out, dtype="fp32") -> str:
+    """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied), in fp32 or bf16. The base
+    is loaded as the adapter was trained on it; a bf16 or nf4 base is merged in fp32 onto its stored (for nf4
+    dequantized) weights, so the folder computes what training computed. Returns what was written."""
+    import torch
     from ..modeling import load_model, load_tokenizer
-    model = load_model(base)
+    from ..quant import dequantize_model
+    base_dtype = read_adapter(adapter)[0].base_dtype
+    model = load_model(base, base_dtype=base_dtype)
     load_adapter(model, adapter)
-    unload(model).save_pretrained(out)
+    unload(dequantize_model(model).float()).to(torch.bfloat16 if dtype == "bf16" else torch.float32).save_pretrained(out)
     load_tokenizer(base).save_pretrained(out)
+    trained = {"fp32": "", "bf16": "; trained on a bf16 base: merged onto it in fp32",
+               "nf4": "; trained on an nf4 base: merged onto its dequantized weights, not quantized again"}
+    return f"wrote {out}: {dtype} weights{trained[base_dtype]}"

@@ -14,6 +14,8 @@ def main(argv=None):
     m.add_argument("--base", required=True, help="hub id or folder of the base model")
     m.add_argument("--adapter", required=True, help="adapter folder written by train.py")
     m.add_argument("--out", required=True, help="output model folder")
+    m.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights of the merged model (a QLoRA adapter's is never quantized again)")
     e = sub.add_parser("export-peft", help="write the adapter in peft's format")
     e.add_argument("--adapter", required=True)
     e.add_argument("--out", required=True)
@@ -24,8 +26,4 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command in ("inspect", "combine"):
         return (inspect if a.command == "inspect" else combine).run(a)
-    if a.command == "merge":
-        merge_to_model(a.base, a.adapter, a.out)
-    else:
-        export_peft(a.adapter, a.out)
-    print(f"wrote {a.out}")
+    print(merge_to_model(a.base, a.adapter, a.out, a.dtype) if a.command == "merge" else export_peft(a.adapter, a.out))

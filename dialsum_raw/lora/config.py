@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import need
+from ..modeling import BASE_DTYPES
 from .init import INITS
 from .layers import VARIANTS, layer_class
 
@@ -31,12 +32,18 @@ class LoRAConfig:
     variant: str = "lora"  # a key of layers.VARIANTS: the layer class (layers.layer_class)
     init: str = "kaiming"  # a key of init.INITS: how A and B start
     vera_rank: int = 256  # VeRA: rank of the shared random projections (peft's default)
+    base_dtype: str = "fp32"  # how the frozen base is stored (modeling.BASE_DTYPES): loading quantizes it alike
+    loftq_iter: int = 1  # LoftQ: alternations of quantization and rank-r fit (peft's default)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         need(self.variant in VARIANTS, f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         need(self.init in INITS, f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
         need(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        need(self.base_dtype in BASE_DTYPES, f"base dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        need(self.init != "loftq" or self.base_dtype == "nf4", "--lora-init loftq quantizes the base: it needs "
+                                                               "--base-dtype nf4")
+        need(self.loftq_iter >= 1, f"--loftq-iter must be >= 1, got {self.loftq_iter}")
         need(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
         layer_class(self).check(self)
 

@@ -13,6 +13,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import need
+from ..quant import NF4Linear, original_weight, quantize, set_weight
+
 
 class Init(NamedTuple):
     start: Callable
@@ -20,6 +23,7 @@ class Init(NamedTuple):
     from_w: bool = False  # A or B are cut from W's decomposition: the rank is at most min(in, out)
     frozen: tuple = ()
     peft: object = True  # peft's init_lora_weights for the exported adapter (its tensors are loaded over it)
+    rebase: bool = False  # it stores a base weight of its own (LoftQ): loading runs it again, then fills A and B
 
 
 def kaiming(layer):
@@ -35,7 +39,7 @@ def gaussian(layer):
 def pissa(layer):
     """PiSSA: W = U S V^T; A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A is W's best rank-r part
     (peft's pissa_init), and W keeps the residual."""
-    u, s, vh = torch.linalg.svd(layer.base.weight.float(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(original_weight(layer.base), full_matrices=False)
     r = layer.cfg.rank
     root = (s[:r] / layer.scaling).sqrt()
     layer.keep_residual(torch.diag(root) @ vh[:r], u[:, :r] @ torch.diag(root))
@@ -43,7 +47,7 @@ def pissa(layer):
 
 def olora(layer):
     """OLoRA: W = Q R; B = Q_r (orthonormal columns), A = R_r, and W keeps W - s B A (peft's olora_init)."""
-    q, rr = torch.linalg.qr(layer.base.weight.float())
+    q, rr = torch.linalg.qr(original_weight(layer.base))
     r = layer.cfg.rank
     layer.keep_residual(rr[:r], q[:, :r])
 
@@ -51,14 +55,34 @@ def olora(layer):
 def mica(layer):
     """MiCA, PiSSA's opposite: B = W's r left singular vectors of the *smallest* singular values, frozen;
     A = 0 trains, so W is unchanged (peft's mica_init)."""
-    u = torch.linalg.svd(layer.base.weight.float(), full_matrices=False).U
+    u = torch.linalg.svd(original_weight(layer.base), full_matrices=False).U
     layer.lora_B.copy_(u[:, -layer.cfg.rank:])
     layer.lora_A.zero_()
 
 
+def loftq(layer):
+    """LoftQ (Li et al. 2023, Alg. 1) on the original fp32 W: Q = nf4(W - s B A) and (A, B) = the best rank-r
+    approximation of W - deq(Q), alternated cfg.loftq_iter times from B A = 0, so that deq(Q) + s B A is
+    closer to W than nf4(W) is. The base stores Q; B A = U_r S_r V_r^T / s, split by sqrt(S_r / s) as PiSSA.
+    Deterministic (no random draw), so loading computes the same Q again (Init.rebase)."""
+    need(isinstance(layer.base, NF4Linear), "--lora-init loftq quantizes the base: it needs --base-dtype nf4")
+    w, r, s = original_weight(layer.base), layer.cfg.rank, layer.scaling
+    low_rank = torch.zeros_like(w)
+    for _ in range(layer.cfg.loftq_iter):
+        q = quantize(w - low_rank)
+        u, sv, vh = torch.linalg.svd(w - q.dequantize(), full_matrices=False)
+        root = (sv[:r] / s).sqrt()
+        a, b = root[:, None] * vh[:r], u[:, :r] * root
+        low_rank = s * b @ a
+    layer.base.store(q)
+    layer.lora_A.copy_(a)
+    layer.lora_B.copy_(b)
+
+
 INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True, from_w=True),
          "olora": Init(olora, residual=True, from_w=True),
-         "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True)}
+         "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True),
+         "loftq": Init(loftq, from_w=True, rebase=True)}
 
 
 class Residual:
@@ -70,10 +94,11 @@ class Residual:
 
     @torch.no_grad()
     def keep_residual(self, a0, b0):
-        """Start the adapter at (A0, B0) and W at W - s B0 A0; A0 and B0 are kept for saved()."""
-        w = self.base.weight
+        """Start the adapter at (A0, B0) and W at W - s B0 A0, the residual of the original fp32 W stored as the
+        base stores (quantized again on a 4-bit base); A0 and B0 are kept for saved()."""
+        w = original_weight(self.base)
         a0, b0 = a0.to(w.device, torch.float32), b0.to(w.device, torch.float32)
-        w.copy_((w.float() - self.scaling * b0 @ a0).to(w.dtype))
+        set_weight(self.base, w - self.scaling * b0 @ a0)
         self.register_buffer("lora_A0", a0.clone(), persistent=False)
         self.register_buffer("lora_B0", b0.clone(), persistent=False)
         self.lora_A.copy_(a0)

@@ -1,4 +1,4 @@
-"""One class per structural variant: LoRALinear, DoRALinear(LoRALinear), VeRALinear.
+"""One class per structural variant: LoRALinear, LoRAFALinear(LoRALinear), DoRALinear(LoRALinear), VeRALinear.
 
 Each owns its forward, delta_weight() (what it adds to the wrapped weight, in fp32), merge and unmerge, the
 tensors it saves, which of them train and how the optimizer treats them, and their form in peft's format.
@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError, need
+from ..quant import NF4Linear, dense_weight, device_of
 from .init import INITS, residual_form
 
 
@@ -63,9 +64,16 @@ class AdapterLinear(nn.Module):
         """W_adapted - W of the unmerged layer, in fp32."""
         raise NotImplementedError
 
+    def check_mergeable(self):
+        """Merging into a 4-bit base would re-quantize W + ΔW (peft does, 9% off): refused in one line."""
+        need(not isinstance(self.base, NF4Linear), "an adapter does not merge into a 4-bit base (that would "
+             "re-quantize the update away); evaluate it unmerged, or write a merged bf16/fp32 model with "
+             "python -m dialsum_raw.lora merge")
+
     @torch.no_grad()
     def merge(self):
         """Fold the update into W: inference at base speed."""
+        self.check_mergeable()
         if not self.merged:
             w = self.base.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -118,10 +126,10 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
         super().__init__(base, cfg, cfg.rank, shared)
         self.scaling = cfg.scaling
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(cfg.rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, dtype=w.dtype, device=w.device))
-        if start:  # else load() fills A and B
+        device = device_of(base)  # trained tensors are fp32 whatever the base's storage
+        self.lora_A = nn.Parameter(torch.zeros(cfg.rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, device=device))
+        if start or INITS[cfg.init].rebase:  # else load() fills A and B
             with torch.no_grad():
                 INITS[cfg.init].start(self)
 
@@ -163,6 +171,15 @@ class LoRALinear(AdapterLinear):
                 "use_rslora": cfg.rslora, "use_dora": False, "init_lora_weights": INITS[cfg.init].peft}
 
 
+class LoRAFALinear(LoRALinear):
+    """LoRA-FA (Zhang et al., 2023): A stays frozen at its random start; only B trains."""
+    SUMMARY = "LoRA-FA, A frozen at its start and only B trained"
+
+    @classmethod
+    def trainable(cls, cfg):
+        return super().trainable(cfg) - {"lora_A"}
+
+
 class DoRALinear(LoRALinear):
     """W' = m (W + s B A) / ||W + s B A|| (Liu et al., 2024), the norm per output row, so direction and magnitude
     learn separately. m trains and starts at ||W||, so the layer starts out equal to its base."""
@@ -173,7 +190,7 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared=None):
         super().__init__(base, cfg, start)
-        self.lora_magnitude = nn.Parameter(self.row_norm(super().delta_weight()).to(base.weight.dtype))
+        self.lora_magnitude = nn.Parameter(self.row_norm(super().delta_weight()))
         self.register_buffer("merged_norm", None, persistent=False)  # ||W + s B A|| while merged, for unmerge
 
     @classmethod
@@ -186,8 +203,9 @@ class DoRALinear(LoRALinear):
         super().check(cfg)
 
     def row_norm(self, delta):
-        """||W + delta|| per output row (DoRA's column norm, in the paper's W x convention), in fp32."""
-        return torch.linalg.norm(self.base.weight.float() + delta, dim=1)
+        """||W + delta|| per output row (DoRA's column norm, in the paper's W x convention), in fp32; W dequantized
+        for a 4-bit base."""
+        return torch.linalg.norm(dense_weight(self.base).float() + delta, dim=1)
 
     def forward(self, x):
         out = self.base(x)
@@ -199,19 +217,18 @@ class DoRALinear(LoRALinear):
         # dropout on, the DoRA terms see the dropped-out x: out + (f - 1) W x_d + f s B A x_d. f and these terms
         # stay fp32 under autocast: near 1 bf16 steps by 2^-8, which would swallow a magnitude change under 0.4%.
         f = self.lora_magnitude.float() / self.row_norm(super().delta_weight().detach())
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            wx = F.linear(dropped, self.base.weight)
-        else:
-            wx = out if self.base.bias is None else out - self.base.bias
+        wx = self.base(dropped) if self.training and isinstance(self.dropout, nn.Dropout) else out
+        wx = wx if self.base.bias is None else wx - self.base.bias
         return (out + ((f - 1) * wx + f * lora * self.scaling)).to(out.dtype)
 
     def delta_weight(self):
-        w = self.base.weight.float()
+        w = dense_weight(self.base).float()
         v = w + super().delta_weight()
         return v * (self.lora_magnitude.float() / v.norm(dim=1))[:, None] - w
 
     @torch.no_grad()
     def merge(self):
+        self.check_mergeable()
         if not self.merged:
             w = self.base.weight
             new = w.float() + super().delta_weight()
@@ -252,13 +269,13 @@ class VeRAProjections(nn.Module):
     Buffers, not parameters: they never train, and the adapter saves them once."""
     SEED = 0
 
-    def __init__(self, rank, in_features, out_features, like: torch.Tensor):
+    def __init__(self, rank, in_features, out_features, device):
         super().__init__()
         g = torch.Generator().manual_seed(self.SEED)
         for name, shape in (("vera_A", (rank, in_features)), ("vera_B", (out_features, rank))):
             bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # peft's _kaiming_init, to the last bit
             t = torch.empty(shape).uniform_(-bound, bound, generator=g)
-            self.register_buffer(name, t.to(like.device, like.dtype), persistent=False)
+            self.register_buffer(name, t.to(device), persistent=False)
 
     def saved(self):
         return {"vera_A": self.vera_A, "vera_B": self.vera_B}
@@ -281,10 +298,9 @@ class VeRALinear(AdapterLinear):
 
     def __init__(self, base: nn.Linear, cfg, start: bool = True, shared: VeRAProjections = None):
         super().__init__(base, cfg, cfg.vera_rank, shared)
-        w = base.weight
-        self.vera_lambda_b = nn.Parameter(torch.zeros(base.out_features, dtype=w.dtype, device=w.device))
-        self.vera_lambda_d = nn.Parameter(torch.full((cfg.vera_rank,), self.D_INITIAL, dtype=w.dtype,
-                                                     device=w.device))
+        device = device_of(base)
+        self.vera_lambda_b = nn.Parameter(torch.zeros(base.out_features, device=device))
+        self.vera_lambda_d = nn.Parameter(torch.full((cfg.vera_rank,), self.D_INITIAL, device=device))
 
     @classmethod
     def trainable(cls, cfg):
@@ -301,7 +317,7 @@ class VeRALinear(AdapterLinear):
     @staticmethod
     def make_shared(cfg, bases):
         return VeRAProjections(cfg.vera_rank, max(b.in_features for b in bases), max(b.out_features for b in bases),
-                               like=bases[0].weight)
+                               device_of(bases[0]))
 
     def _a_b(self):
         """This layer's slices of the shared A and B."""
@@ -340,7 +356,7 @@ class VeRALinear(AdapterLinear):
                 "projection_prng_key": VeRAProjections.SEED, "save_projection": True, "init_weights": True}
 
 
-VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}
+VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear, "lora-fa": LoRAFALinear}
 
 
 def layer_class(cfg):

@@ -12,7 +12,9 @@ from .adapter import read_adapter
 from .layers import layer_class
 
 
-def export_peft(directory, out):
+def export_peft(directory, out) -> str:
+    """Write the peft folder; returns what was written, saying so when the adapter learned on a stored bf16 or
+    quantized base (peft's config has no field for it: load the base the same way before applying it)."""
     from safetensors.torch import save_file
     cfg, tensors, base_model = read_adapter(directory)
     layer = layer_class(cfg)
@@ -29,3 +31,9 @@ def export_peft(directory, out):
     save_file(peft_tensors, os.path.join(out, "adapter_model.safetensors"))
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(peft_cfg, f, indent=2)
+    base = {"fp32": "", "bf16": " (trained on a bf16-stored base: load the base in bf16 to use it as trained)",
+            "nf4": " (trained on a quantized base, nf4 with double quantization: load the base with bitsandbytes' "
+                   "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True)"
+                   + ("; its LoftQ base is not nf4(W), so it does not apply to that base as trained" if cfg.init == "loftq"
+                      else "") + ")"}
+    return f"wrote {out}{base[cfg.base_dtype]}"
