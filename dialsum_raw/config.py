@@ -224,6 +224,16 @@ def did_you_mean(name, names, cutoff=0.6) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def check_spellings(where, keys):
+    """Refuse a table that gives one setting twice, as lora-rank and lora_rank: TOML sees two keys, and the
+    last would silently win."""
+    seen = {}
+    for key in keys:
+        other = seen.setdefault(key.replace("-", "_"), key)
+        if other != key:
+            raise UserError(f"{where}: '{other}' and '{key}' are the same setting; keep one")
+
+
 def read_config(path):
     """A TOML config as a {field: value} dict; unknown keys and values of the wrong type name the file."""
     if not os.path.isfile(path):
@@ -234,6 +244,7 @@ def read_config(path):
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})")
     names = {f.name: f for f in dataclasses.fields(Settings)}
+    check_spellings(path, raw)
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

@@ -250,8 +250,10 @@ def autocast_for(precision, device):
 
 
 def count_parameters(model):
-    """(trainable, total), counting shared tensors once."""
-    seen, trainable, total = set(), 0, 0
+    """(trainable, total), counting shared tensors once, and a 4-bit base's weights (buffers of NF4Linear) as the
+    parameters they are."""
+    from .quant import quantized_linears
+    seen, trainable, total = set(), 0, sum(m.weight.numel() for _, m in quantized_linears(model))
     for p in model.parameters():
         if id(p) in seen:
             continue

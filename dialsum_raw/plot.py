@@ -101,15 +101,17 @@ def rouge_chart(evaluation, out):
     ax.set_ylabel("ROUGE F1 (%), mean over reference rows")
     ax.set_title(f"{evaluation['meta']['split']} split, {evaluation['meta']['dialogues']} dialogues; error bars: "
                  f"{100 * ci['level']:.0f}% bootstrap intervals ({ci['resamples']:,} resamples)", fontsize="small")
-    ax.set_ylim(0, (1.2 + 0.08 * ((len(names) - 1) // 5)) * ax.get_ylim()[1])  # room for the legend's rows
-    ax.legend(ncol=min(len(names), 5), loc="upper center", fontsize="small" if len(names) > 5 else None)
+    ax.set_ylim(0, 1.1 * ax.get_ylim()[1])
+    # below the axes, as many names a row as fit the figure's width (sweep points have long names)
+    per_row = max(1, min(len(names), int(fig.get_figwidth() * 12) // (max(map(len, names)) + 5)))
+    ax.legend(ncol=per_row, loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, plt, out)
 
 
 def _save(fig, plt, out):
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")  # a legend outside the axes stays in the picture
     plt.close(fig)
 
 

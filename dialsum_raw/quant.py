@@ -3,7 +3,7 @@
 A weight is cut into blocks of 64 values. Each block keeps its absolute maximum, and each value the index
 (4 bits, two a byte) of the nearest of the 16 NF4 levels to value / absmax. Double quantization stores the
 absmax constants themselves in 8 bits: less their mean, in blocks of 256 with an fp32 absmax each, coded
-with the signed 8-bit dynamic map. 0.5 + (8 + 32/256) / 64 bits = 4.127 bits a weight, as bitsandbytes.
+with the signed 8-bit dynamic map. 4 + (8 + 32/256) / 64 = 4.127 bits a weight, as bitsandbytes.
 
 The codes are bitsandbytes 0.50.2's, bit for bit (tests/test_quant.py): the same levels, the same
 midpoint rule for the 4-bit codes, and for the 8-bit codes the same 65,536-entry lookup its CPU kernel
@@ -67,10 +67,6 @@ class NF4:
     def tensors(self) -> dict:
         return {"codes": self.codes, "absmax_codes": self.absmax_codes, "absmax_scale": self.absmax_scale,
                 "offset": self.offset}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def absmax(self) -> torch.Tensor:
         """The fp32 absmax of every block, decoded: dynamic_map[code] * its block's scale + offset."""

@@ -54,8 +54,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import runs
 from .checkpoint import atomic_write, find
-from .config import (SETTINGS_FILE, TRAIN, Settings, did_you_mean, fields_of, normalize, read_config, read_run_settings,
-                     typed, validate)
+from .config import (SETTINGS_FILE, TRAIN, Settings, check_spellings, did_you_mean, fields_of, normalize, read_config,
+                     read_run_settings, typed, validate)
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -132,6 +132,8 @@ def load(path):
     base = {}
     if "base" in raw:
         base = read_config(os.path.join(os.path.dirname(os.path.abspath(path)), raw["base"]))
+    for table in (raw.get("settings", {}), *raw.get("variant", []), raw.get("grid", {})):
+        check_spellings(path, table)
     common = dict(_setting(path, "settings", k, v) for k, v in raw.get("settings", {}).items())
     variants = [dict(_setting(path, "variant", k, v) for k, v in variant.items()) for variant in raw.get("variant", [{}])]
     grid = dict(_setting(path, "grid", k, v, each=True) for k, v in raw.get("grid", {}).items())

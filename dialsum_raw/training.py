@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -29,10 +30,10 @@ from . import checkpoint, data, lora, metrics, sharding
 from .config import SETTINGS_FILE, Settings, normalize, read_run_settings, resume_may_change
 from .errors import Stopped, UserError
 from .generation import check_length, summarize
+from .heartbeat import Heartbeat
 from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model,
                        load_tokenizer, parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
-
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -56,7 +57,12 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         gpu = {"device_id": device} if cuda else {}  # binds nccl to this rank's GPU (torch >= 2.2)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, **gpu)
+        # torchrun --max-restarts keeps its key-value store across restarts: keyed by the restart, a restarted
+        # group never reads the dead workers' addresses (gloo: "connectFullMesh failed ... Connection refused")
+        store, rank, size = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+        store = dist.PrefixStore(f"dialsum/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size,
+                                timeout=COLLECTIVE_TIMEOUT, **gpu)
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -135,6 +141,7 @@ def validation_loss(run) -> float:
         tokens += int((batch["labels"] != -100).sum())  # counted on the host, before the copy
         total += token_loss_sum(run.raw, {k: v.to(run.device) for k, v in batch.items()}, run.autocast).item()
     run.raw.train()
+    beat(run, run.progress.step, "validation sum")
     total, tokens = all_sum([total, tokens], run.device, run.world)
     return total / max(tokens, 1)
 
@@ -149,6 +156,7 @@ def validation_rouge(run) -> dict:
     run.raw.train()
     shards = [mine]
     if run.world > 1:
+        beat(run, run.progress.step, "validation ROUGE")
         shards = [None] * run.world
         dist.all_gather_object(shards, mine)
     summaries = [None] * len(dialogues)
@@ -260,6 +268,7 @@ class Run:
     resume_from: str = None        # ... and its folder
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
     saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
+    heartbeat: Heartbeat = None    # under torchrun: where each rank is, so rank 0 can say whom it waits for
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -272,9 +281,10 @@ def train(settings: Settings) -> dict:
     Returns summary.json."""
     rank, world, device = setup_distributed()
     sharding.check(settings.fsdp, world)
+    elastic_restart(settings, print if rank == 0 else (lambda *a, **k: None))
     run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None),
               launcher=os.getppid() if "LOCAL_RANK" in os.environ else None)  # torchrun's workers are its children
-    with claim_output(run):
+    with claim_output(run), watching(run):
         set_up(run)
         restore(run)
         bar = tqdm(total=run.total, initial=run.progress.step, disable=run.rank != 0, desc="train", unit="step")
@@ -294,6 +304,41 @@ def train(settings: Settings) -> dict:
                                   128 + stop)
         bar.close()
         return finish(run)
+
+
+def elastic_restart(settings: Settings, log):
+    """torchrun --max-restarts N restarts every worker with the same command after one fails. A restart
+    resumes the run from its last/ (it never starts over, whatever --overwrite said); with no checkpoint yet
+    there is nothing to resume, and it is refused."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart or settings.resume:
+        return
+    out = settings.output_dir
+    if checkpoint.find(os.path.join(out, "last")) is None:
+        raise UserError(f"torchrun restarted this run (restart {restart}), but {out} holds no checkpoint yet to "
+                        "resume from: start it again yourself (--overwrite)")
+    settings.resume, settings.overwrite = out, False
+    log(f"torchrun restart {restart}: resuming {out} from its last checkpoint")
+
+
+@contextmanager
+def watching(run: Run):
+    """Under torchrun, for the with-block: every rank publishes its place in the loop (beat), and rank 0
+    logs the ranks it has waited for over DIALSUM_HEARTBEAT_S seconds (heartbeat.py)."""
+    if run.world == 1:
+        yield
+        return
+    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world,
+                              lambda line: print(line, file=sys.stderr, flush=True)).start()  # from a thread: at once
+    try:
+        yield
+    finally:
+        run.heartbeat.stop()
+
+
+def beat(run: Run, step, phase):
+    if run.heartbeat:
+        run.heartbeat.beat(step, phase)
 
 
 def done(run) -> bool:
@@ -476,14 +521,18 @@ def backward(run: Run, window):
               sum(b["input_ids"].numel() + b["labels"].numel() for b in window)]
     tgt = counts[0]
     if run.world > 1:
+        beat(run, run.progress.step + 1, "batch")
         counts = on_device(counts, run.device)
         dist.all_reduce(counts)
         tgt = counts[0]
     loss_sum = torch.zeros((), device=run.device)
+    beat(run, run.progress.step + 1, "forward")
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with (nullcontext() if i == len(window) - 1 else sharding.no_sync(run.model)):
             loss = token_loss_sum(run.model, batch, run.autocast)
+            if i == len(window) - 1:
+                beat(run, run.progress.step + 1, "gradients")
             (loss * run.world / tgt).backward()  # DDP averages over ranks; * world undoes that
         loss_sum += loss.detach()
     return counts, loss_sum
@@ -507,6 +556,7 @@ def sync(run: Run, counts, loss_sum, caught) -> Synced:
     signum = caught["signum"]
     flags = [signum == signal.SIGINT, signum == signal.SIGTERM, launcher_gone(run)]
     if run.world > 1:
+        beat(run, run.progress.step + 1, "loss")
         summed = torch.cat([loss_sum.double().view(1), on_device(flags, run.device)])
         dist.all_reduce(summed)
         tgt, src, padded, loss_total, *flags = torch.cat([counts, summed]).tolist()
@@ -524,7 +574,7 @@ def take_step(run: Run, synced: Synced, started, bar):
     if synced.orphaned:  # any rank's: all stop here
         bar.close()
         raise UserError(f"the launcher of this run (torchrun, pid {run.launcher}) is gone: stopped at step "
-                        f"{p.step}, before taking the next; {saved_note(run)}")
+                        f"{p.step} before taking the next; {saved_note(run)}")
     step_loss = synced.loss_sum / tgt
     if not math.isfinite(step_loss):
         bar.close()
@@ -598,6 +648,7 @@ def validate(run: Run, bar):
     """Validation loss (and ROUGE with --eval-rouge), logged; updates the best and the count of
     validations without improvement that --early-stop reads."""
     s, p = run.settings, run.progress
+    beat(run, p.step, "validation")
     with sharding.whole(run.model):
         val = validation_loss(run)
         line = {**line_base(run), "val_loss": round(val, 6)}
@@ -625,6 +676,7 @@ def best_info(run: Run) -> dict:
 def save(run: Run):
     """last/ with every rank's RNG state; best/ from it when this step is the best so far. Every rank
     takes part: under --fsdp the weights are gathered to rank 0 and each rank writes its optimizer shards."""
+    beat(run, run.progress.step, "save")
     rng = [checkpoint.rng_state()]
     if run.world > 1:
         rng = [None] * run.world
@@ -640,6 +692,7 @@ def save(run: Run):
     if run.rank == 0 and run.progress.best_step == run.progress.step:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
     if run.world > 1:
+        beat(run, run.progress.step, "saved")
         dist.barrier()
 
 

@@ -2,11 +2,13 @@
 here by a test that failed before its fix."""
 
 import json
+import re
 import shutil
 import types
+from pathlib import Path
 
 import pytest
-from conftest import CORPUS
+from conftest import CORPUS, metric_lines, train_cmd
 from test_failures import EVAL, SMOKE, TRAIN, _fails
 from test_sweep import _sweep_file
 
@@ -37,7 +39,7 @@ def _adapter(tiny, folder, **cfg):
 
 
 @pytest.mark.parametrize("cfg, edit, message", [
-    ({"alpha": 64.0}, {"alpha": None}, "adapter field 'alpha' is missing: format dialsum_raw-lora/2 holds every field"),
+    ({"alpha": 64.0}, {"alpha": None}, "adapter field 'alpha' is missing: format dialsum_raw-lora/3 holds every field"),
     ({"variant": "dora"}, {"variant": None}, "adapter field 'variant' is missing"),
     ({"init": "gaussian"}, {"init": None}, "adapter field 'init' is missing"),
     ({}, {"rank": 4.0}, "adapter rank must be an integer, got 4.0"),
@@ -66,6 +68,23 @@ def test_a_format_1_adapter_keeps_its_documented_defaults(tiny, tmp_path):
     path.write_text(json.dumps({"format": "dialsum_raw-lora/1", "rank": 4, "targets": ["q", "v"]}))
     cfg, _, _ = lora.read_adapter(tmp_path / "ad")
     assert (cfg.alpha, cfg.dropout, cfg.rslora, cfg.variant, cfg.init) == (16.0, 0.0, False, "lora", "kaiming")
+
+
+def test_a_format_2_adapter_loads_on_an_fp32_base_and_a_format_3_one_must_name_its_base(tiny, tmp_path):
+    """Format 2 (the previous release) held every field of its day: its adapters load, with the fp32 base they
+    were trained on; since format 3 the base dtype is one of the fields a default must not fill in."""
+    from dialsum_raw import lora
+    from dialsum_raw.errors import UserError
+    from dialsum_raw.modeling import load_model
+    path = _adapter(tiny, tmp_path / "ad", alpha=64.0)
+    saved = json.loads(path.read_text())
+    old = {k: v for k, v in saved.items() if k not in ("base_dtype", "loftq_iter")}
+    path.write_text(json.dumps({**old, "format": "dialsum_raw-lora/2"}))
+    cfg, _, _ = lora.read_adapter(tmp_path / "ad")
+    assert (cfg.alpha, cfg.base_dtype, cfg.loftq_iter) == (64.0, "fp32", 1)
+    path.write_text(json.dumps({**old, "format": "dialsum_raw-lora/3"}))
+    with pytest.raises(UserError, match="adapter field 'base_dtype' is missing: format dialsum_raw-lora/3"):
+        lora.load_adapter(load_model(tiny), tmp_path / "ad")
 
 
 def _data_with(tmp_path, **files):
@@ -149,9 +168,7 @@ def test_flags_that_crashed_later_are_refused_up_front(tiny):
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
     (["--seed", "99999999999999999999"], "--seed must be in [0, 2**63)"),
-    (["--lora-rank", "65", "--lora-init", "pissa"], "--lora-init pissa cuts A and B from W: --lora-rank 65"),
-    (["--eval-rouge", "2", "--max-new-tokens", "1000000"], "--max-new-tokens 1000000 is more than the 512"),
-])
+])  # the rank and --max-new-tokens checks run on the model: test_flags_that_crashed_later_are_refused_up_front
 def test_train_refuses_them_in_one_line(tiny, tmp_path, flags, message):
     _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "o"), *flags],
            message)
@@ -271,7 +288,7 @@ def test_a_launcher_gone_during_validation_names_the_save_that_happened(tiny, tm
     with pytest.raises(UserError) as stopped:
         training.train(_settings(tiny, out, max_steps=6, eval_every=2))
     assert checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
-    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2, before "
+    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2 before "
                                   f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
                                   f"with python train.py --resume {out}")
 
@@ -287,3 +304,138 @@ def test_a_stopped_run_under_torchrun_is_continued_with_torchrun(monkeypatch, wo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     run = types.SimpleNamespace(world=world, out="OUT")
     assert training.resume_command(run) == command
+
+
+def test_one_setting_spelled_twice_is_refused(tmp_path, tiny):
+    """lora-rank and lora_rank in one config file (or one sweep table) are one setting: the last silently won."""
+    from dialsum_raw import sweep
+    from dialsum_raw.config import read_config
+    from dialsum_raw.errors import UserError
+    config = tmp_path / "c.toml"
+    config.write_text("lora-rank = 8\nlr = 1e-3\nlora_rank = 0\n")
+    with pytest.raises(UserError, match=f"^{config}: 'lora-rank' and 'lora_rank' are the same setting; keep one$"):
+        read_config(str(config))
+    with pytest.raises(UserError, match="'max_steps' and 'max-steps' are the same setting"):
+        sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", extra="max-steps = 3\n"))
+
+
+# ---------------------------------------------------------------- a stalled rank (item 12)
+
+def test_rank_0_names_the_rank_it_waits_for():
+    """Three ranks. Rank 2 stalls in step 6's forward pass while ranks 0 and 1 wait in its gradient sync:
+    nothing is said before the interval, then one line per interval names rank 2 (not rank 1) and where it
+    is. Later rank 2 is paused inside the validation's loss sum, where rank 0 waits too: its pulse stops."""
+    import torch.distributed as dist
+
+    from dialsum_raw.heartbeat import Heartbeat
+    store, said = dist.HashStore(), []
+    ranks = [Heartbeat(store, r, 3, said.append, every=300) for r in range(3)]
+    alive = {1, 2}
+
+    def tick(t):
+        """The pulse threads' tick at time t: the live ranks pulse, rank 0 checks."""
+        for r in alive:
+            ranks[r].pulse()
+        return ranks[0].check(t)
+
+    assert tick(0) is None  # before the loop's first beat (loading a model, the data): nothing
+    for r in range(3):
+        ranks[r].beat(6, "batch")
+        ranks[r].beat(6, "forward")  # rank 2 stalls here
+    ranks[1].beat(6, "gradients")
+    ranks[0].beat(6, "gradients")
+    t0 = ranks[0].since
+    assert tick(t0 + 299) is None and said == []
+    assert tick(t0 + 300) == ("waiting for rank 2 for 5 min: it last reported forward of step 6, rank 0 is at "
+                              "gradients of step 6")
+    assert tick(t0 + 400) is None  # once per interval
+    assert tick(t0 + 600).startswith("waiting for rank 2 for 10 min") and len(said) == 2
+    ranks[2].beat(6, "gradients")  # it caught up: rank 0's collective goes on, and it moves
+    for r in (1, 2, 0):
+        ranks[r].beat(6, "validation")
+        ranks[r].beat(6, "validation sum")  # all three in the collective; rank 2 then paused there
+    t1 = ranks[0].since
+    tick(t1 + 60)
+    alive.discard(2)
+    assert tick(t1 + 300) is None  # silent for 240 s: less than the interval
+    assert tick(t1 + 600) == ("waiting for rank 2 for 10 min: it has given no sign of life for 540 s (paused, or its "
+                              "host is down), rank 0 is at validation sum of step 6")
+    assert all("rank 1" not in line for line in said)
+    alive.add(2)
+    for r in (1, 2, 0):
+        ranks[r].beat(7, "batch")  # every rank at its place and alive: rank 0 busy on its own says nothing
+    assert tick(ranks[0].since + 300) is None and tick(ranks[0].since + 900) is None
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_resumes_from_last_and_never_starts_over(tiny, tmp_path, monkeypatch, capsys):
+    """torchrun --max-restarts N reruns the same command (here with --overwrite) after a worker dies. The
+    restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from last/ and finishes: no step twice, none lost; with
+    no checkpoint yet it is refused in one line, never started over."""
+    from test_training import _settings
+
+    from dialsum_raw import checkpoint
+    from dialsum_raw.errors import UserError
+    out, step = tmp_path / "run", training.train_step
+
+    def dies_at_step_3(run, *args):
+        if run.progress.step == 3:
+            raise RuntimeError("a worker died")
+        return step(run, *args)
+    monkeypatch.setattr(training, "train_step", dies_at_step_3)
+    with pytest.raises(RuntimeError):
+        training.train(_settings(tiny, out, max_steps=6, save_every=2, overwrite=True))
+    monkeypatch.setattr(training, "train_step", step)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    training.train(_settings(tiny, out, max_steps=6, save_every=2, overwrite=True))
+    assert f"torchrun restart 1: resuming {out} from its last checkpoint" in capsys.readouterr().out
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
+    with pytest.raises(UserError, match=f"^torchrun restarted this run \\(restart 1\\), but {tmp_path / 'new'} holds "
+                                        "no checkpoint yet to resume from"):
+        training.train(_settings(tiny, tmp_path / "new", max_steps=6))
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, tmp_path):
+    """torchrun --max-restarts 1, two workers. Rank 1 is paused (SIGSTOP) once last/ exists: rank 0 names it
+    within the (test-short) heartbeat interval. Rank 1 is then killed: torchrun restarts both workers with the
+    same command, and the restart resumes from last/ (never starts over) and finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_training import _children
+
+    from dialsum_raw import checkpoint
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    cmd = train_cmd(tiny, out, "--max-steps", "8", "--save-every", "2", "--eval-every", "8", "--lora-rank", "4",
+                     "--batch-size", "4", "--overwrite")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIALSUM_HEARTBEAT_S": "1"}
+    with open(log, "w") as sink:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", "--max-restarts", "1", *cmd[1:]], env=env, stdout=sink,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while checkpoint.find(str(out / "last")) is None and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.02)
+        workers = sorted(_children(launcher.pid))
+        assert len(workers) == 2, log.read_text()[-3000:]
+        rank1 = next(pid for pid in workers if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+        os.kill(rank1, signal.SIGSTOP)
+        deadline = time.time() + 60
+        while "waiting for rank 1 for " not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(rank1, signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert re.search(r"waiting for rank 1 for \d+ s: it (last reported|has given no sign of life)", text)
+    assert "torchrun restart 1: resuming" in text and "resumed from" in text
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == list(range(1, 9))  # no step twice, none lost
+    assert checkpoint.load_state(str(out / "last"))["step"] == 8 and (out / "summary.json").is_file()

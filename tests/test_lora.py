@@ -213,7 +213,7 @@ def test_adapter_only_state_and_reload(tiny, tmp_path):
     randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert cfg == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
+    assert cfg == {"format": "dialsum_raw-lora/3", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
                    "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256,
                    "base_dtype": "fp32", "loftq_iter": 1}
     from safetensors.torch import load_file
@@ -431,7 +431,7 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     saved = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert saved == {"format": "dialsum_raw-lora/2", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
+    assert saved == {"format": "dialsum_raw-lora/3", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
                      "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256,
                      "base_dtype": "fp32", "loftq_iter": 1}
     assert LoRAConfig.from_json(saved) == config

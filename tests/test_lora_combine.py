@@ -41,9 +41,10 @@ def _deltas(tiny, directory):
     return {name: dw for name, dw, _ in lora.updates(model, cfg, tensors)}
 
 
-@pytest.mark.parametrize("method", ["linear", "svd"])
-@pytest.mark.parametrize("fields", [{"rslora": True}, {"variant": "dora"}, {"init": "pissa", "rslora": True}],
-                         ids=["rslora", "dora", "pissa+rslora"])
+@pytest.mark.parametrize("fields, method", [
+    ({"rslora": True}, "linear"), ({"rslora": True}, "svd"), ({"variant": "dora"}, "linear"),
+    ({"init": "pissa", "rslora": True}, "linear"), ({"init": "olora", "variant": "dora"}, "linear"),
+    ({"variant": "vera"}, "linear")], ids=["rslora", "rslora-svd", "dora", "pissa+rslora", "olora+dora", "vera"])
 def test_one_adapter_alone_at_weight_one_is_the_adapter(tiny, tmp_path, fields, method):
     """peft #3761: add_weighted_adapter of one rsLoRA adapter alone at weight 1.0 is 0.42 relative off. Here the
     combined plain-LoRA adapter at full rank gives the original adapter's logits, unmerged (its own forward) and

@@ -12,12 +12,7 @@ from dialsum_raw.config import Settings, validate
 from dialsum_raw.errors import UserError
 from dialsum_raw.lora import LoRAConfig
 from dialsum_raw.lora import main as lora_cli
-from dialsum_raw.modeling import (
-    check_base_precision,
-    load_model,
-    load_tokenizer,
-    quantized_names,
-)
+from dialsum_raw.modeling import check_base_precision, count_parameters, load_model, load_tokenizer, quantized_names
 from dialsum_raw.quant import NF4Linear, quantize, quantized_linears
 
 
@@ -38,6 +33,7 @@ def test_nf4_model_is_the_fp32_model_with_its_block_weights_quantized(tiny):
     assert (nf4.lm_head.weight is nf4.shared.weight) == (fp32.lm_head.weight is fp32.shared.weight)
     assert nf4.encoder.embed_tokens.weight is nf4.shared.weight
     assert not nf4.training
+    assert count_parameters(nf4)[1] == count_parameters(fp32)[1]  # the 4-bit weights count as the parameters they are
     with torch.no_grad():
         for n in names:
             fp32.get_submodule(n).weight.copy_(quantize(fp32.get_submodule(n).weight).dequantize())

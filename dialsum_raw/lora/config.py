@@ -9,8 +9,10 @@ from ..modeling import BASE_DTYPES
 from .init import INITS
 from .layers import VARIANTS, layer_class
 
-FORMAT = "dialsum_raw-lora/2"
+FORMAT = "dialsum_raw-lora/3"
 OLD_FORMAT = "dialsum_raw-lora/1"  # rank/alpha of the saved form, "dora": bool, PiSSA's own rank in "pissa"
+# Format 2 held every field of its day; fields added since keep the value every format-2 adapter had.
+FORMAT_2, SINCE_3 = "dialsum_raw-lora/2", {"base_dtype": "fp32", "loftq_iter": 1}
 # What a value read from a file (TOML, JSON) must be for each field type, named as in the error message.
 FILE_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
               str: (str, "a string"), tuple: (list, "a list")}
@@ -60,20 +62,22 @@ class LoRAConfig:
         """The config of an adapter.json, this format or the first one (written before LoRAConfig existed)."""
         saved = dict(saved)
         version = saved.pop("format", OLD_FORMAT)
-        need(version in (FORMAT, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
-                                              f"({FORMAT} or {OLD_FORMAT}); update dialsum_raw")
+        need(version in (FORMAT, FORMAT_2, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
+                                                        f"({FORMAT}, {FORMAT_2} or {OLD_FORMAT}); update dialsum_raw")
         need(isinstance(saved.get("targets"), list), f"adapter targets must be a list, got {saved.get('targets')!r}")
         if version == OLD_FORMAT:  # its missing fields keep the defaults it was documented with
             pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
             if pissa:
                 saved.update(rank=pissa["rank"], alpha=pissa["alpha"], init="pissa")
             saved["variant"] = "dora" if saved.pop("dora", False) else "lora"
+        if version == FORMAT_2:
+            saved = {**SINCE_3, **saved}
         saved.pop("base_model", None)
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in saved]
         # a default would change the computation silently (an alpha-64 adapter run at alpha 16)
         need(version == OLD_FORMAT or not missing, f"adapter field {missing[0] if missing else ''!r} is missing: "
-             f"format {FORMAT} holds every field ({', '.join(names)})")
+             f"format {version} holds every field ({', '.join(names)})")
         unknown = sorted(set(saved) - set(names))
         need(not unknown, f"adapter field {unknown[0] if unknown else ''!r} is not one of {', '.join(names)}")
         for name, kind in ((f.name, f.type) for f in fields(cls) if f.name in saved):
