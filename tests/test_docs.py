@@ -152,15 +152,34 @@ def help_text(command):
     return out.getvalue()
 
 
+def foreign_flags(text):
+    """The flags the page gives to another program anywhere (code, spans or prose): those right after its
+    name, as in `torchrun --standalone --nproc_per_node 8 train.py` or "torchrun --max-restarts N"."""
+    found = set()
+    for line in [line for line, _ in command_lines(text)] + [p.replace("`", " ") for p in _paragraphs(text)]:
+        tokens = line.split()
+        for i, token in enumerate(tokens):
+            if os.path.basename(token.strip("(*")) in FOREIGN:
+                for j in range(i + 1, len(tokens)):
+                    flag = tokens[j].split("=")[0].strip("*,;:()")
+                    if FLAG.fullmatch(flag):
+                        found.add(flag)
+                    elif not tokens[j - 1].startswith("-"):  # neither a flag nor a flag's value
+                        break
+    return found
+
+
 def named_in(text):
     """(command, flag) for every flag the page names: on command lines, in comments, in plain prose (None for
-    the command there). A flag in a code span that the sentence before it gives to another program
-    ("torchrun's `--nnodes`", "pytest's ...") is left out."""
-    named = []
+    the command there). A flag outside a command line that the page gives to another program elsewhere
+    (foreign_flags), or that the sentence before its code span gives to one ("torchrun's `--nnodes`"), is
+    left out."""
+    named, foreign_here = [], foreign_flags(text)
     for line, before in command_lines(text):
         foreign = re.search(r"\b(" + "|".join(map(re.escape, FOREIGN)) + r")\b", before)
-        named += [(c, f) for c, f in named_flags(line) if c or not foreign]
-    named += [(None, flag) for p in _paragraphs(text) for flag in FLAG.findall(re.sub(r"`[^`]*`", "", p))]
+        named += [(c, f) for c, f in named_flags(line) if c or not (foreign or f in foreign_here)]
+    named += [(None, flag) for p in _paragraphs(text) for flag in FLAG.findall(re.sub(r"`[^`]*`", "", p))
+              if flag not in foreign_here]
     return named
 
 
