@@ -29,7 +29,10 @@ def main(argv=None):
         print(f"{name:{width}s} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in s["per_row"].items()))
     n = len(result["dialogues"])
     for name, seconds in result["seconds"].items():
-        print(f"{name:{width}s} generation {seconds / 60:.1f} min for {n} dialogues ({n / seconds:.2f} dialogues/s)")
+        print(
+            f"{name:{width}s} generation {seconds / 60:.1f} min for {n} dialogues ({n / seconds:.2f} "
+            "dialogues/s)"
+        )
     with open(f"{settings.output_dir}/report.md") as f:
         text = f.read()
     if settings.show:

@@ -41,9 +41,13 @@ def check_supported(model):
     config = model.config
     eos = model.generation_config.eos_token_id
     if config.model_type != "t5" or not config.is_encoder_decoder:
-        raise UserError(f"--engine own runs T5 models only; this one is {config.model_type!r}: use --engine hf")
+        raise UserError(
+            f"--engine own runs T5 models only; this one is {config.model_type!r}: use --engine hf"
+        )
     if not isinstance(eos, int):
-        raise UserError(f"--engine own expects a single EOS token id, this model has {eos!r}: use --engine hf")
+        raise UserError(
+            f"--engine own expects a single EOS token id, this model has {eos!r}: use --engine hf"
+        )
 
 
 def _heads(x, att, rows, length):
@@ -71,7 +75,9 @@ def _encoder(model, input_ids, attention_mask):
         attention_mask[:, None, None, :] == 0, NEG)
     h = encoder.embed_tokens(input_ids)
     device = input_ids.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype  # q/k/v's dtype
+    dtype = (
+        torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    )  # q/k/v's dtype
     for block in encoder.block:
         norm, att = block.layer[0].layer_norm, block.layer[0].SelfAttention
         x = norm(h).to(dtype)  # once, not once per projection
@@ -83,8 +89,8 @@ def _encoder(model, input_ids, attention_mask):
 
 
 def _encode(model, input_ids, attention_mask):
-    """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source, d],
-    and the source lengths.
+    """Each decoder layer's cross-attention K and V, once per dialogue: [layers, 2, dialogues, heads, source,
+    d], and the source lengths.
 
     The encoder runs on groups of GROUP_ROWS dialogues, each group cut to its own longest source
     (rows arrive sorted by length, padded on the right), so a big batch pays for no more padding in
@@ -108,7 +114,10 @@ def _encode(model, input_ids, attention_mask):
 def _groups(lengths):
     """(first, end, width) per run of GROUP_ROWS dialogues (sorted by source length): cross-attention reads
     each run's K and V up to its own longest source, not the batch's."""
-    return [(a, a + len(lengths[a:a + GROUP_ROWS]), max(lengths[a:a + GROUP_ROWS])) for a in range(0, len(lengths), GROUP_ROWS)]
+    return [
+        (a, a + len(lengths[a : a + GROUP_ROWS]), max(lengths[a : a + GROUP_ROWS]))
+        for a in range(0, len(lengths), GROUP_ROWS)
+    ]
 
 
 def _decode_step(model, tokens, t, cache, cross, cross_bias, groups, bias):
@@ -118,7 +127,11 @@ def _decode_step(model, tokens, t, cache, cross, cross_bias, groups, bias):
     rows = dialogues x beams, beams of a dialogue adjacent; cross and cross_bias (0, or NEG past a source's
     end) are per dialogue, read by groups (_groups). The one step every search calls: a fused or
     static-cache form replaces this."""
-    rows, n, dtype = tokens.shape[0], cross.shape[2], cross.dtype  # the projections' dtype (bf16 under autocast)
+    rows, n, dtype = (
+        tokens.shape[0],
+        cross.shape[2],
+        cross.dtype,
+    )  # the projections' dtype (bf16 under autocast)
     beams = rows // n
     h = model.decoder.embed_tokens(tokens)  # [rows, d_model]
     for i, block in enumerate(model.decoder.block):
@@ -127,18 +140,34 @@ def _decode_step(model, tokens, t, cache, cross, cross_bias, groups, bias):
         cache[i, 0, :, :, t] = att.k(x).view(rows, att.n_heads, -1)
         cache[i, 1, :, :, t] = att.v(x).view(rows, att.n_heads, -1)
         q = att.q(x).view(rows, att.n_heads, 1, -1)
-        out = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :t + 1], cache[i, 1, :, :, :t + 1],
-                                             attn_mask=bias[:, :, t:t + 1, :t + 1], scale=1.0)  # T5: no 1/sqrt(d)
+        out = F.scaled_dot_product_attention(
+            q,
+            cache[i, 0, :, :, : t + 1],
+            cache[i, 1, :, :, : t + 1],
+            attn_mask=bias[:, :, t : t + 1, : t + 1],
+            scale=1.0,
+        )  # T5: no 1/sqrt(d)
         h = h + att.o(out.reshape(rows, -1))
         norm, att = block.layer[1].layer_norm, block.layer[1].EncDecAttention
         q = att.q(norm(h)).view(n, beams, att.n_heads, -1).transpose(1, 2)  # beams fold into the query axis
-        out = torch.cat([F.scaled_dot_product_attention(q[a:b], cross[i, 0, a:b, :, :w], cross[i, 1, a:b, :, :w],
-                                                        attn_mask=cross_bias[a:b, :, :, :w], scale=1.0)
-                         for a, b, w in groups])
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[a:b],
+                    cross[i, 0, a:b, :, :w],
+                    cross[i, 1, a:b, :, :w],
+                    attn_mask=cross_bias[a:b, :, :, :w],
+                    scale=1.0,
+                )
+                for a, b, w in groups
+            ]
+        )
         h = h + att.o(out.transpose(1, 2).reshape(rows, -1))
         h = _feed_forward(block.layer[-1], h, dtype)
     h = model.decoder.final_layer_norm(h)
-    config = model.config  # original T5 rescales before lm_head, T5 v1.1 / FLAN does not (5.x flag; 4.x: tied)
+    config = (
+        model.config
+    )  # original T5 rescales before lm_head, T5 v1.1 / FLAN does not (5.x flag; 4.x: tied)
     if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
         h = h * config.d_model ** -0.5
     return model.lm_head(h)
@@ -153,10 +182,16 @@ def _ban(scores, history, t, settings, eos):
     n = settings.no_repeat_ngram_size
     if n and t + 1 >= n:
         windows = history.unfold(1, n, 1)
-        repeat = (windows[..., :-1] == history[:, None, t + 2 - n:]).all(-1)  # window starts with the last n-1 tokens
+        repeat = (windows[..., :-1] == history[:, None, t + 2 - n :]).all(
+            -1
+        )  # window starts with the last n-1 tokens
         vocab = scores.shape[-1]
-        banned = torch.where(repeat, windows[..., -1], vocab)  # a window that does not repeat bans a spare column
-        mask = torch.zeros(len(scores), vocab + 1, dtype=torch.bool, device=scores.device).scatter_(1, banned, True)
+        banned = torch.where(
+            repeat, windows[..., -1], vocab
+        )  # a window that does not repeat bans a spare column
+        mask = torch.zeros(len(scores), vocab + 1, dtype=torch.bool, device=scores.device).scatter_(
+            1, banned, True
+        )
         scores.masked_fill_(mask[:, :vocab], -float("inf"))
     return scores
 
@@ -202,9 +237,12 @@ def generate(model, input_ids, attention_mask, settings) -> list:
     cross, lengths = _encode(model, input_ids, attention_mask)
     groups = _groups(lengths)
     cross_bias = torch.zeros(n, 1, 1, input_ids.shape[1], dtype=cross.dtype, device=device).masked_fill(
-        attention_mask[:, None, None, :] == 0, NEG)  # additive, built once: a boolean mask is converted per call
+        attention_mask[:, None, None, :] == 0, NEG
+    )  # additive, built once: a boolean mask is converted per call
     att0 = model.decoder.block[0].layer[0].SelfAttention
-    bias = att0.compute_bias(steps, steps, device=device).to(cross.dtype)  # causal decoder: bidirectional=False
+    bias = att0.compute_bias(steps, steps, device=device).to(
+        cross.dtype
+    )  # causal decoder: bidirectional=False
     layers, _, _, heads, _, d = cross.shape
     # Two self-attention caches for all max_new_tokens, allocated once: each step copies the live positions
     # of the beams that go on from one into the other, with no allocation (a fresh one page-faults).
@@ -223,8 +261,9 @@ def generate(model, input_ids, attention_mask, settings) -> list:
 
     for t in range(steps):
         rows = len(active) * beams
-        logits = _decode_step(model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, groups,
-                              bias).float()
+        logits = _decode_step(
+            model, seqs[:, :, t].reshape(rows), t, cache[:, :, :rows], cross, cross_bias, groups, bias
+        ).float()
         history, vocab = seqs.view(rows, -1)[:, :t + 1], logits.shape[-1]
         if beams == 1:  # HF's greedy search: the argmax of the processed logits, ties to the lowest id; a
             # running score added first would merge near ties once it is large (fp32 rounding)
@@ -232,7 +271,9 @@ def generate(model, input_ids, attention_mask, settings) -> list:
             top = scores  # greedy ranks no candidates: the score stays 0
         else:
             log_probs = _ban(F.log_softmax(logits, dim=-1), history, t, settings, eos)
-            top, index = (log_probs.view(-1, beams, vocab) + scores[:, :, None]).view(-1, beams * vocab).topk(width)
+            top, index = (
+                (log_probs.view(-1, beams, vocab) + scores[:, :, None]).view(-1, beams * vocab).topk(width)
+            )
         source, token = index // vocab, index % vocab
         candidates = _take(seqs, source)
         candidates[:, :, t + 1] = token

@@ -1,10 +1,13 @@
 """Benchmarks: figures measured side by side in one run, printed as tables and saved as bench-*.json.
 
-    python -m dialsum_raw.bench train   [--quick]   # our loop (torch/fast dropout) vs HF Seq2SeqTrainer + peft; long pool; MFU
-    python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate and CTranslate2, batch 1/8/16/32
+    python -m dialsum_raw.bench train   [--quick]   # our loop (torch/fast dropout) vs HF Seq2SeqTrainer +
+    peft; long pool; MFU
+    python -m dialsum_raw.bench eval    [--quick]   # own beam search vs HF generate and CTranslate2, batch
+    1/8/16/32
     python -m dialsum_raw.bench memory  [--quick]   # peak memory per size, +- checkpointing; adapter size;
-                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only sharding);
-                                                    # the base stored fp32 / bf16 / nf4 (--only base-dtype)
+                                                    # full fine-tuning at 2 processes, DDP vs --fsdp (--only
+                                                    sharding); # the base stored fp32 / bf16 / nf4 (--only
+                                                    base-dtype)
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -31,8 +34,8 @@ from .config import Settings, validate
 from .errors import run_cli
 from .generation import generation_kwargs, length_sorted_batches, summarize
 from .measure import bare_steps, consumed, lora_settings, machine, save, table, timed_ids
-from .modeling import (BASE_DTYPES, autocast_for, choose_precision, compute_device, count_parameters, load_model,
-                       load_tokenizer, stored_bytes)
+from .modeling import (BASE_DTYPES, autocast_for, choose_precision, compute_device, count_parameters,
+                       load_model, load_tokenizer, stored_bytes)
 from .trainbench import bench_train
 
 
@@ -42,8 +45,11 @@ def _ct2_serve(conn, path, threads):
     or with the error's text."""
     try:
         import ctranslate2
-        translators = {kind: ctranslate2.Translator(path, device="cpu", compute_type=kind, intra_threads=threads)
-                       for kind in ("float32", "int8")}
+
+        translators = {
+            kind: ctranslate2.Translator(path, device="cpu", compute_type=kind, intra_threads=threads)
+            for kind in ("float32", "int8")
+        }
         for kind, batches, options in iter(conn.recv, None):
             start = time.perf_counter()
             hypotheses = [r.hypotheses[0] for batch in batches
@@ -65,7 +71,9 @@ class _CT2:
         path = TransformersConverter(model_dir).convert(os.path.join(tmp, "ct2"))
         context = multiprocessing.get_context("spawn")  # not fork: no copy of torch's thread pool
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_ct2_serve, args=(child, path, torch.get_num_threads()), daemon=True)
+        self.process = context.Process(
+            target=_ct2_serve, args=(child, path, torch.get_num_threads()), daemon=True
+        )
         self.process.start()
         child.close()  # the child's end lives in the child only: its exit reads as end-of-file here
 
@@ -87,8 +95,18 @@ class _CT2:
         batches = [[tok.convert_ids_to_tokens(sources[i]) for i in chunk] for chunk in chunks]
         here = time.perf_counter() - start
         try:
-            self.conn.send((kind, batches, {"beam_size": settings.num_beams, "length_penalty": settings.length_penalty,
-                                            "max_decoding_length": settings.max_new_tokens, "return_end_token": True}))
+            self.conn.send(
+                (
+                    kind,
+                    batches,
+                    {
+                        "beam_size": settings.num_beams,
+                        "length_penalty": settings.length_penalty,
+                        "max_decoding_length": settings.max_new_tokens,
+                        "return_end_token": True,
+                    },
+                )
+            )
             answer = self.conn.recv()
         except (EOFError, OSError):  # the child is gone: its end of the pipe closed
             self.process.join(5)
@@ -122,14 +140,22 @@ def bench_eval(args):
     n, steps = (8, 16) if args.quick else (32, 64)
     sizes = (1, 8) if args.quick else (1, 8, 16, 32)
     device = compute_device()
-    precisions = ("fp32", "bf16") if choose_precision("auto", device)[0] == "bf16" else ("fp32",)  # native bf16 only
+    precisions = (
+        ("fp32", "bf16") if choose_precision("auto", device)[0] == "bf16" else ("fp32",)
+    )  # native bf16 only
     model, tok = load_model(args.model).eval().requires_grad_(False).to(device), load_tokenizer(args.model)
     split = data.load_splits(args.data, ("test",))["test"][:n]
     texts, refs = [d.dialogue for d in split], [d.refs for d in split]
 
     def settings(engine, size, precision="fp32", tokens=steps, **over):
-        return Settings(engine=engine, eval_batch_size=size, precision=precision, num_beams=4, max_new_tokens=tokens,
-                        **over)
+        return Settings(
+            engine=engine,
+            eval_batch_size=size,
+            precision=precision,
+            num_beams=4,
+            max_new_tokens=tokens,
+            **over,
+        )
     sources, _ = data.encode_sources(tok, texts, settings("own", 1).max_source_len)
     with tempfile.TemporaryDirectory() as tmp:
         ct2 = _ct2(args.model, tmp) if device.type == "cpu" else None
@@ -142,7 +168,9 @@ def bench_eval(args):
 
     differ, why = _agreement(model, sources, ids, runs, sizes)
     best = {name: min(sizes, key=lambda b: seconds[name, b]) for name in runs}
-    ours = min((name for name in runs if name in ("ours fp32", "ours bf16")), key=lambda k: seconds[k, best[k]])
+    ours = min(
+        (name for name in runs if name in ("ours fp32", "ours bf16")), key=lambda k: seconds[k, best[k]]
+    )
     top = seconds[ours, best[ours]]
     int8_rouge = _int8_rouge(tok, ids, refs, sizes[-1]) if "ours int8" in runs else {}
     # the random stand-in never ends early: every dialogue runs to the cap, an upper bound
@@ -163,11 +191,19 @@ def bench_eval(args):
 def _engines(model, tok, texts, settings, precisions, ct2, device):
     """{row name: run(batch size) -> (seconds, ids)}: ours per precision, CTranslate2's two kinds when it is
     there, HF per precision, and on a CPU ours with the int8 preview."""
-    runs = {f"ours {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("own", size, p))) for p in precisions}
+    runs = {
+        f"ours {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("own", size, p)))
+        for p in precisions
+    }
     if ct2:
         runs.update({f"CT2 {name}": (lambda size, kind=kind: ct2.ids(kind, tok, texts, settings("own", size)))
                      for name, kind in (("fp32", "float32"), ("int8", "int8"))})
-    runs.update({f"HF {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("hf", size, p))) for p in precisions})
+    runs.update(
+        {
+            f"HF {p}": (lambda size, p=p: timed_ids(model, tok, texts, settings("hf", size, p)))
+            for p in precisions
+        }
+    )
     if device.type == "cpu":
         runs["ours int8"] = lambda size: timed_ids(model, tok, texts, settings("own", size, quantize="int8"))
     return runs
@@ -235,10 +271,14 @@ def _goals(seconds, sizes, n, ours, best, top, with_ct2):
         later <= 1.05 * earlier for earlier, later in zip(per_dialogue, per_dialogue[1:]))
     if with_ct2:
         big = sizes[-1]
-        goals[f"ours fp32 no slower than CT2 fp32 at batch {big}: {seconds['CT2 fp32', big] / seconds['ours fp32', big]:.2f}x"] = (
-            seconds["ours fp32", big] <= seconds["CT2 fp32", big])
-        goals[f"ours best ({ours}) no slower than CT2 best (int8): {seconds['CT2 int8', best['CT2 int8']] / top:.2f}x"] = (
-            top <= seconds["CT2 int8", best["CT2 int8"]])
+        goals[
+            f"ours fp32 no slower than CT2 fp32 at batch {big}: "
+            f"{seconds['CT2 fp32', big] / seconds['ours fp32', big]:.2f}x"
+        ] = seconds["ours fp32", big] <= seconds["CT2 fp32", big]
+        goals[
+            f"ours best ({ours}) no slower than CT2 best (int8): "
+            f"{seconds['CT2 int8', best['CT2 int8']] / top:.2f}x"
+        ] = top <= seconds["CT2 int8", best["CT2 int8"]]
     return goals
 
 
@@ -247,15 +287,28 @@ def _eval_rows(runs, sizes, n, seconds, best, top, differ, why, int8_rouge, goal
     rows = [("engine", "   ".join(f"batch {b:<3}" for b in sizes) + "   best / ours best")]
     rows += [(name, "   ".join(f"{seconds[name, b]:9.1f}" for b in sizes)
               + f"   {seconds[name, best[name]] / top:5.2f}x (batch {best[name]})") for name in runs]
-    rows += [(f"{name} vs ours fp32", ", ".join(f"{differ[name, b]}/{n}" for b in sizes) + f" differ: {why[name]}")
-             for name in runs if name != "ours fp32"]
+    rows += [
+        (f"{name} vs ours fp32", ", ".join(f"{differ[name, b]}/{n}" for b in sizes) + f" differ: {why[name]}")
+        for name in runs
+        if name != "ours fp32"
+    ]
     if int8_rouge:
-        rows += [("ours int8 preview", f"{n - differ['ours int8', sizes[-1]]}/{n} summaries identical to fp32; ROUGE "
-                                       + ", ".join(f"{k} {100 * v:+.2f}" for k, v in int8_rouge.items()))]
+        rows += [
+            (
+                "ours int8 preview",
+                f"{n - differ['ours int8', sizes[-1]]}/{n} summaries identical to fp32; ROUGE "
+                + ", ".join(f"{k} {100 * v:+.2f}" for k, v in int8_rouge.items()),
+            )
+        ]
     rows += [(f"goal {'met' if ok else 'NOT MET'}", text) for text, ok in goals.items()]
-    rows += [(f"{p} test split, own", f"{e['test_split_minutes']} min = {e['measured_seconds']} s measured on {n} "
-                                     f"dialogues at 128 new tokens, batch {e['batch']}, x 500/{n}")
-             for p, e in estimate.items()]
+    rows += [
+        (
+            f"{p} test split, own",
+            f"{e['test_split_minutes']} min = {e['measured_seconds']} s measured on {n} "
+            f"dialogues at 128 new tokens, batch {e['batch']}, x 500/{n}",
+        )
+        for p, e in estimate.items()
+    ]
     return rows
 
 
@@ -273,21 +326,51 @@ def bench_memory(args):
     for size, mode, gc in probes:
         # One step: a large step takes minutes on CPU, and step 1 has the peak (the loop's first batch is
         # its longest of the first few, and AdamW's state is allocated in it).
-        cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", args.model, "--data", args.data,
-               "--config", args.config, "--size", size, "--mode", mode, "--steps", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dialsum_raw.bench",
+            "memory-probe",
+            "--model",
+            args.model,
+            "--data",
+            args.data,
+            "--config",
+            args.config,
+            "--size",
+            size,
+            "--mode",
+            mode,
+            "--steps",
+            "1",
+        ]
         print(f"probe: {size} {mode}{' + checkpointing' if gc else ''}", flush=True)
-        out = subprocess.run(cmd + ["--checkpointing"] * gc, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            cmd + ["--checkpointing"] * gc, check=True, capture_output=True, text=True
+        ).stdout
         runs[f"{size} {mode}{' checkpointing' if gc else ''}"] = json.loads(out.strip().splitlines()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(args.model)
         model.save_pretrained(os.path.join(tmp, "full"))
         lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16))
         lora.save_adapter(model, os.path.join(tmp, "adapter"), args.model)
-        size = {name: sum(os.path.getsize(os.path.join(tmp, name, f)) for f in os.listdir(os.path.join(tmp, name)))
-                for name in ("full", "adapter")}
+        size = {
+            name: sum(
+                os.path.getsize(os.path.join(tmp, name, f)) for f in os.listdir(os.path.join(tmp, name))
+            )
+            for name in ("full", "adapter")
+        }
     peak = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
-    result = {"batch_size": 8, "steps": 1, "lora": "r=8 q,v", "peak": peak, "runs": runs, "checkpoint_bytes": size["full"],
-              "adapter_bytes": size["adapter"], "checkpoint_over_adapter": round(size["full"] / size["adapter"], 1)}
+    result = {
+        "batch_size": 8,
+        "steps": 1,
+        "lora": "r=8 q,v",
+        "peak": peak,
+        "runs": runs,
+        "checkpoint_bytes": size["full"],
+        "adapter_bytes": size["adapter"],
+        "checkpoint_over_adapter": round(size["full"] / size["adapter"], 1),
+    }
     rows = []
     for s in sizes:
         plain, gc = runs[f"{s} lora"], runs[f"{s} lora checkpointing"]
@@ -296,12 +379,21 @@ def bench_memory(args):
                      f"({gc[peak] / plain[peak] - 1:+.0%}); {plain['seconds_per_step']:.1f} / "
                      f"{gc['seconds_per_step']:.1f} s per step"))
     full = runs["small full"]
-    rows += [("small, full fine-tuning (no checkpointing)", f"{full[peak]:>7,.0f} MB"),
-             ("adapter / full checkpoint (small)", f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
-                                                   f"({result['checkpoint_over_adapter']:.0f}x smaller)")]
+    rows += [
+        ("small, full fine-tuning (no checkpointing)", f"{full[peak]:>7,.0f} MB"),
+        (
+            "adapter / full checkpoint (small)",
+            f"{size['adapter'] / 1e6:.2f} MB / {size['full'] / 1e6:.1f} MB "
+            f"({result['checkpoint_over_adapter']:.0f}x smaller)",
+        ),
+    ]
     batch, source, target = runs["small lora"]["batch_shapes"][0]
-    table(f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of batch {batch} ({source} source, {target} target "
-           f"tokens), LoRA r=8 q,v, {runs['small lora']['precision']}, random stand-ins of each flan-t5 size", rows)
+    table(
+        f"memory: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS'} in one training step of "
+        f"batch {batch} ({source} source, {target} target "
+        f"tokens), LoRA r=8 q,v, {runs['small lora']['precision']}, random stand-ins of each flan-t5 size",
+        rows,
+    )
     save("memory", result, args)
     if args.only is None:
         bench_sharded_memory(args)
@@ -309,15 +401,19 @@ def bench_memory(args):
 
 
 def bench_base_dtype(args):
-    """One LoRA step (r=8 q,v, batch 8, bf16 autocast) with the frozen base stored in fp32, bf16 and nf4, each in
-    its own process that loads a saved stand-in through load_model (nf4 quantizes as it reads): peak RSS of the
-    whole process, bytes of the stored weights, seconds per step and the share of it spent dequantizing; the
-    small and large stand-ins (small only with --quick), and xl and xxl predicted (see _predicted)."""
+    """One LoRA step (r=8 q,v, batch 8, bf16 autocast) with the frozen base stored in fp32, bf16 and nf4, each
+    in its own process that loads a saved stand-in through load_model (nf4 quantizes as it reads): peak RSS of
+    the whole process, bytes of the stored weights, seconds per step and the share of it spent dequantizing;
+    the small and large stand-ins (small only with --quick), and xl and xxl predicted (see _predicted)."""
     sizes = ("small",) if args.quick else ("small", "large")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
-            folder = args.model if size == "small" else standin.build(args.config, os.path.join(tmp, size), size=size)
+            folder = (
+                args.model
+                if size == "small"
+                else standin.build(args.config, os.path.join(tmp, size), size=size)
+            )
             for dtype in BASE_DTYPES:
                 print(f"probe: {size} base {dtype}", flush=True)
                 cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", folder, "--data",
@@ -332,21 +428,36 @@ def bench_base_dtype(args):
         fp32, bf16 = runs[f"{size} fp32"], runs[f"{size} bf16"]
         for dtype in BASE_DTYPES:
             r = runs[f"{size} {dtype}"]
-            rows.append((f"{size} base {dtype}", f"{r[peak]:>8,.0f} MB peak ({r[peak] / fp32[peak]:.2f}x fp32), weights "
-                         f"{r['weight_bytes'] / 2 ** 20:>7,.0f} MB; {r['seconds_per_step']:.2f} s per step "
-                         f"({r['seconds_per_step'] / bf16['seconds_per_step']:.2f}x bf16 base)"
-                         + (f", dequantizing {r['dequantize_share']:.0%} of it" if dtype == "nf4" else "")))
-    rows += [(f"{size} base {dtype} (predicted)", f"{p['peak_mb']:>8,.0f} MB peak, weights {p['weight_bytes'] / 2 ** 20:>7,.0f} MB")
-             for size, by_dtype in predicted.items() for dtype, p in by_dtype.items()]
-    table(f"memory by base dtype: {'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS of the process'}, "
-          f"one LoRA step (r=8 q,v) of batch 8, bf16 autocast, loading included; seconds: the second step", rows)
+            rows.append(
+                (
+                    f"{size} base {dtype}",
+                    f"{r[peak]:>8,.0f} MB peak ({r[peak] / fp32[peak]:.2f}x fp32), weights "
+                    f"{r['weight_bytes'] / 2**20:>7,.0f} MB; {r['seconds_per_step']:.2f} s per step "
+                    f"({r['seconds_per_step'] / bf16['seconds_per_step']:.2f}x bf16 base)"
+                    + (f", dequantizing {r['dequantize_share']:.0%} of it" if dtype == "nf4" else ""),
+                )
+            )
+    rows += [
+        (
+            f"{size} base {dtype} (predicted)",
+            f"{p['peak_mb']:>8,.0f} MB peak, weights {p['weight_bytes'] / 2**20:>7,.0f} MB",
+        )
+        for size, by_dtype in predicted.items()
+        for dtype, p in by_dtype.items()
+    ]
+    table(
+        "memory by base dtype: "
+        f"{'peak CUDA memory' if torch.cuda.is_available() else 'peak RSS of the process'}, "
+        f"one LoRA step (r=8 q,v) of batch 8, bf16 autocast, loading included; seconds: the second step",
+        rows,
+    )
     save("memory-base-dtype", {"runs": runs, "predicted": predicted, "peak": peak}, args)
 
 
 def _predicted(runs, measured, config):
     """xl and xxl: stored weights counted exactly on the meta-device shape (quant.stored_bytes), and a peak of
-    weights + the measured size's peak beyond its weights, scaled by d_model x layers (activations and LoRA state
-    grow with both; the interpreter and libraries do not, so this leans high)."""
+    weights + the measured size's peak beyond its weights, scaled by d_model x layers (activations and LoRA
+    state grow with both; the interpreter and libraries do not, so this leans high)."""
     predicted = {}
     cfg = standin.config(config, measured)
     for size in ("xl", "xxl"):
@@ -358,13 +469,16 @@ def _predicted(runs, measured, config):
         for dtype in BASE_DTYPES:
             r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
             beyond = r["peak_rss_mb"] * 2 ** 20 - r["weight_bytes"]
-            predicted[size][dtype] = {"weight_bytes": weights, "peak_mb": round((weights + beyond * scale) / 2 ** 20)}
+            predicted[size][dtype] = {
+                "weight_bytes": weights,
+                "peak_mb": round((weights + beyond * scale) / 2**20),
+            }
     return predicted
 
 
 def bench_sharded_memory(args):
-    """Full fine-tuning at 2 processes under torchrun, wrapped as train.py wraps: DDP against --fsdp. Per rank:
-    the bytes of parameters, gradients and AdamW state it holds (counted from its tensors) and its peak
+    """Full fine-tuning at 2 processes under torchrun, wrapped as train.py wraps: DDP against --fsdp. Per
+    rank: the bytes of parameters, gradients and AdamW state it holds (counted from its tensors) and its peak
     memory. A probe predicted not to fit in the memory free now is skipped, saying so."""
     sizes = (args.size,) if args.size else ("base",) if args.quick else ("base", "large")
     runs, skipped = {}, {}
@@ -377,15 +491,40 @@ def bench_sharded_memory(args):
             need = 2 * (parameters * (20 if wrapping == "ddp" else 16 / 2) + 1.5e9)
             free = standin.free_bytes()
             if not torch.cuda.is_available() and free is not None and need > free:
-                skipped[f"{size} {wrapping}"] = f"not run: about {need / 1e9:.0f} GB needed, {free / 1e9:.0f} GB free"
+                skipped[f"{size} {wrapping}"] = (
+                    f"not run: about {need / 1e9:.0f} GB needed, {free / 1e9:.0f} GB free"
+                )
                 continue
             print(f"probe: {size} full fine-tuning, 2 processes, {wrapping}", flush=True)
-            res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                  "2", "-m", "dialsum_raw.bench", "memory-probe", "--model", args.model, "--data",
-                                  args.data, "--config", args.config, "--size", size, "--sharding", wrapping],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    "-m",
+                    "dialsum_raw.bench",
+                    "memory-probe",
+                    "--model",
+                    args.model,
+                    "--data",
+                    args.data,
+                    "--config",
+                    args.config,
+                    "--size",
+                    size,
+                    "--sharding",
+                    wrapping,
+                ],
+                capture_output=True,
+                text=True,
+            )
             ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"size"')]
-            if res.returncode or len(ranks) != 2:  # e.g. killed for memory by the OS: say so, measure the rest
+            if (
+                res.returncode or len(ranks) != 2
+            ):  # e.g. killed for memory by the OS: say so, measure the rest
                 skipped[f"{size} {wrapping}"] = f"failed (exit {res.returncode}): {res.stderr.strip()[-300:]}"
                 continue
             runs[f"{size} {wrapping}"] = max(ranks, key=lambda r: r["peak_rss_mb"])  # the fuller rank
@@ -399,14 +538,21 @@ def bench_sharded_memory(args):
             ddp_state = ddp["parameter_bytes"] + ddp["gradient_bytes"] + ddp["optimizer_bytes"]
             r["state_over_ddp"] = round(state / ddp_state, 3)
             versus = f" = {r['state_over_ddp']:.2f} of DDP's (1/N = 0.50)"
-        rows.append((f"{name.replace('ddp', 'DDP').replace('fsdp', 'FSDP')}: {r['parameters']:,} parameters",
-                     f"params {r['parameter_bytes'] / 1e6:,.0f} + grads {r['gradient_bytes'] / 1e6:,.0f} + AdamW "
-                     f"{r['optimizer_bytes'] / 1e6:,.0f} = {state / 1e6:,.0f} MB{versus}; peak {r[peak]:,.0f} MB; "
-                     f"{r['seconds_per_step']:.1f} s per step"))
+        rows.append(
+            (
+                f"{name.replace('ddp', 'DDP').replace('fsdp', 'FSDP')}: {r['parameters']:,} parameters",
+                f"params {r['parameter_bytes'] / 1e6:,.0f} + grads {r['gradient_bytes'] / 1e6:,.0f} + AdamW "
+                f"{r['optimizer_bytes'] / 1e6:,.0f} = {state / 1e6:,.0f} MB{versus}; peak {r[peak]:,.0f} MB; "
+                f"{r['seconds_per_step']:.1f} s per step",
+            )
+        )
     rows += list(skipped.items())
     shape = next(iter(runs.values()))["batch_shape"] if runs else "?"
-    table(f"memory per rank: full fine-tuning at 2 processes, fp32, batch {shape} per rank (examples, source, "
-           f"target tokens), one step, random stand-ins", rows)
+    table(
+        f"memory per rank: full fine-tuning at 2 processes, fp32, batch {shape} per rank (examples, source, "
+        f"target tokens), one step, random stand-ins",
+        rows,
+    )
     save("memory-sharded", {"peak": peak, "runs": runs, "skipped": skipped}, args)
 
 
@@ -432,19 +578,33 @@ def sharded_probe(args):
     optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(json.dumps({"size": args.size, "sharding": args.sharding, "rank": rank, "parameters": parameters,
-                      "batch_shape": [*batch["input_ids"].shape, batch["labels"].shape[1]],
-                      "parameter_bytes": _local_bytes(model.parameters()), "gradient_bytes": gradients,
-                      "optimizer_bytes": _local_bytes(t for state in optimizer.state.values() for t in state.values()),
-                      "seconds_per_step": round(time.perf_counter() - start, 2),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "size": args.size,
+                "sharding": args.sharding,
+                "rank": rank,
+                "parameters": parameters,
+                "batch_shape": [*batch["input_ids"].shape, batch["labels"].shape[1]],
+                "parameter_bytes": _local_bytes(model.parameters()),
+                "gradient_bytes": gradients,
+                "optimizer_bytes": _local_bytes(
+                    t for state in optimizer.state.values() for t in state.values()
+                ),
+                "seconds_per_step": round(time.perf_counter() - start, 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            }
+        ),
+        flush=True,
+    )
     torch.distributed.destroy_process_group()
 
 
 def memory_probe(args):
-    """One size, mode and checkpointing setting in its own process, on the loop's first batches; prints JSON."""
+    """One size, mode and checkpointing setting in its own process, on the loop's first batches; prints
+    JSON."""
+
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tok = load_tokenizer(args.model)
@@ -464,21 +624,38 @@ def memory_probe(args):
     collate = data.Collator(tok.pad_token_id)
     device_batches = [collate([examples[i] for i in b]) for b in batches]
     autocast = autocast_for("auto", device)
-    if device.type == "cuda":  # an untimed first step sets up cuBLAS and the allocator; same batch, so the peak holds
+    if (
+        device.type == "cuda"
+    ):  # an untimed first step sets up cuBLAS and the allocator; same batch, so the peak holds
         bare_steps(model, device_batches[:1], device, autocast)
     seconds = bare_steps(model, device_batches, device, autocast)
-    print(json.dumps({"size": args.size, "mode": args.mode, "checkpointing": args.checkpointing, "steps": args.steps,
-                      "precision": " ".join(choose_precision("auto", device)),
-                      "batch_shapes": [[*b["input_ids"].shape, b["labels"].shape[1]] for b in device_batches],
-                      "parameters": total, "trainable": count_parameters(model)[0], "loaded_rss_mb": round(loaded, 1),
-                      "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds / args.steps, 2),
-                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
-                      "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20 if device.type == "cuda" else None}))
+    print(
+        json.dumps(
+            {
+                "size": args.size,
+                "mode": args.mode,
+                "checkpointing": args.checkpointing,
+                "steps": args.steps,
+                "precision": " ".join(choose_precision("auto", device)),
+                "batch_shapes": [[*b["input_ids"].shape, b["labels"].shape[1]] for b in device_batches],
+                "parameters": total,
+                "trainable": count_parameters(model)[0],
+                "loaded_rss_mb": round(loaded, 1),
+                "peak_rss_mb": round(rss_mb(), 1),
+                "seconds_per_step": round(seconds / args.steps, 2),
+                "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+                "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2**20
+                if device.type == "cuda"
+                else None,
+            }
+        )
+    )
 
 
 def base_dtype_probe(args, tok, examples, batches, rss_mb):
-    """memory-probe --base-dtype: the saved stand-in loaded with that storage, LoRA r=8 q,v, bf16 autocast; the first
-    batch twice: the first step has the peak, the second is timed, with the time spent in NF4.dequantize."""
+    """memory-probe --base-dtype: the saved stand-in loaded with that storage, LoRA r=8 q,v, bf16 autocast;
+    the first batch twice: the first step has the peak, the second is timed, with the time spent in
+    NF4.dequantize."""
     from . import quant
     device = compute_device()
     model = load_model(args.model, base_dtype=args.base_dtype)
@@ -496,12 +673,23 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
         return out
     quant.NF4.dequantize = timed
     seconds = bare_steps(model, batch, device, autocast)
-    print(json.dumps({"size": args.size, "base_dtype": args.base_dtype, "batch_shape": [*batch[0]["input_ids"].shape,
-                      batch[0]["labels"].shape[1]], "parameters": count_parameters(model)[1],
-                      "weight_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
-                      "peak_rss_mb": round(rss_mb(), 1), "seconds_per_step": round(seconds, 3),
-                      "dequantize_share": round(spent[0] / seconds, 3),
-                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}))
+    print(
+        json.dumps(
+            {
+                "size": args.size,
+                "base_dtype": args.base_dtype,
+                "batch_shape": [*batch[0]["input_ids"].shape, batch[0]["labels"].shape[1]],
+                "parameters": count_parameters(model)[1],
+                "weight_bytes": sum(
+                    t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                ),
+                "peak_rss_mb": round(rss_mb(), 1),
+                "seconds_per_step": round(seconds, 3),
+                "dequantize_share": round(spent[0] / seconds, 3),
+                "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            }
+        )
+    )
 
 
 def bench_learn(args):
@@ -522,13 +710,28 @@ def bench_learn(args):
         tok = load_tokenizer(tiny)
         device = compute_device()
         scores = {
-            "untrained": metrics.rouge(summarize(load_model(tiny).to(device), tok, texts, s, desc="untrained"), refs),
-            "lead (first 2 utterances)": metrics.rouge([" ".join(d.dialogue.splitlines()[:2]) for d in test], refs),
-            "trained": metrics.rouge(summarize(load_model(os.path.join(s.output_dir, "last")).to(device), tok, texts,
-                                               s, desc="trained"), refs),
+            "untrained": metrics.rouge(
+                summarize(load_model(tiny).to(device), tok, texts, s, desc="untrained"), refs
+            ),
+            "lead (first 2 utterances)": metrics.rouge(
+                [" ".join(d.dialogue.splitlines()[:2]) for d in test], refs
+            ),
+            "trained": metrics.rouge(
+                summarize(
+                    load_model(os.path.join(s.output_dir, "last")).to(device), tok, texts, s, desc="trained"
+                ),
+                refs,
+            ),
         }
-    result = {"steps": steps, "seconds": summary["seconds"], "val_loss_curve": curve, "test_dialogues": n_test,
-              "rouge_per_row": {k: {m: round(100 * v, 2) for m, v in sc["per_row"].items()} for k, sc in scores.items()}}
+    result = {
+        "steps": steps,
+        "seconds": summary["seconds"],
+        "val_loss_curve": curve,
+        "test_dialogues": n_test,
+        "rouge_per_row": {
+            k: {m: round(100 * v, 2) for m, v in sc["per_row"].items()} for k, sc in scores.items()
+        },
+    }
     table(f"learn: tiny T5 from scratch, {steps} steps of batch 8 ({summary['seconds']:.0f} s)",
            [(f"val loss @ step {st}", f"{v:.3f}") for st, v in curve] +
            [(f"{k}: ROUGE-1/2/L on {n_test} test dialogues",
@@ -538,23 +741,37 @@ def bench_learn(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dialsum_raw.bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dialsum_raw.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("which", choices=["train", "eval", "memory", "learn", "gpu", "memory-probe"])
     p.add_argument("--quick", action="store_true", help="about a minute instead of about five")
     p.add_argument("--data", default="../shared/dialogsum", help="DialogSum folder or hub id")
-    p.add_argument("--config", default="../shared/flan-t5-small", help="flan-t5 config+tokenizer folder for stand-ins")
+    p.add_argument(
+        "--config", default="../shared/flan-t5-small", help="flan-t5 config+tokenizer folder for stand-ins"
+    )
     p.add_argument("--model", help="model to benchmark (default: a flan-t5-small-shaped stand-in)")
     p.add_argument("--out", default=".", help="folder for bench-*.json")
     p.add_argument("--repeat", type=int, default=1, help="eval: run the sweep N times, keep each cell's best")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cuda where there is one (default); cpu hides the GPUs from this run and its processes")
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cuda where there is one (default); cpu hides the GPUs from this run and its processes",
+    )
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only")
+    p.add_argument(
+        "--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only"
+    )
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["lora", "sharding", "base-dtype"], help="memory: only one of its three parts")
+    p.add_argument(
+        "--only", choices=["lora", "sharding", "base-dtype"], help="memory: only one of its three parts"
+    )
     p.add_argument("--base-dtype", choices=BASE_DTYPES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cpu":  # before anything starts CUDA; child processes inherit it

@@ -131,11 +131,12 @@ def lock(folder):
     """Hold folder/.lock for the with-block, with this process's pid, host and start time in the file. While
     another process holds it, refused, naming that process.
 
-    Where the filesystem has flock (local disks; NFS and Lustre where mounted with locking, see docs/scale.md):
-    an exclusive flock, which the kernel drops with its process, so a lock file a crash left behind never blocks. Where it
-    has none (flock fails with ENOSYS, EOPNOTSUPP, ENOLCK or EINVAL): folder/.lock.excl, created with O_EXCL
-    and removed at the block's end; one a crash left behind is stale, and taken over, when it names a
-    process of this host that is gone (one of another host cannot be checked: refused, saying to delete it).
+    Where the filesystem has flock (local disks; NFS and Lustre where mounted with locking, see
+    docs/scale.md): an exclusive flock, which the kernel drops with its process, so a lock file a crash left
+    behind never blocks. Where it has none (flock fails with ENOSYS, EOPNOTSUPP, ENOLCK or EINVAL):
+    folder/.lock.excl, created with O_EXCL and removed at the block's end; one a crash left behind is stale,
+    and taken over, when it names a process of this host that is gone (one of another host cannot be checked:
+    refused, saying to delete it).
 
     The .lock file stays in a run folder when the run finishes or stops (SIGINT, SIGTERM); a block that ends
     in an error, in a folder that had no lock file, takes the file away again: a refused start leaves a
@@ -152,7 +153,9 @@ def lock(folder):
                 held = None
             except BlockingIOError:
                 f.seek(0)
-                raise UserError(f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it or stop it")
+                raise UserError(
+                    f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it or stop it"
+                )
             except OSError as e:
                 if e.errno not in NO_FLOCK:
                     raise UserError(f"cannot lock {path} ({e.strerror})") from None
@@ -173,8 +176,8 @@ def lock(folder):
 
 
 def _exclusive(path, folder):
-    """lock()'s fallback without flock: `path` created with O_EXCL, holding _holder(); a stale one (a process of
-    this host that is gone) is replaced once. Returns the path, to remove at the end."""
+    """lock()'s fallback without flock: `path` created with O_EXCL, holding _holder(); a stale one (a process
+    of this host that is gone) is replaced once. Returns the path, to remove at the end."""
     for _ in range(2):
         try:
             with _open_lock(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "w") as f:
@@ -185,9 +188,11 @@ def _exclusive(path, folder):
                 holder = f.read().strip()
             found = re.fullmatch(r"pid (\d+) on (\S+) since .*", holder)
             if not (found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1)))):
-                raise UserError(f"{folder} is in use by {holder or 'another process'} (a lock file, {path}: this "
-                                "filesystem has no flock); wait for it or stop it, or delete that file if the "
-                                "process is gone") from None
+                raise UserError(
+                    f"{folder} is in use by {holder or 'another process'} (a lock file, {path}: this "
+                    "filesystem has no flock); wait for it or stop it, or delete that file if the "
+                    "process is gone"
+                ) from None
             os.remove(path)  # stale: its process is gone
     raise UserError(f"{folder}: {path} keeps coming back; another process is taking the lock")
 
@@ -273,8 +278,10 @@ def load_state(path) -> dict:
     except Exception as e:
         blocked = re.search(r"unsupported GLOBAL (\S+)", str(e))
         if blocked:
-            raise UserError(f"{file}: refused: it asks to load the Python object {blocked.group(1)}, which could run "
-                            "code; a dialsum_raw trainer state holds only tensors and plain values")
+            raise UserError(
+                f"{file}: refused: it asks to load the Python object {blocked.group(1)}, which could run "
+                "code; a dialsum_raw trainer state holds only tensors and plain values"
+            )
         raise UserError(f"{file}: truncated or corrupted checkpoint ({type(e).__name__}); "
                         "delete it to restart, or resume from another run")
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:

@@ -4,9 +4,9 @@ A model is a name and how to get it: the base itself (zero-shot, "original"), th
 (--adapter [NAME=]DIR, repeatable; a bare DIR is the notebook's "peft") or a full fine-tune's folder
 (--instruct [NAME=]DIR, repeatable; a bare DIR is "instruct"). The notebook's three columns are this loop with
 three entries. The base is loaded once and the original summaries generated once; each adapter is applied,
-merged, generated and taken off in turn (lora.applied restores the base bit for bit), so an adapter's summaries
-are those of a run with it alone. Full fine-tunes come last, each loaded alone once the base is let go.
-Every name and folder is checked before the first summary is generated. Each model's generation is timed.
+merged, generated and taken off in turn (lora.applied restores the base bit for bit), so an adapter's
+summaries are those of a run with it alone. Full fine-tunes come last, each loaded alone once the base is let
+go. Every name and folder is checked before the first summary is generated. Each model's generation is timed.
 With --quantize int8 (a preview), each model also generates its first INT8_SAMPLE summaries unquantized, and
 report.md says how far the preview agrees with them.
 """
@@ -23,14 +23,21 @@ from .generation import generation_kwargs, summarize
 from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
 
 INT8_SAMPLE = 32  # dialogues per model generated without int8 too, to measure the preview's agreement
-NAME = re.compile(r"[A-Za-z0-9_.+,:-]+")  # no '=' (NAME=DIR), '/' or spaces: it heads a CSV column and a JSON key
-RESERVED = ("original", "human_baseline", "meta", "intervals")  # the base's name, results.csv's and metrics.json's
+NAME = re.compile(
+    r"[A-Za-z0-9_.+,:-]+"
+)  # no '=' (NAME=DIR), '/' or spaces: it heads a CSV column and a JSON key
+RESERVED = (
+    "original",
+    "human_baseline",
+    "meta",
+    "intervals",
+)  # the base's name, results.csv's and metrics.json's
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """One model of the evaluation: its name, what the report says it is, and how to get it: the base itself, the
-    base with `adapter` (LoRAConfig, tensors) applied, or the model folder `folder` loaded on its own."""
+    """One model of the evaluation: its name, what the report says it is, and how to get it: the base itself,
+    the base with `adapter` (LoRAConfig, tensors) applied, or the model folder `folder` loaded on its own."""
     name: str
     source: str
     adapter: tuple = None
@@ -38,8 +45,8 @@ class Model:
 
 
 def named(values, default):
-    """[(name, folder)] of --adapter / --instruct values: NAME=DIR, or a bare DIR named `default`. A folder that
-    itself contains '=' (a sweep's run folder) is a bare DIR when it exists as given."""
+    """[(name, folder)] of --adapter / --instruct values: NAME=DIR, or a bare DIR named `default`. A folder
+    that itself contains '=' (a sweep's run folder) is a bare DIR when it exists as given."""
     out = []
     for value in values:
         name, sep, folder = value.partition("=")
@@ -50,17 +57,21 @@ def named(values, default):
 
 
 def models_to_evaluate(settings):
-    """[(name, folder)] of the adapters and of the instruct models, and the reference, checked: the names unique
-    and not reserved, each instruct folder a model folder. Adapters are checked against the base once it loads."""
+    """[(name, folder)] of the adapters and of the instruct models, and the reference, checked: the names
+    unique and not reserved, each instruct folder a model folder. Adapters are checked against the base once
+    it loads."""
     adapters = named(settings.adapter, "peft")
     instructs = named(settings.instruct, "instruct")
     seen = set()
     for flag, pairs in (("--instruct", instructs), ("--adapter", adapters)):
         for name, folder in pairs:
             if name in RESERVED or name in seen:
-                raise UserError(f"{flag} {name}={folder}: the name {name!r} is "
-                                + ("reserved" if name in RESERVED else "given twice") + "; name each model once, "
-                                "NAME=DIR")
+                raise UserError(
+                    f"{flag} {name}={folder}: the name {name!r} is "
+                    + ("reserved" if name in RESERVED else "given twice")
+                    + "; name each model once, "
+                    "NAME=DIR"
+                )
             seen.add(name)
     for name, folder in instructs:
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -75,8 +86,8 @@ def models_to_evaluate(settings):
 
 @contextmanager
 def opened(model: Model, base, device, base_dtype):
-    """The model to generate with: the base, the base with the adapter merged (taken off after; unmerged on a bf16
-    or nf4 base, see lora.merge_for_inference), or the folder (stored as --base-dtype says)."""
+    """The model to generate with: the base, the base with the adapter merged (taken off after; unmerged on a
+    bf16 or nf4 base, see lora.merge_for_inference), or the folder (stored as --base-dtype says)."""
     if model.folder:
         yield load_model(model.folder, base_dtype=base_dtype).to(device)
     elif model.adapter:
@@ -95,7 +106,9 @@ def run(settings) -> dict:
     dialogues = dialogues[:settings.limit] if settings.limit else dialogues
     bad = [i for i in settings.show if i >= len(dialogues)]
     if bad:
-        raise UserError(f"--show {bad[0]} is out of range: {len(dialogues)} {settings.split} dialogues are evaluated")
+        raise UserError(
+            f"--show {bad[0]} is out of range: {len(dialogues)} {settings.split} dialogues are evaluated"
+        )
     texts = [d.dialogue for d in dialogues]
     device = compute_device()
     tokenizer = load_tokenizer(settings.model)
@@ -113,12 +126,16 @@ def run(settings) -> dict:
                               desc=f"{name} unquantized")
             rouge = {kind: metrics.rouge(preds, refs[:k], settings.use_stemmer)["per_row"]
                      for kind, preds in (("int8", summaries[name][:k]), ("exact", exact))}
-            int8[name] = {"dialogues": k, "identical": sum(a == b for a, b in zip(summaries[name], exact)),
-                          "rouge_difference": {m: rouge["int8"][m] - rouge["exact"][m] for m in rouge["int8"]}}
+            int8[name] = {
+                "dialogues": k,
+                "identical": sum(a == b for a, b in zip(summaries[name], exact)),
+                "rouge_difference": {m: rouge["int8"][m] - rouge["exact"][m] for m in rouge["int8"]},
+            }
 
     base_dtype = inference_base_dtype(settings, device, [folder for _, folder in adapters])
     base = load_model(settings.model, base_dtype=base_dtype).to(device)
-    # every adapter is checked against the base (corrupted, not an adapter, another base) before any generation
+    # every adapter is checked against the base (corrupted, not an adapter, another base) before any
+    # generation
     models = [Model("original", settings.model),
               *(Model(name, f"{settings.model} + {folder}", adapter=lora.check_adapter(base, folder))
                 for name, folder in adapters),
@@ -135,13 +152,24 @@ def run(settings) -> dict:
     scores = {name: metrics.rouge(preds, refs, settings.use_stemmer) for name, preds in summaries.items()}
     first = scores["original"]
     if first["non_ascii_texts"]:
-        print(f"note: {first['non_ascii_texts']} references or summaries contain non-ASCII characters; they are "
-              "kept, but rouge_score's tokenizer scores only [a-z0-9] words and drops the rest")
-    meta = {"split": settings.split, "data": settings.data, "dialogues": len(dialogues), "rows": first["rows"],
-            "models": {m.name: m.source for m in sorted(models, key=lambda m: order.index(m.name))},
-            "reference": reference, "generation": generation_kwargs(settings), "use_stemmer": settings.use_stemmer,
-            "max_source_len": settings.max_source_len, "quantize": settings.quantize,
-            "generation_seconds": {name: round(seconds[name], 1) for name in order}}
+        print(
+            f"note: {first['non_ascii_texts']} references or summaries contain non-ASCII characters; they "
+            "are "
+            "kept, but rouge_score's tokenizer scores only [a-z0-9] words and drops the rest"
+        )
+    meta = {
+        "split": settings.split,
+        "data": settings.data,
+        "dialogues": len(dialogues),
+        "rows": first["rows"],
+        "models": {m.name: m.source for m in sorted(models, key=lambda m: order.index(m.name))},
+        "reference": reference,
+        "generation": generation_kwargs(settings),
+        "use_stemmer": settings.use_stemmer,
+        "max_source_len": settings.max_source_len,
+        "quantize": settings.quantize,
+        "generation_seconds": {name: round(seconds[name], 1) for name in order},
+    }
     if int8:
         meta["int8_agreement"] = {n: int8[n] for n in order}
     intervals = metrics.intervals(scores, report.pairs(order, reference), settings.bootstrap)

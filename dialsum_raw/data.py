@@ -27,7 +27,9 @@ FILES = {
     "validation": ("dialogsum.dev.jsonl", "dev.jsonl", "validation.jsonl", "validation.csv", "dev.csv"),
     "test": ("dialogsum.test.jsonl", "test.jsonl", "test.csv"),
 }
-ENCODING = "utf-8-sig"  # UTF-8, and the byte-order mark spreadsheet programs put first is not part of the header
+ENCODING = (
+    "utf-8-sig"  # UTF-8, and the byte-order mark spreadsheet programs put first is not part of the header
+)
 _FLAT_ID = re.compile(r"^(.+_\d+)_(\d+)$")  # hub test rows: test_12_3 is reference 3 of test_12
 
 
@@ -50,9 +52,14 @@ def load_splits(source: str, splits=SPLITS) -> dict:
     if os.path.isdir(source):
         out = {}
         for split in splits:
-            path = next((os.path.join(source, n) for n in FILES[split] if os.path.isfile(os.path.join(source, n))), None)
+            path = next(
+                (os.path.join(source, n) for n in FILES[split] if os.path.isfile(os.path.join(source, n))),
+                None,
+            )
             if path is None:
-                raise UserError(f"{source}: no file for split '{split}' (expected one of {', '.join(FILES[split])})")
+                raise UserError(
+                    f"{source}: no file for split '{split}' (expected one of {', '.join(FILES[split])})"
+                )
             out[split] = _nonempty(read_file(path), path, split)
         return out
     if os.path.isfile(source):
@@ -60,7 +67,10 @@ def load_splits(source: str, splits=SPLITS) -> dict:
         split = next((s for s in SPLITS if any(name == n for n in FILES[s])), None)
         split = split or next((s for s in SPLITS if s in name or (s == "validation" and "dev" in name)), None)
         if split is None:
-            raise UserError(f"{source}: cannot tell the split from the file name (expected train, dev/validation or test in it)")
+            raise UserError(
+                f"{source}: cannot tell the split from the file name (expected train, dev/validation or test "
+                "in it)"
+            )
         missing = [s for s in splits if s != split]
         if missing and splits != SPLITS:
             raise UserError(f"{source} holds only the '{split}' split, but '{missing[0]}' is needed; "
@@ -68,13 +78,17 @@ def load_splits(source: str, splits=SPLITS) -> dict:
         return {split: _nonempty(read_file(source), source, split)}
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
         return _from_hub(source, splits)
-    raise UserError(f"data not found: {source} is neither a folder, a file nor a hub id like knkarthick/dialogsum")
+    raise UserError(
+        f"data not found: {source} is neither a folder, a file nor a hub id like knkarthick/dialogsum"
+    )
 
 
 def _nonempty(dialogues, where, split):
     """A split with no dialogue would train on nothing or report ROUGE 0.00 over nothing: refused here."""
     if not dialogues:
-        raise UserError(f"{where}: the '{split}' split holds no dialogue (an empty file, or only blank lines)")
+        raise UserError(
+            f"{where}: the '{split}' split holds no dialogue (an empty file, or only blank lines)"
+        )
     return dialogues
 
 
@@ -103,7 +117,10 @@ def _jsonl_rows(path):
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})")
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object with dialogue and summary, got {type(row).__name__}")
+                raise UserError(
+                    f"{path}:{lineno}: expected a JSON object with dialogue and summary, got "
+                    f"{type(row).__name__}"
+                )
             yield f"{path}:{lineno}", row
 
 
@@ -122,8 +139,10 @@ def _csv_rows(path):
                 except StopIteration:
                     return
                 if None in row:
-                    raise UserError(f"{path}:{start}: malformed CSV: more fields than the header's {len(header)} "
-                                    "(unquoted comma?)")
+                    raise UserError(
+                        f"{path}:{start}: malformed CSV: more fields than the header's {len(header)} "
+                        "(unquoted comma?)"
+                    )
                 yield f"{path}:{start}", row
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})")
@@ -142,8 +161,11 @@ def _from_hub(hub_id, splits):
         name = split if split in loaded else ("dev" if split == "validation" and "dev" in loaded else None)
         if name is None:
             raise UserError(f"{hub_id}: no split '{split}' (has {', '.join(loaded)})")
-        out[split] = _nonempty(to_dialogues((f"{hub_id}[{name}] row {i}", row) for i, row in enumerate(loaded[name])),
-                               hub_id, split)
+        out[split] = _nonempty(
+            to_dialogues((f"{hub_id}[{name}] row {i}", row) for i, row in enumerate(loaded[name])),
+            hub_id,
+            split,
+        )
     return out
 
 
@@ -228,8 +250,10 @@ def encode_sources(tokenizer, dialogues, max_len):
         head, tail = tokenizer(PROMPT.split("{dialogue}"), add_special_tokens=False)["input_ids"]
         room = max_len - len(head) - len(tail) - 1
         if room < 1:
-            raise UserError(f"a source length of {max_len} tokens leaves no room for the dialogue: the prompt "
-                            f"alone takes {len(head) + len(tail) + 1}; raise --max-source-len")
+            raise UserError(
+                f"a source length of {max_len} tokens leaves no room for the dialogue: the prompt "
+                f"alone takes {len(head) + len(tail) + 1}; raise --max-source-len"
+            )
         bodies = tokenizer([dialogues[i] for i in long], add_special_tokens=False, verbose=False)["input_ids"]
         for i, body in zip(long, bodies):
             ids[i] = head + body[:room] + tail + [tokenizer.eos_token_id]
@@ -323,13 +347,17 @@ def stats(splits, tokenizer=None, max_source_len=512, max_target_len=128) -> dic
         if tokenizer is not None:
             src, src_len = encode_sources(tokenizer, [d.dialogue for d in dialogues], max_source_len)
             _, tgt_len = tokenize(tokenizer, refs, max_target_len)
-            s.update({
-                "source_tokens_mean": round(sum(src_len) / len(src_len), 1), "source_tokens_max": max(src_len),
-                "target_tokens_mean": round(sum(tgt_len) / len(tgt_len), 1), "target_tokens_max": max(tgt_len),
-                "shortened_dialogues": sum(n > max_source_len for n in src_len),
-                "truncated_targets": sum(n > max_target_len for n in tgt_len),
-                "unk_tokens_in_sources": sum(x.count(tokenizer.unk_token_id) for x in src),
-            })
+            s.update(
+                {
+                    "source_tokens_mean": round(sum(src_len) / len(src_len), 1),
+                    "source_tokens_max": max(src_len),
+                    "target_tokens_mean": round(sum(tgt_len) / len(tgt_len), 1),
+                    "target_tokens_max": max(tgt_len),
+                    "shortened_dialogues": sum(n > max_source_len for n in src_len),
+                    "truncated_targets": sum(n > max_target_len for n in tgt_len),
+                    "unk_tokens_in_sources": sum(x.count(tokenizer.unk_token_id) for x in src),
+                }
+            )
         out[name] = s
     return out
 
@@ -338,7 +366,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.data",
                                 description="Print DialogSum split statistics as JSON (run before training).")
     p.add_argument("source", help="hub id, folder of jsonl/csv files, or one file")
-    p.add_argument("--tokenizer", default="google/flan-t5-small", help="tokenizer for token counts (hub id or folder)")
+    p.add_argument(
+        "--tokenizer", default="google/flan-t5-small", help="tokenizer for token counts (hub id or folder)"
+    )
     p.add_argument("--max-source-len", type=int, default=512)
     p.add_argument("--max-target-len", type=int, default=128)
     a = p.parse_args(argv)

@@ -60,8 +60,11 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
-    """T5's attention with the fast dropout on its probabilities; registered with transformers' AttentionInterface.
+def attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs
+):
+    """T5's attention with the fast dropout on its probabilities; registered with transformers'
+    AttentionInterface.
 
     Without dropout (eval, generation) or off the CPU it is HF's sdpa path itself, so outputs match bit for
     bit. Training on CPU: torch's sdpa falls back to its math kernel whenever dropout > 0 and draws that
@@ -69,11 +72,26 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     with the fast mask. The additive mask is built by HF's own helper, as its sdpa path builds it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if not dropout or query.device.type != "cpu":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_bias=position_bias, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_bias=position_bias,
+            **kwargs,
+        )
     is_causal = kwargs.get("is_causal")  # decided as HF's sdpa path decides it
-    if query.shape[2] > 1 and attention_mask is None and (is_causal if is_causal is not None else module.is_causal):
-        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if (
+        query.shape[2] > 1
+        and attention_mask is None
+        and (is_causal if is_causal is not None else module.is_causal)
+    ):
+        attention_mask = torch.ones(
+            query.shape[2], key.shape[2], dtype=torch.bool, device=query.device
+        ).tril()
     scores = torch.matmul(query, key.transpose(2, 3))
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if scale != 1:  # T5 folds its scale into the weights: 1

@@ -63,8 +63,8 @@ def quantized(model):
 
 
 def length_sorted_batches(sources, size) -> list:
-    """Indices of `sources` (token id lists) in batches of `size`, longest first: little padding per batch, and
-    peak memory shows at once. Every engine the bench races gets the same batches."""
+    """Indices of `sources` (token id lists) in batches of `size`, longest first: little padding per batch,
+    and peak memory shows at once. Every engine the bench races gets the same batches."""
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     return [order[start:start + size] for start in range(0, len(order), size)]
 
@@ -76,8 +76,10 @@ def check_length(model, settings):
     config = model.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit and settings.max_new_tokens > limit:
-        raise UserError(f"--max-new-tokens {settings.max_new_tokens} is more than the {limit} positions this model "
-                        f"was built for (its config's n_positions); give at most {limit}")
+        raise UserError(
+            f"--max-new-tokens {settings.max_new_tokens} is more than the {limit} positions this model "
+            f"was built for (its config's n_positions); give at most {limit}"
+        )
 
 
 @torch.no_grad()
@@ -95,14 +97,18 @@ def generate_ids(model, tokenizer, dialogues, settings, desc="generate") -> list
     model.eval()
     if settings.quantize == "int8":
         model = quantized(model)
-    autocast = autocast_for("fp32" if settings.quantize == "int8" else settings.precision, device)  # int8: fp32 around
+    autocast = autocast_for(
+        "fp32" if settings.quantize == "int8" else settings.precision, device
+    )  # int8: fp32 around
     collate = data.Collator(tokenizer.pad_token_id)
     summaries = [None] * len(unique)
     with tqdm(total=len(unique), desc=desc, unit="dialogue") as bar, weights_cast_once(model):
         for chunk in length_sorted_batches(ids, settings.eval_batch_size):
             batch = collate([{"input_ids": ids[i], "labels": [0]} for i in chunk])
             with autocast():
-                out = search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), settings)
+                out = search(
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), settings
+                )
             for i, tokens in zip(chunk, out):
                 summaries[i] = tokens
             bar.update(len(chunk))

@@ -46,8 +46,12 @@ def part_steps(args, device, tmp):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = training.train(s)
-    out = {"steps": summary["steps"], "seconds": summary["seconds"], "real_tokens_per_s": summary["tokens_per_second"],
-           "precision": summary["precision_reason"]}
+    out = {
+        "steps": summary["steps"],
+        "seconds": summary["seconds"],
+        "real_tokens_per_s": summary["tokens_per_second"],
+        "precision": summary["precision_reason"],
+    }
     if device.type == "cuda":
         out.update(peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2 ** 20),
                    peak_reserved_mb=round(torch.cuda.max_memory_reserved() / 2 ** 20))
@@ -55,13 +59,24 @@ def part_steps(args, device, tmp):
 
 
 def part_train(args, device, tmp):
-    """bench train's --quick rows (quick here: 1 step per row); it prints its own table and saves bench-train.json."""
+    """bench train's --quick rows (quick here: 1 step per row); it prints its own table and saves
+    bench-train.json."""
     quick = copy.copy(args)
     quick.quick, quick.steps = True, 1 if args.quick else None
     result = bench_train(quick)
-    return {k: result[k] for k in ("steps", "matmul_peak_gflops", "ours_auto_over_ours_fp32",
-                                   "ours_over_hf_best_same_precision")} | {
-        "rows": {r["row"]: {k: r[k] for k in ("real_tokens_per_s", "vs_hf_best", "mfu")} for r in result["rows"]}}
+    return {
+        k: result[k]
+        for k in (
+            "steps",
+            "matmul_peak_gflops",
+            "ours_auto_over_ours_fp32",
+            "ours_over_hf_best_same_precision",
+        )
+    } | {
+        "rows": {
+            r["row"]: {k: r[k] for k in ("real_tokens_per_s", "vs_hf_best", "mfu")} for r in result["rows"]
+        }
+    }
 
 
 def part_epoch(args, device, tmp):
@@ -72,10 +87,16 @@ def part_epoch(args, device, tmp):
     validate(s)
     start = time.perf_counter()
     summary = training.train(s)
-    return {"batch_size": s.batch_size, "steps": summary["steps"], "loop_seconds": summary["seconds"],
-            "wall_seconds": round(time.perf_counter() - start, 1), "real_tokens_per_s": summary["tokens_per_second"],
-            "precision": summary["precision"], "goal_seconds": EPOCH_GOAL_SECONDS,
-            "goal_met": None if args.quick else summary["seconds"] <= EPOCH_GOAL_SECONDS}
+    return {
+        "batch_size": s.batch_size,
+        "steps": summary["steps"],
+        "loop_seconds": summary["seconds"],
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "real_tokens_per_s": summary["tokens_per_second"],
+        "precision": summary["precision"],
+        "goal_seconds": EPOCH_GOAL_SECONDS,
+        "goal_met": None if args.quick else summary["seconds"] <= EPOCH_GOAL_SECONDS,
+    }
 
 
 def part_beams(args, device, tmp):
@@ -123,16 +144,25 @@ def part_ddp(args, device, tmp):
                "--max-steps", str(steps), "--eval-every", str(steps), "--log-every", str(steps),
                "--subsample", "40" if args.quick else "10",
                "--lr", str(lr), "--dropout", "0", "--lora-dropout", "0", "--precision", "fp32"]
-        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        launch = (
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        )
         done = subprocess.run([sys.executable, *launch, *cmd], env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{procs}-process train.py exited {done.returncode}:\n{done.stderr[-3000:]}")
         weights[procs] = load_file(os.path.join(out, "last", "adapter.safetensors"))
     if weights[1].keys() != weights[2].keys():
-        raise RuntimeError(f"the adapters hold different tensors: {sorted(weights[1].keys() ^ weights[2].keys())[:2]}")
+        raise RuntimeError(
+            f"the adapters hold different tensors: {sorted(weights[1].keys() ^ weights[2].keys())[:2]}"
+        )
     diff = max((weights[1][k] - weights[2][k]).abs().max().item() for k in weights[1])
-    return {"backend": "nccl" if device.type == "cuda" else "gloo", "steps": steps, "lr": lr, "max_weight_diff": diff,
-            "share_of_lr_x_steps": diff / (lr * steps)}
+    return {
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "steps": steps,
+        "lr": lr,
+        "max_weight_diff": diff,
+        "share_of_lr_x_steps": diff / (lr * steps),
+    }
 
 
 PARTS = {"steps": part_steps, "train": part_train, "epoch": part_epoch, "beams": part_beams, "ddp": part_ddp}
@@ -147,27 +177,52 @@ def _rows(parts):
         elif "skipped" in r:
             rows.append((name, f"skipped: {r['skipped']}"))
         elif name == "steps":
-            memory = f", peak {r['peak_allocated_mb']:,} MB allocated / {r['peak_reserved_mb']:,} MB reserved" \
-                if "peak_allocated_mb" in r else ""
+            memory = (
+                f", peak {r['peak_allocated_mb']:,} MB allocated / {r['peak_reserved_mb']:,} MB reserved"
+                if "peak_allocated_mb" in r
+                else ""
+            )
             rows.append((name, f"{r['steps']} steps bf16 LoRA: {r['real_tokens_per_s']:,.0f} real tok/s "
                                f"({r['seconds']} s){memory}"))
         elif name == "train":
-            rows += [(f"train: {row}", f"{v['real_tokens_per_s']:>8,.0f} real tok/s  {v['vs_hf_best']:.2f}x HF best  "
-                                       f"MFU {v['mfu']:.1%}") for row, v in r["rows"].items()]
+            rows += [
+                (
+                    f"train: {row}",
+                    f"{v['real_tokens_per_s']:>8,.0f} real tok/s  {v['vs_hf_best']:.2f}x HF best  "
+                    f"MFU {v['mfu']:.1%}",
+                )
+                for row, v in r["rows"].items()
+            ]
         elif name == "epoch":
-            goal = "" if r["goal_met"] is None else f" (goal <= {r['goal_seconds']} s: {'met' if r['goal_met'] else 'NOT met'})"
-            rows.append((name, f"{r['steps']} steps, {r['precision']}: {r['loop_seconds']} s in the loop{goal}, "
-                               f"{r['wall_seconds']} s with loading; {r['real_tokens_per_s']:,.0f} real tok/s"))
+            goal = (
+                ""
+                if r["goal_met"] is None
+                else f" (goal <= {r['goal_seconds']} s: {'met' if r['goal_met'] else 'NOT met'})"
+            )
+            rows.append(
+                (
+                    name,
+                    f"{r['steps']} steps, {r['precision']}: {r['loop_seconds']} s in the loop{goal}, "
+                    f"{r['wall_seconds']} s with loading; {r['real_tokens_per_s']:,.0f} real tok/s",
+                )
+            )
         elif name == "beams":
             n = r["dialogues"]
             for p in ("fp32", "bf16"):
                 gap = f"; max score gap {r[p]['max_score_gap_own_vs_hf']:.1e}" if p == "fp32" else ""
                 rows.append((f"beams {p}: identical of {n}",
                              ", ".join(f"{k} {v}" for k, v in r[p]["identical"].items()) + gap))
-                rows.append((f"beams {p}: seconds", ", ".join(f"{k} {v}" for k, v in r[p]["seconds"].items())))
+                rows.append(
+                    (f"beams {p}: seconds", ", ".join(f"{k} {v}" for k, v in r[p]["seconds"].items()))
+                )
         elif name == "ddp":
-            rows.append((name, f"{r['backend']}, {r['steps']} steps: max weight difference 2 vs 1 process "
-                               f"{r['max_weight_diff']:.1e} ({100 * r['share_of_lr_x_steps']:.2g}% of lr x steps)"))
+            rows.append(
+                (
+                    name,
+                    f"{r['backend']}, {r['steps']} steps: max weight difference 2 vs 1 process "
+                    f"{r['max_weight_diff']:.1e} ({100 * r['share_of_lr_x_steps']:.2g}% of lr x steps)",
+                )
+            )
     return rows
 
 
@@ -176,11 +231,18 @@ def run(args):
     if not torch.cuda.is_available() and args.device != "cpu":
         raise UserError("no CUDA GPU is visible; `--device cpu` runs this check on the CPU as a dry run")
     if torch.cuda.is_available() and args.device == "cpu":
-        raise UserError("CUDA started before --device cpu could hide it; run with CUDA_VISIBLE_DEVICES= instead")
+        raise UserError(
+            "CUDA started before --device cpu could hide it; run with CUDA_VISIBLE_DEVICES= instead"
+        )
     device = compute_device()
-    info = {"gpus": torch.cuda.device_count(), "cuda": torch.version.cuda,
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if device.type == "cuda" else None,
-            "auto_precision": " ".join(choose_precision("auto", device))}
+    info = {
+        "gpus": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))
+        if device.type == "cuda"
+        else None,
+        "auto_precision": " ".join(choose_precision("auto", device)),
+    }
     parts = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, part in PARTS.items():
@@ -199,5 +261,7 @@ def run(args):
     result = save("gpu", {**info, "parts": parts}, args)
     failed = [name for name, r in parts.items() if "error" in r]
     if failed:
-        raise UserError(f"gpu check: {', '.join(failed)} failed (tracebacks above; bench-gpu.json has the rest)")
+        raise UserError(
+            f"gpu check: {', '.join(failed)} failed (tracebacks above; bench-gpu.json has the rest)"
+        )
     return result

@@ -32,7 +32,10 @@ class Heartbeat:
         self.store, self.rank, self.world, self.log = store, rank, world, log
         self.every = interval() if every is None else every
         self.mine, self.since, self.said = None, None, 0  # rank 0's place and since when (None: no beat yet)
-        self.pulses, self.heard = 0, {}  # this rank's pulse count; rank 0: {rank: (its count, when it last moved)}
+        self.pulses, self.heard = (
+            0,
+            {},
+        )  # this rank's pulse count; rank 0: {rank: (its count, when it last moved)}
         self.stopped = threading.Event()
 
     def beat(self, step, phase):
@@ -60,7 +63,8 @@ class Heartbeat:
         return self.store.get(key).decode() if self.store.check([key]) else default
 
     def check(self, now=None):
-        """A line for every interval rank 0 has stood still, naming the ranks it waits for (None: nothing to say)."""
+        """A line for every interval rank 0 has stood still, naming the ranks it waits for (None: nothing to
+        say)."""
         now = time.monotonic() if now is None else now
         for r in range(1, self.world):  # when each rank's pulse last moved, on rank 0's clock
             count = self._read("pulse", r, "0")
@@ -78,11 +82,15 @@ class Heartbeat:
             place = tuple(map(int, self._read("heartbeat", r, "0 0").split()))
             silent = now - self.heard[r][1]
             if place < self.mine:
-                lines.append(f"waiting for rank {r} for {minutes}: it last reported {_where(place)}, rank 0 is at "
-                             f"{_where(self.mine)}")
+                lines.append(
+                    f"waiting for rank {r} for {minutes}: it last reported {_where(place)}, rank 0 is at "
+                    f"{_where(self.mine)}"
+                )
             elif silent >= self.every:
-                lines.append(f"waiting for rank {r} for {minutes}: it has given no sign of life for {silent:.0f} s "
-                             f"(paused, or its host is down), rank 0 is at {_where(self.mine)}")
+                lines.append(
+                    f"waiting for rank {r} for {minutes}: it has given no sign of life for {silent:.0f} s "
+                    f"(paused, or its host is down), rank 0 is at {_where(self.mine)}"
+                )
         if not lines:
             return None
         self.log("; ".join(lines))

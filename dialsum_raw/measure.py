@@ -52,9 +52,26 @@ def save(name, result, args):
 
 def lora_settings(args, out, steps, **over):
     """The benchmarks' LoRA run: r=8 on q, v, batch 8, lr 1e-3, every 10th dialogue, `steps` steps."""
-    s = Settings(**{**dict(model=args.model, data=args.data, output_dir=out, lora_rank=8, lora_alpha=16,
-                           lora_dropout=0.05, lr=1e-3, batch_size=8, max_steps=steps, subsample=10, eval_every=steps,
-                           log_every=steps, seed=0), **over})
+    s = Settings(
+        **{
+            **dict(
+                model=args.model,
+                data=args.data,
+                output_dir=out,
+                lora_rank=8,
+                lora_alpha=16,
+                lora_dropout=0.05,
+                lr=1e-3,
+                batch_size=8,
+                max_steps=steps,
+                subsample=10,
+                eval_every=steps,
+                log_every=steps,
+                seed=0,
+            ),
+            **over,
+        }
+    )
     validate(s)
     return s
 
@@ -72,7 +89,9 @@ def bare_steps(model, batches, device, autocast):
     """Forward + backward + AdamW step and nothing else: the floor under any loop."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    if device.type == "cuda":  # the clock starts once earlier queued GPU work is done, not while it still runs
+    if (
+        device.type == "cuda"
+    ):  # the clock starts once earlier queued GPU work is done, not while it still runs
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for batch in batches:
@@ -91,5 +110,7 @@ def timed_ids(model, tok, texts, settings):
     """(seconds, token ids) of one generate_ids call."""
     start = time.perf_counter()
     kind = "int8" if settings.quantize == "int8" else settings.precision
-    ids = generate_ids(model, tok, texts, settings, desc=f"{settings.engine} {kind} batch {settings.eval_batch_size}")
+    ids = generate_ids(
+        model, tok, texts, settings, desc=f"{settings.engine} {kind} batch {settings.eval_batch_size}"
+    )
     return time.perf_counter() - start, ids

@@ -48,7 +48,9 @@ def rouge(predictions, references, use_stemmer=True) -> dict:
         for k in ROUGE_TYPES:
             per_dialogue["best"][k].append(max(r[k] for r in group))
             per_dialogue["mean"][k].append(sum(r[k] for r in group) / n)
-    result = {kind: {k: _weighted_mean(*_units(per_dialogue, kind, k)) for k in ROUGE_TYPES} for kind in KINDS}
+    result = {
+        kind: {k: _weighted_mean(*_units(per_dialogue, kind, k)) for k in ROUGE_TYPES} for kind in KINDS
+    }
     return {**result, "rows": len(rows), "dialogues": len(references), "per_dialogue": per_dialogue,
             "non_ascii_texts": sum(any(ord(c) > 127 for c in t) for t in flat_ref + list(predictions))}
 

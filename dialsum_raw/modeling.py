@@ -14,7 +14,11 @@ def _check_source(name_or_path, what):
         if not os.path.isfile(os.path.join(name_or_path, "config.json")) and what == "model":
             raise UserError(f"{name_or_path} is not a model folder (no config.json); "
                             "give a hub id or a folder written by save_pretrained")
-    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif (
+        os.path.exists(name_or_path)
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+    ):
         raise UserError(f"{what} not found: {name_or_path} (not a folder)")
 
 
@@ -29,11 +33,14 @@ def load_tokenizer(name_or_path, what="model"):
                         + ("" if os.path.isdir(name_or_path) else "; offline? give a local folder instead"))
 
 
-# How --base-dtype stores the frozen base. Trainable tensors (LoRA's) and optimizer state stay fp32 either way.
+# How --base-dtype stores the frozen base. Trainable tensors (LoRA's) and optimizer state stay fp32 either
+# way.
 BASE_DTYPES = ("fp32", "bf16", "nf4")
-STORAGE_RULE = ("nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
-                "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
-                "bf16 stores every weight in bf16 but wo, which transformers keeps in fp32")
+STORAGE_RULE = (
+    "nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
+    "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
+    "bf16 stores every weight in bf16 but wo, which transformers keeps in fp32"
+)
 
 
 def load_model(name_or_path, dropout=None, base_dtype="fp32"):
@@ -52,8 +59,14 @@ def load_model(name_or_path, dropout=None, base_dtype="fp32"):
     except UserError:
         raise
     except Exception as e:
-        hint = "is the weights file intact?" if os.path.isdir(name_or_path) else "offline? give a local folder instead"
-        raise UserError(f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}")
+        hint = (
+            "is the weights file intact?"
+            if os.path.isdir(name_or_path)
+            else "offline? give a local folder instead"
+        )
+        raise UserError(
+            f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}"
+        )
 
 
 def quantized_names(model):
@@ -63,8 +76,8 @@ def quantized_names(model):
 
 
 def stored_bytes(model, base_dtype):
-    """Bytes of a model's weights stored as `base_dtype` says, counted on its shapes (the meta device will do),
-    shared tensors once: the bench's prediction for sizes too large to build here."""
+    """Bytes of a model's weights stored as `base_dtype` says, counted on its shapes (the meta device will
+    do), shared tensors once: the bench's prediction for sizes too large to build here."""
     from .quant import nf4_bytes
     quantized = quantized_names(model) if base_dtype == "nf4" else set()
     total, seen = 0, set()
@@ -72,14 +85,19 @@ def stored_bytes(model, base_dtype):
         for p in module.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
-                total += nf4_bytes(p.numel()) if name in quantized else p.numel() * (2 if base_dtype == "bf16" else 4)
+                total += (
+                    nf4_bytes(p.numel())
+                    if name in quantized
+                    else p.numel() * (2 if base_dtype == "bf16" else 4)
+                )
     return total
 
 
 def load_quantized(name_or_path, config_kwargs):
     """The model with quantized_names() in NF4, built on the meta device and filled tensor by tensor from its
-    safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied weights
-    follow from_pretrained's rule: a tied tensor shares its source unless the file holds different values."""
+    safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied
+    weights follow from_pretrained's rule: a tied tensor shares its source unless the file holds different
+    values."""
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
@@ -121,7 +139,9 @@ def weight_files(name_or_path):
     found = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
     if found:
         return [found]
-    index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    index = cached_file(
+        name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False
+    )
     if not index:
         raise UserError(f"{name_or_path}: --base-dtype nf4 reads safetensors weights, and there are none "
                         "(model.safetensors or model.safetensors.index.json)")
@@ -146,7 +166,9 @@ def read_safetensors(paths, keys=None):
                 if key == "__metadata__" or keys is not None and key not in keys:
                     continue
                 if info["dtype"] not in dtypes:
-                    raise UserError(f"{path}: {key} is {info['dtype']}; --base-dtype nf4 reads F32, BF16 or F16")
+                    raise UserError(
+                        f"{path}: {key} is {info['dtype']}; --base-dtype nf4 reads F32, BF16 or F16"
+                    )
                 start, end = info["data_offsets"]
                 f.seek(8 + size + start)
                 data = bytearray(end - start)
@@ -156,7 +178,8 @@ def read_safetensors(paths, keys=None):
 
 def compute_device():
     """Where one process generates or trains: the GPU when there is one, else the CPU. Every single-process
-    command (evaluate, summarize, bench) moves its model here; training under torchrun gives each rank its own."""
+    command (evaluate, summarize, bench) moves its model here; training under torchrun gives each rank its
+    own."""
     import torch
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -185,7 +208,10 @@ def cpu_bf16_units():
     import torch
     probe = getattr(torch._C._cpu, "_get_cpu_capability", None)
     caps = probe() if probe else {}
-    return next((name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)), "")
+    return next(
+        (name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)),
+        "",
+    )
 
 
 def choose_precision(precision, device):
@@ -200,11 +226,17 @@ def choose_precision(precision, device):
         raise UserError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "fp32":
         return "fp32", "--precision fp32"
-    if device.type == "cuda":  # bf16 tensor cores came with Ampere, compute capability 8.0 (ROCm GPUs all have bf16)
+    if (
+        device.type == "cuda"
+    ):  # bf16 tensor cores came with Ampere, compute capability 8.0 (ROCm GPUs all have bf16)
         cap = torch.cuda.get_device_capability(device)
         native = bool(torch.version.hip) or cap >= (8, 0)
         name = f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]})"
-        why = f"{name} multiplies bf16 natively" if native else f"{name} predates Ampere (8.0), so bf16 runs emulated"
+        why = (
+            f"{name} multiplies bf16 natively"
+            if native
+            else f"{name} predates Ampere (8.0), so bf16 runs emulated"
+        )
     elif device.type == "cpu":
         units = cpu_bf16_units()
         native = bool(units)
@@ -220,13 +252,16 @@ def choose_precision(precision, device):
 def check_base_precision(base_dtype, precision):
     """A bf16-stored base computes in bf16: refused, in one line, where the run's compute dtype is fp32."""
     if base_dtype == "bf16" and precision == "fp32":
-        raise UserError("--base-dtype bf16 needs bf16 compute, but this run computes in fp32 (--precision fp32, or "
-                        "auto on hardware without native bf16): pass --precision bf16, or --base-dtype fp32 or nf4")
+        raise UserError(
+            "--base-dtype bf16 needs bf16 compute, but this run computes in fp32 (--precision fp32, or "
+            "auto on hardware without native bf16): pass --precision bf16, or --base-dtype fp32 or nf4"
+        )
 
 
 def inference_base_dtype(settings, device, adapters):
-    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter folders
-    were trained on (a QLoRA adapter is evaluated on the base it learned to correct; they must agree), else fp32."""
+    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter
+    folders were trained on (a QLoRA adapter is evaluated on the base it learned to correct; they must agree),
+    else fp32."""
     from .lora import read_adapter
     trained = {folder: read_adapter(folder)[0].base_dtype for folder in adapters}
     if not settings.base_dtype and len(set(trained.values())) > 1:
@@ -250,8 +285,8 @@ def autocast_for(precision, device):
 
 
 def count_parameters(model):
-    """(trainable, total), counting shared tensors once, and a 4-bit base's weights (buffers of NF4Linear) as the
-    parameters they are."""
+    """(trainable, total), counting shared tensors once, and a 4-bit base's weights (buffers of NF4Linear) as
+    the parameters they are."""
     from .quant import quantized_linears
     seen, trainable, total = set(), 0, sum(m.weight.numel() for _, m in quantized_linears(model))
     for p in model.parameters():

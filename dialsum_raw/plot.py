@@ -64,10 +64,12 @@ def curves(runs, out):
                 any_rouge = True
                 rouge_ax.plot([m["step"] for m in logged], [100 * m[k] for m in logged], color=color,
                               marker=ROUGE_MARKERS[k], label=f"{label} {k}")
-    for ax, xlabel, ylabel in ((by_step, "optimizer step", "loss (per target token)"),
-                               (by_tokens, "tokens seen (source + target, no padding)", "loss (per target token)"),
-                               (lr_ax, "optimizer step", "learning rate"),
-                               (rouge_ax, "optimizer step", "validation ROUGE F1 (%)")):
+    for ax, xlabel, ylabel in (
+        (by_step, "optimizer step", "loss (per target token)"),
+        (by_tokens, "tokens seen (source + target, no padding)", "loss (per target token)"),
+        (lr_ax, "optimizer step", "learning rate"),
+        (rouge_ax, "optimizer step", "validation ROUGE F1 (%)"),
+    ):
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -81,7 +83,9 @@ def curves(runs, out):
 def rouge_chart(evaluation, out):
     """evaluation: a metrics.json from evaluate.py. Bars per model and rouge type, intervals as error bars."""
     if "intervals" not in evaluation:
-        raise UserError("this metrics.json has no bootstrap intervals (written by an older evaluate.py): rerun it")
+        raise UserError(
+            "this metrics.json has no bootstrap intervals (written by an older evaluate.py): rerun it"
+        )
     plt = _pyplot()
     ci = evaluation["intervals"]
     names = [n for n in evaluation if n not in ("meta", "intervals")]
@@ -99,8 +103,11 @@ def rouge_chart(evaluation, out):
             ax.text(x, 100 * hi, f"{m:.1f}", ha="center", va="bottom", fontsize="x-small")
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("ROUGE F1 (%), mean over reference rows")
-    ax.set_title(f"{evaluation['meta']['split']} split, {evaluation['meta']['dialogues']} dialogues; error bars: "
-                 f"{100 * ci['level']:.0f}% bootstrap intervals ({ci['resamples']:,} resamples)", fontsize="small")
+    ax.set_title(
+        f"{evaluation['meta']['split']} split, {evaluation['meta']['dialogues']} dialogues; error bars: "
+        f"{100 * ci['level']:.0f}% bootstrap intervals ({ci['resamples']:,} resamples)",
+        fontsize="small",
+    )
     ax.set_ylim(0, 1.1 * ax.get_ylim()[1])
     # below the axes, as many names a row as fit the figure's width (sweep points have long names)
     per_row = max(1, min(len(names), int(fig.get_figwidth() * 12) // (max(map(len, names)) + 5)))
@@ -116,8 +123,12 @@ def _save(fig, plt, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dialsum_raw.plot", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dialsum_raw.plot",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="training output folders, or one evaluation folder")
     p.add_argument("--out", required=True, help="the picture to write (.png, .svg, .pdf)")
     a = p.parse_args(argv)

@@ -61,7 +61,12 @@ class NF4:
     the mean absmax) and the weight's `shape`."""
 
     def __init__(self, codes, absmax_codes, absmax_scale, offset, shape):
-        self.codes, self.absmax_codes, self.absmax_scale, self.offset = codes, absmax_codes, absmax_scale, offset
+        self.codes, self.absmax_codes, self.absmax_scale, self.offset = (
+            codes,
+            absmax_codes,
+            absmax_scale,
+            offset,
+        )
         self.shape = torch.Size(shape)
 
     def tensors(self) -> dict:
@@ -97,7 +102,12 @@ def _table(name, device):
         elif name == "pairs":
             levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
             byte = torch.arange(256)
-            t = torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1).contiguous().view(torch.int64).flatten()
+            t = (
+                torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)
+                .contiguous()
+                .view(torch.int64)
+                .flatten()
+            )
         else:
             points = torch.arange(LUT_STEPS + 1, dtype=torch.float32) / LUT_STEPS * 2 - 1
             t = torch.bucketize(points, _midpoints(dynamic_map()), out_int32=True)
@@ -161,9 +171,10 @@ class NF4Linear(nn.Module):
 
     `weight` is a meta tensor: the shape and the float dtype of the layer, no values. T5's feed-forward reads
     wo.weight.dtype to cast its input (a weight reporting uint8 breaks it, as bitsandbytes' Linear4bit does);
-    readers that need the values call dequantize(). The quantized tensors are buffers (they follow .to(device))
-    but not state: a run saves its adapter, and loading quantizes the base again, bit for bit the same.
-    `source` (file, tensor name) says where the original weight is, for inits that need it (original_weight)."""
+    readers that need the values call dequantize(). The quantized tensors are buffers (they follow
+    .to(device)) but not state: a run saves its adapter, and loading quantizes the base again, bit for bit the
+    same. `source` (file, tensor name) says where the original weight is, for inits that need it
+    (original_weight)."""
 
     def __init__(self, nf4: NF4, bias=None, dtype=torch.float32, source=None):
         super().__init__()
@@ -184,7 +195,13 @@ class NF4Linear(nn.Module):
             self.register_buffer(name, t, persistent=False)
 
     def nf4(self) -> NF4:
-        return NF4(self.codes, self.absmax_codes, self.absmax_scale, self.offset, (self.out_features, self.in_features))
+        return NF4(
+            self.codes,
+            self.absmax_codes,
+            self.absmax_scale,
+            self.offset,
+            (self.out_features, self.in_features),
+        )
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         return self.nf4().dequantize(dtype or self.weight.dtype)
@@ -238,8 +255,8 @@ def stored_weight(linear: nn.Module):
 
 @torch.no_grad()
 def set_weight(linear: nn.Module, weight):
-    """Replace a base layer's weight: an NF4 as it is, a float weight quantized again for an NF4Linear and cast
-    to the weight's dtype otherwise."""
+    """Replace a base layer's weight: an NF4 as it is, a float weight quantized again for an NF4Linear and
+    cast to the weight's dtype otherwise."""
     if isinstance(linear, NF4Linear):
         linear.store(weight if isinstance(weight, NF4) else quantize(weight))
     else:

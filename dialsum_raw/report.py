@@ -1,6 +1,7 @@
 """results.csv, scores.csv, metrics.json, report.md and rouge.png for a comparison run; every text
 file written atomically. Scores and intervals come from metrics.py: this module only formats them.
-Models appear in the order of the `scores` dict the caller gives (compare: original, instruct models, adapters)."""
+Models appear in the order of the `scores` dict the caller gives (compare: original, instruct models,
+adapters)."""
 
 import csv
 import io
@@ -13,20 +14,24 @@ from .data import flatten
 from .errors import UserError
 from .metrics import ROUGE_TYPES
 
-NOTEBOOK = ("original", "instruct", "peft")  # the notebook's columns: zero-shot base, full fine-tune, base + LoRA
+NOTEBOOK = (
+    "original",
+    "instruct",
+    "peft",
+)  # the notebook's columns: zero-shot base, full fine-tune, base + LoRA
 SCORE_COLUMNS = ["id", "model"] + [f"{k}_{how}" for k in ROUGE_TYPES for how in ("best", "mean")]
 
 
 def pairs(names, reference):
-    """The report's comparisons: every model against the original, then the reference against every other model
-    (the notebook's three columns give peft vs original, instruct vs original, peft vs instruct)."""
+    """The report's comparisons: every model against the original, then the reference against every other
+    model (the notebook's three columns give peft vs original, instruct vs original, peft vs instruct)."""
     return [(n, "original") for n in names if n != "original"] + \
         [(reference, n) for n in names if n not in ("original", reference)]
 
 
 def results_csv(dialogues, summaries) -> str:
-    """One row per (dialogue, reference), as the notebook's zipped summaries: its three model columns always (an
-    absent model's stays empty), then NAME_model_summaries for each other model."""
+    """One row per (dialogue, reference), as the notebook's zipped summaries: its three model columns always
+    (an absent model's stays empty), then NAME_model_summaries for each other model."""
     names = [*NOTEBOOK, *(n for n in summaries if n not in NOTEBOOK)]
     by_id = {name: dict(zip((d.id for d in dialogues), preds)) for name, preds in summaries.items()}
     buf = io.StringIO()
@@ -68,18 +73,30 @@ def _verdict(pair, cis):
 
 def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=None) -> str:
     names = list(scores)
-    lines = [f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference rows",
-             "", "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
-             f"Generation: {meta['generation']}", "",
-             "ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
-             "notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
-             "", chart_note or "![ROUGE per model with 95% bootstrap intervals](rouge.png)", ""]
+    lines = [
+        f"# DialogSum ROUGE: {meta['split']} split, {meta['dialogues']} dialogues, {meta['rows']} reference "
+        "rows",
+        "",
+        "Models: " + ", ".join(f"{n} = `{meta['models'][n]}`" for n in names),
+        f"Generation: {meta['generation']}",
+        "",
+        "ROUGE F1 in percent. rougeLsum splits sentences onto lines; `evaluate.load('rouge')`, which the "
+        "notebook used, does not, so the notebook's rougeLsum equals its rougeL on these one-line summaries.",
+        "",
+        chart_note or "![ROUGE per model with 95% bootstrap intervals](rouge.png)",
+        "",
+    ]
     if meta.get("int8_agreement"):
-        lines += ["**int8 preview** (`--quantize int8`): not for reporting. Its agreement with the same model "
-                  "unquantized, on the first dialogues:", ""]
-        lines += [f"- {n}: {a['identical']}/{a['dialogues']} summaries identical; ROUGE difference "
-                  + ", ".join(f"{k} {_signed(v)}" for k, v in a["rouge_difference"].items() if k in ROUGE_TYPES)
-                  for n, a in meta["int8_agreement"].items()]
+        lines += [
+            "**int8 preview** (`--quantize int8`): not for reporting. Its agreement with the same model "
+            "unquantized, on the first dialogues:",
+            "",
+        ]
+        lines += [
+            f"- {n}: {a['identical']}/{a['dialogues']} summaries identical; ROUGE difference "
+            + ", ".join(f"{k} {_signed(v)}" for k, v in a["rouge_difference"].items() if k in ROUGE_TYPES)
+            for n, a in meta["int8_agreement"].items()
+        ]
         lines.append("")
     header = "| model | " + " | ".join(ROUGE_TYPES) + " |"
     rule = "|---" * (len(ROUGE_TYPES) + 1) + "|"
@@ -88,18 +105,34 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
                         ("multi_ref_max", "Multi-reference: best reference per dialogue"),
                         ("multi_ref_mean", "Multi-reference: mean over references per dialogue")):
         lines += [f"## {title}", "", header, rule]
-        lines += [f"| {n} | " + " | ".join(_pct(scores[n][kind][k]) for k in ROUGE_TYPES) + " |" for n in names]
+        lines += [
+            f"| {n} | " + " | ".join(_pct(scores[n][kind][k]) for k in ROUGE_TYPES) + " |" for n in names
+        ]
         if compared:
-            lines += ["", f"Absolute improvement in percentage points; in brackets, its {100 * intervals['level']:.0f}% "
-                          f"paired-bootstrap interval ({intervals['resamples']:,} resamples of the dialogues, "
-                          f"seed {intervals['seed']}):", "",
-                      header.replace("model", "comparison", 1), rule]
+            lines += [
+                "",
+                "Absolute improvement in percentage points; in brackets, its "
+                f"{100 * intervals['level']:.0f}% "
+                f"paired-bootstrap interval ({intervals['resamples']:,} resamples of the dialogues, "
+                f"seed {intervals['seed']}):",
+                "",
+                header.replace("model", "comparison", 1),
+                rule,
+            ]
             for a, b in compared:
                 cis = intervals["differences"][f"{a} vs {b}"][kind]
-                lines.append(f"| {a} vs {b} | " + " | ".join(
-                    f"{_signed(scores[a][kind][k] - scores[b][kind][k])} [{_signed(cis[k][0])}, {_signed(cis[k][1])}]"
-                    for k in ROUGE_TYPES) + " |")
-            lines += [""] + [_verdict(f"{a} vs {b}", intervals["differences"][f"{a} vs {b}"][kind]) for a, b in compared]
+                lines.append(
+                    f"| {a} vs {b} | "
+                    + " | ".join(
+                        f"{_signed(scores[a][kind][k] - scores[b][kind][k])} [{_signed(cis[k][0])}, "
+                        f"{_signed(cis[k][1])}]"
+                        for k in ROUGE_TYPES
+                    )
+                    + " |"
+                )
+            lines += [""] + [
+                _verdict(f"{a} vs {b}", intervals["differences"][f"{a} vs {b}"][kind]) for a, b in compared
+            ]
         lines.append("")
     for index in show:
         d = dialogues[index]
@@ -110,10 +143,14 @@ def markdown(scores, intervals, dialogues, summaries, show, meta, chart_note=Non
 
 
 def write(out, dialogues, summaries, scores, intervals, show, meta):
-    """Writes every file; returns a one-line note when the chart was skipped (matplotlib missing), else None."""
+    """Writes every file; returns a one-line note when the chart was skipped (matplotlib missing), else
+    None."""
     os.makedirs(out, exist_ok=True)
-    summary = {"meta": meta, **{n: {k: v for k, v in s.items() if k != "per_dialogue"} for n, s in scores.items()},
-               "intervals": intervals}
+    summary = {
+        "meta": meta,
+        **{n: {k: v for k, v in s.items() if k != "per_dialogue"} for n, s in scores.items()},
+        "intervals": intervals,
+    }
     try:
         plot.rouge_chart(summary, os.path.join(out, "rouge.png"))
         chart_note = None

@@ -19,9 +19,15 @@ def read_metrics(path, notes) -> list:
                 line = json.loads(text)
             except ValueError:
                 line = None
-            if not isinstance(line, dict) or isinstance(line.get("step"), bool) or not isinstance(line.get("step"), int):
-                notes.append(f"{path} line {number}: damaged (not a JSON object with a step: {text.strip()[:40]!r}); "
-                             "skipped")
+            if (
+                not isinstance(line, dict)
+                or isinstance(line.get("step"), bool)
+                or not isinstance(line.get("step"), int)
+            ):
+                notes.append(
+                    f"{path} line {number}: damaged (not a JSON object with a step: {text.strip()[:40]!r}); "
+                    "skipped"
+                )
                 continue
             lines.append(line)
     return lines

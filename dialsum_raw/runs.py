@@ -82,7 +82,12 @@ def read(run, notes):
     if why:
         notes.append(f"{path}: damaged ({why}); skipped")
         return None
-    return {"settings": vars(settings), "summary": summary, "lines": lines, "evaluated": evaluated(run, notes)}
+    return {
+        "settings": vars(settings),
+        "summary": summary,
+        "lines": lines,
+        "evaluated": evaluated(run, notes),
+    }
 
 
 def evaluated(run, notes):
@@ -104,10 +109,18 @@ def row(run, record, keys):
     summary = record["summary"]
     val = [m for m in record["lines"] if "val_loss" in m]
     last = val[-1] if val else {}
-    return {"run": run, **{k: record["settings"][k] for k in keys}, "best_metric": summary.get("best_metric"),
-            "best_value": summary.get("best_value"), "best_step": summary.get("best_step"),
-            "val_loss": last.get("val_loss"), **{k: last.get(k) for k in ROUGE},
-            **{k: record["evaluated"].get(k) for k in EVALUATED}, "tokens/s": summary.get("tokens_per_second"), "wall_s": summary.get("seconds")}
+    return {
+        "run": run,
+        **{k: record["settings"][k] for k in keys},
+        "best_metric": summary.get("best_metric"),
+        "best_value": summary.get("best_value"),
+        "best_step": summary.get("best_step"),
+        "val_loss": last.get("val_loss"),
+        **{k: last.get(k) for k in ROUGE},
+        **{k: record["evaluated"].get(k) for k in EVALUATED},
+        "tokens/s": summary.get("tokens_per_second"),
+        "wall_s": summary.get("seconds"),
+    }
 
 
 def differing(records):
@@ -117,13 +130,14 @@ def differing(records):
 
 
 def group_of(r, keys):
-    """A run's group: its differing settings other than seed, as key=value (or "all" when only seed differs)."""
+    """A run's group: its differing settings other than seed, as key=value (or "all" when only seed
+    differs)."""
     return ",".join(f"{k}={_text(r[k])}" for k in keys if k != "seed") or "all"
 
 
 def summarize_groups(rows, seeds):
-    """{group: {"n": runs, "seeds": distinct seeds, metric: (mean, sample std or None, runs that have it)}} over
-    the groups' rows, in order of appearance; `seeds` gives each run's seed."""
+    """{group: {"n": runs, "seeds": distinct seeds, metric: (mean, sample std or None, runs that have it)}}
+    over the groups' rows, in order of appearance; `seeds` gives each run's seed."""
     members = {}
     for r in rows:
         members.setdefault(r["group"], []).append(r)
@@ -133,8 +147,11 @@ def summarize_groups(rows, seeds):
         for m in METRICS:
             values = [r[m] for r in rs if isinstance(r[m], (int, float))]
             if values:
-                out[name][m] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None,
-                                len(values))
+                out[name][m] = (
+                    statistics.fmean(values),
+                    statistics.stdev(values) if len(values) > 1 else None,
+                    len(values),
+                )
     return out
 
 
@@ -202,11 +219,14 @@ def _n(group):
 
 
 def write_csv(path, rows, keys, groups):
-    """Per-run rows, then each group's mean and std rows (with the group's settings); every row names its group."""
+    """Per-run rows, then each group's mean and std rows (with the group's settings); every row names its
+    group."""
     head = ["group", "run", "n", *keys, "best_metric", *METRICS]
     lines = [{**r, "n": 1} for r in rows]
     for name, g in groups.items():
-        shared = next({k: r[k] for k in (*keys, "best_metric") if k != "seed"} for r in rows if r["group"] == name)
+        shared = next(
+            {k: r[k] for k in (*keys, "best_metric") if k != "seed"} for r in rows if r["group"] == name
+        )
         for i, label in enumerate(("mean", "std")):
             lines.append({"group": name, "run": label, "n": g["n"], **shared,
                           **{m: g[m][i] for m in METRICS if m in g and g[m][i] is not None}})
@@ -258,11 +278,21 @@ def collect(paths):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dialsum_raw.runs", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders, or folders holding them")
-    p.add_argument("--csv", metavar="FILE", help="also write the rows and the groups' mean and std rows as CSV")
-    p.add_argument("--plot", metavar="FILE", help="validation loss against step, coloured by group (needs matplotlib)")
+    p = argparse.ArgumentParser(
+        prog="python -m dialsum_raw.runs",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="training output folders, or folders holding them"
+    )
+    p.add_argument(
+        "--csv", metavar="FILE", help="also write the rows and the groups' mean and std rows as CSV"
+    )
+    p.add_argument(
+        "--plot", metavar="FILE", help="validation loss against step, coloured by group (needs matplotlib)"
+    )
     a = p.parse_args(argv)
     rows, keys, groups, notes, records = collect(a.runs)
     for note in notes:

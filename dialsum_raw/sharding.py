@@ -23,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 from .checkpoint import OPTIMIZER_SHARDS
 from .lora import AdapterLinear
@@ -48,7 +48,9 @@ def wrap(model, fsdp: bool, world: int, device, precision: str):
         return model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    )
     for block in (*model.encoder.block, *model.decoder.block):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     return fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -96,7 +98,9 @@ def full_weights(model, trainable_only: bool):
         return
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=trainable_only))
-    if trainable_only:  # an adapter's frozen tensors (MiCA's B) are saved with it: gathered too, on every rank alike
+    if (
+        trainable_only
+    ):  # an adapter's frozen tensors (MiCA's B) are saved with it: gathered too, on every rank alike
         for owner, module in model.named_modules():
             if isinstance(module, AdapterLinear):
                 full.update({f"{owner}.{name}": p.full_tensor().cpu()
@@ -107,7 +111,9 @@ def full_weights(model, trainable_only: bool):
         module = model.get_submodule(owner)
         shard = module._parameters[name]
         swapped.append((module, name, shard))
-        module._parameters[name] = whole_of.setdefault(id(shard), torch.nn.Parameter(tensor, requires_grad=False))
+        module._parameters[name] = whole_of.setdefault(
+            id(shard), torch.nn.Parameter(tensor, requires_grad=False)
+        )
     try:
         yield model
     finally:
@@ -116,8 +122,9 @@ def full_weights(model, trainable_only: bool):
 
 
 def optimizer_state(model, optimizer):
-    """(what trainer_state.pt keeps of the optimizer, a writer of its shards into a checkpoint folder or None).
-    Sharded: the param groups (plain values) in trainer_state.pt, the moments as DCP, each rank its part."""
+    """(what trainer_state.pt keeps of the optimizer, a writer of its shards into a checkpoint folder or
+    None). Sharded: the param groups (plain values) in trainer_state.pt, the moments as DCP, each rank its
+    part."""
     if not is_sharded(model):
         return optimizer.state_dict(), None
     state = get_optimizer_state_dict(model, optimizer)
@@ -140,32 +147,56 @@ def load_optimizer(model, optimizer, saved: dict, folder):
 
 
 def read_shards(state: dict, path):
-    """Fill the tensors of `state` from the DCP folder `path`, refusing anything that would run pickled code."""
+    """Fill the tensors of `state` from the DCP folder `path`, refusing anything that would run pickled
+    code."""
     try:
         dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly())
-    except (Exception, dcp.CheckpointException) as e:  # the latter a BaseException, wrapping each rank's error
+    except (
+        Exception,
+        dcp.CheckpointException,
+    ) as e:  # the latter a BaseException, wrapping each rank's error
         cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]
         if isinstance(cause, UserError):
             raise cause
-        raise UserError(f"{path}: unreadable optimizer shards ({type(cause).__name__}: {cause}); delete the run's "
-                        "last/ to restart, or resume from another run")
+        raise UserError(
+            f"{path}: unreadable optimizer shards ({type(cause).__name__}: {cause}); delete the run's "
+            "last/ to restart, or resume from another run"
+        )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata is a pickle; only DCP's own record classes (and the torch/pathlib values they hold)
     may be built from it, as torch.load(weights_only=True) allows only tensors and plain values."""
-    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-        *{("torch", str(t).removeprefix("torch.")) for t in (torch.float32, torch.float64, torch.bfloat16,
-                                                               torch.float16, torch.int64, torch.int32)}}
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        *{
+            ("torch", str(t).removeprefix("torch."))
+            for t in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32)
+        },
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise UserError(f"optimizer shards: refused: the metadata asks to load the Python object {module}.{name}, "
-                            "which could run code; DCP metadata holds only its own records")
+            raise UserError(
+                f"optimizer shards: refused: the metadata asks to load the Python object {module}.{name}, "
+                "which could run code; DCP metadata holds only its own records"
+            )
         return super().find_class(module, name)
 
 
@@ -181,8 +212,10 @@ class _SafeReader(dcp.FileSystemReader):
 
 
 class _TensorsOnly(dcp.DefaultLoadPlanner):
-    """DCP's planner without its one torch.load(weights_only=False): we save tensors only, so a pickled item is refused."""
+    """DCP's planner without its one torch.load(weights_only=False): we save tensors only, so a pickled item
+    is refused."""
 
     def load_bytes(self, read_item, value):
-        raise UserError(f"optimizer shards: refused: {read_item.dest_index.fqn} is a pickled object, not a tensor")
-
+        raise UserError(
+            f"optimizer shards: refused: {read_item.dest_index.fqn} is a pickled object, not a tensor"
+        )

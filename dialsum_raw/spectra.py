@@ -1,12 +1,13 @@
-"""Where a fine-tuning update ΔW lives relative to the weight W0 it changes: the measures of Shuttleworth et al.,
-"LoRA vs Full Fine-tuning: An Illusion of Equivalence" (arXiv 2410.21228), and the major/minor split behind
-PiSSA and MiCA. Every function takes W0 and ΔW as (out x in) tensors and works in float64.
+"""Where a fine-tuning update ΔW lives relative to the weight W0 it changes: the measures of Shuttleworth et
+al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (arXiv 2410.21228), and the major/minor split
+behind PiSSA and MiCA. Every function takes W0 and ΔW as (out x in) tensors and works in float64.
 
 - intruders: of the top k left singular vectors u_j of the merged W0 + ΔW (not of ΔW), the number whose best
   match among all of W0's left singular vectors, max_i |u_j . u0_i|, is below eps: new directions that
   fine-tuning put among the largest (the paper's Algorithm 1, with its k = 10 and eps = 0.5);
 - stable_rank: ||ΔW||_F^2 / ||ΔW||_2^2, how many directions carry the update (1 for a rank-1 ΔW);
-- top_share / bottom_share: ||U0_r^T ΔW||_F^2 / ||ΔW||_F^2 with U0_r W0's r largest (or smallest) left singular
+- top_share / bottom_share: ||U0_r^T ΔW||_F^2 / ||ΔW||_F^2 with U0_r W0's r largest (or smallest) left
+singular
   directions: the part of the update that acts in W0's major (or minor) output directions.
 """
 
@@ -21,7 +22,8 @@ def _left(w):
 
 
 def best_matches(w0, dw, k=INTRUDER_K):
-    """max_i |u_j . u0_i| for the top k left singular vectors u_j of W0 + ΔW: 1 for one of W0's own directions."""
+    """max_i |u_j . u0_i| for the top k left singular vectors u_j of W0 + ΔW: 1 for one of W0's own
+    directions."""
     w0 = w0.double()
     return (_left(w0 + dw.double())[:, :k].T @ _left(w0)).abs().amax(dim=1)
 

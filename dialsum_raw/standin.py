@@ -23,7 +23,14 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "s
 # (2,849,757,184 and 11,135,332,352 parameters for xl and xxl); every size keeps small's vocabulary, d_kv 64
 # and gated-GELU feed-forward.
 SIZES = {
-    "tiny": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2},
+    "tiny": {
+        "d_model": 64,
+        "d_ff": 128,
+        "d_kv": 16,
+        "num_heads": 4,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+    },
     "small": {},
     "base": {"d_model": 768, "d_ff": 2048, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12},
     "large": {"d_model": 1024, "d_ff": 2816, "num_heads": 16, "num_layers": 24, "num_decoder_layers": 24},
@@ -39,7 +46,9 @@ def config(config_dir, size="small"):
     """flan-t5-small's config.json with a size's shape."""
     from transformers import T5Config
     if not os.path.isfile(os.path.join(config_dir, "config.json")):
-        raise UserError(f"{config_dir}: no config.json (expected a flan-t5 folder such as ../shared/flan-t5-small)")
+        raise UserError(
+            f"{config_dir}: no config.json (expected a flan-t5 folder such as ../shared/flan-t5-small)"
+        )
     return T5Config.from_pretrained(config_dir, **SIZES[size])
 
 
@@ -72,12 +81,16 @@ def build(config_dir, out, tiny=False, seed=0, size="small"):
 
 
 def memory_lines(parameters, worlds=(2, 4, 8)):
-    """Predicted full fine-tuning state per process (not measured: python -m dialsum_raw.bench memory measures)."""
+    """Predicted full fine-tuning state per process (not measured: python -m dialsum_raw.bench memory
+    measures)."""
     gb = STATE_BYTES_PER_PARAMETER * parameters / 1e9
-    return [f"predicted full fine-tuning state per process ({STATE_BYTES_PER_PARAMETER} bytes per parameter: fp32 "
-            "weights, gradients, AdamW moments; activations extra):",
-            f"  DDP, any number of processes: {gb:.1f} GB",
-            "  --fsdp: " + ", ".join(f"N={n}: {gb / n:.1f} GB" for n in worlds)]
+    return [
+        f"predicted full fine-tuning state per process ({STATE_BYTES_PER_PARAMETER} bytes per parameter: "
+        "fp32 "
+        "weights, gradients, AdamW moments; activations extra):",
+        f"  DDP, any number of processes: {gb:.1f} GB",
+        "  --fsdp: " + ", ".join(f"N={n}: {gb / n:.1f} GB" for n in worlds),
+    ]
 
 
 def free_bytes():
@@ -92,12 +105,16 @@ def free_bytes():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dialsum_raw.standin", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="folder with config.json and tokenizer files")
-    p.add_argument("--out", help="folder to write (replaced if it exists); without it, count and predict only")
+    p.add_argument(
+        "--out", help="folder to write (replaced if it exists); without it, count and predict only"
+    )
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--size", choices=["small", "base", "large", "xl", "xxl"], default="small",
                        help="flan-t5 shape: small 77M, base 248M, large 783M, xl 2.85B, xxl 11.1B parameters "
                             "(fp32: 4 bytes each)")
-    shape.add_argument("--tiny", action="store_true", help=f"small width/depth for fast tests: {SIZES['tiny']}")
+    shape.add_argument(
+        "--tiny", action="store_true", help=f"small width/depth for fast tests: {SIZES['tiny']}"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     import torch
@@ -110,8 +127,10 @@ def main(argv=None):
         print(f"flan-t5-{size} shape: {parameters:,} parameters (built on the meta device; nothing written)")
         print("\n".join(memory_lines(parameters)))
         if a.out is not None:
-            raise UserError(f"not written: building and saving {a.out} needs about {need / 1e9:.0f} GB of memory, "
-                            f"{free / 1e9:.0f} GB is free")
+            raise UserError(
+                f"not written: building and saving {a.out} needs about {need / 1e9:.0f} GB of memory, "
+                f"{free / 1e9:.0f} GB is free"
+            )
         return
     build(a.config, a.out, a.tiny, a.seed, a.size)
     print(f"wrote {a.out}: {count_parameters(load_model(a.out))[1]:,} parameters")

@@ -1,7 +1,8 @@
 """Summarize your own dialogue with a model (and optional LoRA adapter).
 
     python -m dialsum_raw.summarize --model runs/full/best chat.txt
-    echo "Ann: Lunch at noon?\\nBob: Sure, see you there." | python -m dialsum_raw.summarize --model google/flan-t5-small
+    echo "Ann: Lunch at noon?\\nBob: Sure, see you there." | python -m dialsum_raw.summarize --model
+    google/flan-t5-small
 
 Lines may be '#Person1#: ...' (DialogSum's form) or 'Name: ...'. Names are turned into
 #PersonN# tags, which fine-tuned models know, and put back into the summary.

@@ -20,17 +20,17 @@ A sweep file (see configs/sweep-*.toml):
 A point's settings are base < [settings] < its variant < its grid values, checked like a config file
 before anything runs. A point's folder names the variant and grid settings in which it differs from base +
 [settings] ("default" when none), so adding variants or values never renames a finished point; two points
-that would train the same settings are refused. Each point's exact settings are written to OUT/<name>/<point>.toml, and the point
-runs as `python train.py --config OUT/<name>/<point>.toml`. Run again, the sweep skips a finished point
-(summary.json), continues an interrupted one with --resume, and starts the others. It ends with the
-`python -m dialsum_raw.runs` table of its folder. --dry-run prints the commands the sweep would run now,
-one per line, for a cluster scheduler (a SLURM job array runs line $SLURM_ARRAY_TASK_ID).
+that would train the same settings are refused. Each point's exact settings are written to
+OUT/<name>/<point>.toml, and the point runs as `python train.py --config OUT/<name>/<point>.toml`. Run again,
+the sweep skips a finished point (summary.json), continues an interrupted one with --resume, and starts the
+others. It ends with the `python -m dialsum_raw.runs` table of its folder. --dry-run prints the commands the
+sweep would run now, one per line, for a cluster scheduler (a SLURM job array runs line $SLURM_ARRAY_TASK_ID).
 
 With --evaluate, once the points are done, every finished point's best/ is scored in ONE `evaluate.py` run
 (its command is printed by --dry-run too): the base loaded once and its zero-shot summaries generated once,
-adapters applied to it one after another, full fine-tunes loaded one at a time as --instruct models, each named
-after its point ('=' written ':'). The report goes to OUT/<name>/eval-<split>[-first<N>]/, and each run folder
-gets evaluation.json (its ROUGE there), which `runs` shows beside the validation figures. Run again, an
+adapters applied to it one after another, full fine-tunes loaded one at a time as --instruct models, each
+named after its point ('=' written ':'). The report goes to OUT/<name>/eval-<split>[-first<N>]/, and each run
+folder gets evaluation.json (its ROUGE there), which `runs` shows beside the validation figures. Run again, an
 evaluation of the same points with the same settings is skipped; a point finished since re-runs the evaluation
 of all of them (one report: its paired intervals need every model scored on the same dialogues in one run).
 """
@@ -54,8 +54,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import runs
 from .checkpoint import atomic_write, find
-from .config import (SETTINGS_FILE, TRAIN, Settings, check_spellings, did_you_mean, fields_of, normalize, read_config,
-                     read_run_settings, typed, validate)
+from .config import (SETTINGS_FILE, TRAIN, Settings, check_spellings, did_you_mean, fields_of, normalize,
+                     read_config, read_run_settings, typed, validate)
 from .errors import Stopped, UserError, run_cli
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -115,8 +115,10 @@ def load(path):
         raise UserError(f"{path}: not valid TOML ({e})")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
-        raise UserError(f"{path}: unknown key '{unknown[0]}': a sweep file has {', '.join(sorted(SWEEP_KEYS))} "
-                        "(settings go under [settings], [[variant]] or [grid])")
+        raise UserError(
+            f"{path}: unknown key '{unknown[0]}': a sweep file has {', '.join(sorted(SWEEP_KEYS))} "
+            "(settings go under [settings], [[variant]] or [grid])"
+        )
     name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
     for key, value in (("name", name), ("out", raw.get("out", "")), ("base", raw.get("base", ""))):
         if not isinstance(value, str):
@@ -127,7 +129,9 @@ def load(path):
         if not isinstance(value, kind) or kind is list and not all(isinstance(v, dict) for v in value):
             raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
     if not name.strip():
-        raise UserError(f"{path}: name is empty: the points would land directly in {raw.get('out', 'runs/sweeps')}")
+        raise UserError(
+            f"{path}: name is empty: the points would land directly in {raw.get('out', 'runs/sweeps')}"
+        )
     folder = os.path.join(raw.get("out", "runs/sweeps"), name)
     base = {}
     if "base" in raw:
@@ -135,9 +139,16 @@ def load(path):
     for table in (raw.get("settings", {}), *raw.get("variant", []), raw.get("grid", {})):
         check_spellings(path, table)
     common = dict(_setting(path, "settings", k, v) for k, v in raw.get("settings", {}).items())
-    variants = [dict(_setting(path, "variant", k, v) for k, v in variant.items()) for variant in raw.get("variant", [{}])]
+    variants = [
+        dict(_setting(path, "variant", k, v) for k, v in variant.items())
+        for variant in raw.get("variant", [{}])
+    ]
     grid = dict(_setting(path, "grid", k, v, each=True) for k, v in raw.get("grid", {}).items())
-    owns = [{**variant, **dict(zip(grid, combo))} for variant in variants for combo in itertools.product(*grid.values())]
+    owns = [
+        {**variant, **dict(zip(grid, combo))}
+        for variant in variants
+        for combo in itertools.product(*grid.values())
+    ]
     shared = _resolved({**base, **common})
     points, seen = {}, {}
     for own in owns:
@@ -168,12 +179,13 @@ def _resolved(values):
 
 def write_config(point):
     """The point's settings as a config file train.py reads (the same writer as a run's settings.toml)."""
-    from .training import save_settings  # the loop's module (transformers and all): only once points are known
+    from .training import save_settings
     save_settings(Settings(**point.values), point.config)
 
 
 def plan(point):
-    """(what, train.py arguments) for a point now: None for a finished run, --resume for one with a checkpoint."""
+    """(what, train.py arguments) for a point now: None for a finished run, --resume for one with a
+    checkpoint."""
     check_same_settings(point)
     if os.path.isfile(os.path.join(point.out, runs.SUMMARY_FILE)):
         return "finished", None
@@ -195,8 +207,10 @@ def check_same_settings(point):
     old, new = vars(old), vars(new)
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k not in OWNED and old[k] != new[k]]
     if changed:
-        raise UserError(f"{point.out} was run with other settings ({'; '.join(changed)}): the sweep file changed "
-                        "since; delete that folder or give the sweep another name")
+        raise UserError(
+            f"{point.out} was run with other settings ({'; '.join(changed)}): the sweep file changed "
+            "since; delete that folder or give the sweep another name"
+        )
 
 
 def command(args):
@@ -240,7 +254,9 @@ def execute(todo, jobs):
 
 
 def finished(point):
-    return os.path.isfile(os.path.join(point.out, runs.SUMMARY_FILE)) and os.path.isdir(os.path.join(point.out, "best"))
+    return os.path.isfile(os.path.join(point.out, runs.SUMMARY_FILE)) and os.path.isdir(
+        os.path.join(point.out, "best")
+    )
 
 
 def model_name(point):
@@ -249,15 +265,17 @@ def model_name(point):
 
 
 def evaluation(folder, points, split, limit):
-    """(evaluation folder, evaluate.py arguments) scoring the best/ of `points` in one run: adapters as --adapter
-    NAME=DIR, full fine-tunes as --instruct NAME=DIR, on the base, data, source length and precision they trained
-    with (one base and one data set for all of them)."""
+    """(evaluation folder, evaluate.py arguments) scoring the best/ of `points` in one run: adapters as
+    --adapter NAME=DIR, full fine-tunes as --instruct NAME=DIR, on the base, data, source length and precision
+    they trained with (one base and one data set for all of them)."""
     settings = [Settings(**p.values) for p in points]
     for key in ("model", "data"):
         values = sorted({str(getattr(s, key)) for s in settings})
         if len(values) > 1:
-            raise UserError(f"--evaluate scores every point on one base and data set; these points have {key} "
-                            f"{' and '.join(values)}")
+            raise UserError(
+                f"--evaluate scores every point on one base and data set; these points have {key} "
+                f"{' and '.join(values)}"
+            )
     out = os.path.join(folder, f"eval-{split}" + (f"-first{limit}" if limit else ""))
     args = ["--base", settings[0].model, "--data", settings[0].data, "--split", split, "--output-dir", out,
             "--overwrite"] + (["--limit", str(limit)] if limit else [])
@@ -266,7 +284,10 @@ def evaluation(folder, points, split, limit):
         if len(values) == 1:
             args += ["--" + key.replace("_", "-"), str(values.pop())]
     for point, s in zip(points, settings):
-        args += ["--adapter" if s.is_lora else "--instruct", f"{model_name(point)}={os.path.join(point.out, 'best')}"]
+        args += [
+            "--adapter" if s.is_lora else "--instruct",
+            f"{model_name(point)}={os.path.join(point.out, 'best')}",
+        ]
     return out, args
 
 
@@ -280,8 +301,8 @@ def up_to_date(out, args):
 
 
 def evaluate(folder, points, split, limit):
-    """Score the finished points in one evaluate.py run (unless already done with the same arguments), then write
-    each run's evaluation.json for `runs`."""
+    """Score the finished points in one evaluate.py run (unless already done with the same arguments), then
+    write each run's evaluation.json for `runs`."""
     out, args = evaluation(folder, points, split, limit)
     if up_to_date(out, args):
         print(f"sweep: {out} already evaluates these {len(points)} points with these settings; skipped",
@@ -294,31 +315,54 @@ def evaluate(folder, points, split, limit):
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
         scores = json.load(f)
     for point in points:
-        atomic_write(os.path.join(point.out, runs.EVALUATION_FILE), json.dumps(
-            {"split": split, "dialogues": scores["meta"]["dialogues"], "report": os.path.join(out, "report.md"),
-             "model": model_name(point), "rouge": scores[model_name(point)]["per_row"]}, indent=2) + "\n")
+        atomic_write(
+            os.path.join(point.out, runs.EVALUATION_FILE),
+            json.dumps(
+                {
+                    "split": split,
+                    "dialogues": scores["meta"]["dialogues"],
+                    "report": os.path.join(out, "report.md"),
+                    "model": model_name(point),
+                    "rouge": scores[model_name(point)]["per_row"],
+                },
+                indent=2,
+            )
+            + "\n",
+        )
     atomic_write(os.path.join(out, EVALUATED), json.dumps({"args": args}, indent=2) + "\n")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dialsum_raw.sweep", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dialsum_raw.sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sweep", metavar="SWEEP.toml", help="the sweep file")
-    p.add_argument("--dry-run", action="store_true", help="write the points' settings files and print the train.py "
-                                                           "commands the sweep would run now, one per line")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the points' settings files and print the train.py "
+        "commands the sweep would run now, one per line",
+    )
     p.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
     p.add_argument("--evaluate", action="store_true", help="then score every finished point's best/ in one "
                                                             "evaluate.py run; `runs` shows its ROUGE")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="--evaluate: the split scored (default test)")
-    p.add_argument("--limit", type=int, default=0, help="--evaluate: the first N dialogues only (default 0 = all)")
+    p.add_argument(
+        "--limit", type=int, default=0, help="--evaluate: the first N dialogues only (default 0 = all)"
+    )
     a = p.parse_args(argv)
     if a.jobs < 1 or a.limit < 0:
         raise UserError(f"--jobs must be >= 1 and --limit >= 0, got {a.jobs}, {a.limit}")
     if (a.split != "test" or a.limit) and not a.evaluate:
         raise UserError("--split and --limit choose what --evaluate scores: add --evaluate")
     if not os.path.isfile(TRAIN_PY):
-        raise UserError(f"{TRAIN_PY} not found: run the sweep from a checkout of the project (pip install -e .)")
+        raise UserError(
+            f"{TRAIN_PY} not found: run the sweep from a checkout of the project (pip install -e .)"
+        )
     folder, points = load(a.sweep)
     os.makedirs(folder, exist_ok=True)
     todo = []
@@ -342,8 +386,13 @@ def main(argv=None):
     if len(failed) < len(points):
         runs.main([folder])
     if failed:
-        raise UserError(f"{len(failed)} of {len(points)} points failed: " + "; ".join(
-            f"{point.out} (exit {code}{'; see ' + point.out + '.log' if a.jobs > 1 else ''})" for point, code in failed))
+        raise UserError(
+            f"{len(failed)} of {len(points)} points failed: "
+            + "; ".join(
+                f"{point.out} (exit {code}{'; see ' + point.out + '.log' if a.jobs > 1 else ''})"
+                for point, code in failed
+            )
+        )
 
 
 if __name__ == "__main__":

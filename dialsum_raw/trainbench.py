@@ -52,7 +52,8 @@ def _real(batch):
 
 
 class _KeptBatches:
-    """HF's collator, keeping each batch it forms: HF's real and padded tokens are then counted, not guessed."""
+    """HF's collator, keeping each batch it forms: HF's real and padded tokens are then counted, not
+    guessed."""
 
     def __init__(self, collator):
         self.collator, self.batches = collator, []
@@ -65,17 +66,32 @@ class _KeptBatches:
 
 def _hf_run(args, tok, pool, steps, out, device, **best):
     """Seq2SeqTrainer + peft LoRA r=8 q,v, batch 8, `steps` steps over `pool` with HF's own sampler (the
-    notebook's stack; `best` adds the strongest flags HF offers). Returns (its batches, HF's train_runtime)."""
+    notebook's stack; `best` adds the strongest flags HF offers). Returns (its batches, HF's
+    train_runtime)."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     torch.manual_seed(0)
-    model = get_peft_model(load_model(args.model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                              target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
-    hf_args = Seq2SeqTrainingArguments(output_dir=out, per_device_train_batch_size=8, learning_rate=1e-3,
-                                       max_steps=steps, logging_steps=10 ** 6, save_strategy="no", report_to=[],
-                                       use_cpu=device.type != "cuda", dataloader_pin_memory=device.type == "cuda",
-                                       seed=0, disable_tqdm=True, **best)
+    model = get_peft_model(
+        load_model(args.model),
+        LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"
+        ),
+    )
+    hf_args = Seq2SeqTrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=steps,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device.type != "cuda",
+        dataloader_pin_memory=device.type == "cuda",
+        seed=0,
+        disable_tqdm=True,
+        **best,
+    )
     # One GPU, as ours: on a multi-GPU machine HF would wrap the model in DataParallel over all of them.
     # transformers 5.x has no flag for it; _n_gpu is what Trainer itself sets to 1 for model parallelism.
     hf_args._n_gpu = min(hf_args.n_gpu, 1)
@@ -164,19 +180,34 @@ def _timed_rows(args, tok, steps, tmp, device, long_data, pools, ours_batches):
         return ours_batches[pool], training.train(run)["seconds"]
 
     best = dict(bf16=auto == "bf16", train_sampling_strategy="group_by_length")
-    rows = [("default", "HF notebook: random batches, pad to 8, fp32", "fp32", *hf("hf-notebook", "default")),
-            ("default", f"HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-best", "default", **best))]
+    rows = [
+        ("default", "HF notebook: random batches, pad to 8, fp32", "fp32", *hf("hf-notebook", "default")),
+        ("default", f"HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-best", "default", **best)),
+    ]
     for precision in ("fp32", "auto"):
         name = precision + (f" = {auto}" if precision == "auto" else "")
         rows += [("default", f"ours {name}, {impl} dropout", choose_precision(precision, device)[0],
                   *ours(f"ours-{precision}-{impl}", "default", precision=precision, dropout_impl=impl))
                  for impl in ("torch", "fast")]
-    # the base stored in bf16 and nf4 (--base-dtype), beside the fp32 base's row above; a bf16 base computes in bf16
-    rows += [("default", f"ours {'bf16' if dtype == 'bf16' else auto}, base {dtype}, fast dropout",
-              "bf16" if dtype == "bf16" else auto,
-              *ours(f"ours-base-{dtype}", "default", precision="bf16" if dtype == "bf16" else "auto", base_dtype=dtype))
-             for dtype in ("bf16", "nf4")]
-    rows += [("long", f"long: HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-long", "long", **best))]
+    # the base stored in bf16 and nf4 (--base-dtype), beside the fp32 base's row above; a bf16 base computes
+    # in bf16
+    rows += [
+        (
+            "default",
+            f"ours {'bf16' if dtype == 'bf16' else auto}, base {dtype}, fast dropout",
+            "bf16" if dtype == "bf16" else auto,
+            *ours(
+                f"ours-base-{dtype}",
+                "default",
+                precision="bf16" if dtype == "bf16" else "auto",
+                base_dtype=dtype,
+            ),
+        )
+        for dtype in ("bf16", "nf4")
+    ]
+    rows += [
+        ("long", f"long: HF best: group_by_length, pad to 8, {auto}", auto, *hf("hf-long", "long", **best))
+    ]
     rows += [("long", f"long: ours auto = {auto}, {impl} dropout", auto,
               *ours(f"ours-long-{impl}", "long", data=long_data, subsample=1, dropout_impl=impl))
              for impl in ("torch", "fast")]
@@ -193,11 +224,20 @@ def _row_figures(rows, model, device, peak):
             flops_of[id(median)] = _step_flops(model, median, device)
         # FLOPs per step: the median batch counted, scaled to the row's mean padded tokens per step
         flops = flops_of[id(median)] * padded / _padded(median) / len(row_batches)
-        result_rows.append({"pool": pool_name, "row": name, "precision": precision, "steps": len(row_batches),
-                            "seconds": round(seconds, 2), "real_tokens": real,
-                            "real_tokens_per_s": round(real / seconds, 1), "real_token_fraction": round(real / padded, 4),
-                            "gflops_per_step": round(flops / 1e9, 1),
-                            "mfu": round(flops / (seconds / len(row_batches)) / peak[precision], 4)})
+        result_rows.append(
+            {
+                "pool": pool_name,
+                "row": name,
+                "precision": precision,
+                "steps": len(row_batches),
+                "seconds": round(seconds, 2),
+                "real_tokens": real,
+                "real_tokens_per_s": round(real / seconds, 1),
+                "real_token_fraction": round(real / padded, 4),
+                "gflops_per_step": round(flops / 1e9, 1),
+                "mfu": round(flops / (seconds / len(row_batches)) / peak[precision], 4),
+            }
+        )
     return result_rows
 
 
@@ -208,29 +248,52 @@ def _ratios(result_rows, auto):
     for r in result_rows:
         r["vs_hf_best"] = round(r["real_tokens_per_s"] / hf_best[r["pool"]], 3)
     fast_auto, fast_long = f"ours auto = {auto}, fast dropout", f"long: ours auto = {auto}, fast dropout"
-    bf16_base, nf4_base = speed["ours bf16, base bf16, fast dropout"], speed[f"ours {auto}, base nf4, fast dropout"]
-    return {"ours_auto_over_ours_fp32": round(speed[fast_auto] / speed["ours fp32, fast dropout"], 3),
-            "base_bf16_over_base_fp32": round(bf16_base / speed[fast_auto], 3),
-            "base_nf4_step_over_base_bf16_step": round(bf16_base / nf4_base, 3),
-            "ours_over_hf_best_same_precision": round(speed[fast_auto] / hf_best["default"], 3),
-            "ours_over_hf_best_same_precision_long": round(speed[fast_long] / hf_best["long"], 3),
-            "fast_over_torch_dropout": {
-                "fp32": round(speed["ours fp32, fast dropout"] / speed["ours fp32, torch dropout"], 3),
-                auto: round(speed[fast_auto] / speed[f"ours auto = {auto}, torch dropout"], 3),
-                f"{auto} long": round(speed[fast_long] / speed[f"long: ours auto = {auto}, torch dropout"], 3)}}
+    bf16_base, nf4_base = (
+        speed["ours bf16, base bf16, fast dropout"],
+        speed[f"ours {auto}, base nf4, fast dropout"],
+    )
+    return {
+        "ours_auto_over_ours_fp32": round(speed[fast_auto] / speed["ours fp32, fast dropout"], 3),
+        "base_bf16_over_base_fp32": round(bf16_base / speed[fast_auto], 3),
+        "base_nf4_step_over_base_bf16_step": round(bf16_base / nf4_base, 3),
+        "ours_over_hf_best_same_precision": round(speed[fast_auto] / hf_best["default"], 3),
+        "ours_over_hf_best_same_precision_long": round(speed[fast_long] / hf_best["long"], 3),
+        "fast_over_torch_dropout": {
+            "fp32": round(speed["ours fp32, fast dropout"] / speed["ours fp32, torch dropout"], 3),
+            auto: round(speed[fast_auto] / speed[f"ours auto = {auto}, torch dropout"], 3),
+            f"{auto} long": round(speed[fast_long] / speed[f"long: ours auto = {auto}, torch dropout"], 3),
+        },
+    }
 
 
 def _print_train(result, peak):
     auto, rows = result["auto_precision"], result["rows"]
-    table(f"train: LoRA r=8 q,v, batch 8, {result['steps']} steps each from the same {result['pool_examples']:,} "
-          f"examples (long: the {result['long_pool_examples']} with the longest prompts); matmul peak fp32 "
-          f"{peak['fp32'] / 1e9:,.0f} / bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} ({result['auto_reason']})",
-          [(r["row"], f"{r['real_tokens_per_s']:>8,.0f} real tok/s  {r['vs_hf_best']:.2f}x HF best  "
-                      f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)")
-           for r in rows] +
-          [("ours auto / ours fp32 (fast dropout)", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
-           ("base bf16 / base fp32, speed (fast dropout)", f"{result['base_bf16_over_base_fp32']:.2f}x"),
-           ("base nf4 step / base bf16 step", f"{result['base_nf4_step_over_base_bf16_step']:.2f}x"),
-           (f"ours (fast dropout) / HF best, both {auto}", f"{result['ours_over_hf_best_same_precision']:.2f}x; "
-                                                           f"long pool {result['ours_over_hf_best_same_precision_long']:.2f}x"),
-           ("fast dropout / torch dropout", ", ".join(f"{k} {v:.2f}x" for k, v in result["fast_over_torch_dropout"].items()))])
+    table(
+        f"train: LoRA r=8 q,v, batch 8, {result['steps']} steps each from the same "
+        f"{result['pool_examples']:,} "
+        f"examples (long: the {result['long_pool_examples']} with the longest prompts); matmul peak fp32 "
+        f"{peak['fp32'] / 1e9:,.0f} / bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s; auto = {auto} "
+        f"({result['auto_reason']})",
+        [
+            (
+                r["row"],
+                f"{r['real_tokens_per_s']:>8,.0f} real tok/s  {r['vs_hf_best']:.2f}x HF best  "
+                f"MFU {r['mfu']:5.1%} of {r['precision']} peak  ({r['real_token_fraction']:.0%} real tokens)",
+            )
+            for r in rows
+        ]
+        + [
+            ("ours auto / ours fp32 (fast dropout)", f"{result['ours_auto_over_ours_fp32']:.2f}x"),
+            ("base bf16 / base fp32, speed (fast dropout)", f"{result['base_bf16_over_base_fp32']:.2f}x"),
+            ("base nf4 step / base bf16 step", f"{result['base_nf4_step_over_base_bf16_step']:.2f}x"),
+            (
+                f"ours (fast dropout) / HF best, both {auto}",
+                f"{result['ours_over_hf_best_same_precision']:.2f}x; "
+                f"long pool {result['ours_over_hf_best_same_precision_long']:.2f}x",
+            ),
+            (
+                "fast dropout / torch dropout",
+                ", ".join(f"{k} {v:.2f}x" for k, v in result["fast_over_torch_dropout"].items()),
+            ),
+        ],
+    )

@@ -52,15 +52,20 @@ def setup_distributed():
     if cuda:
         processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
         if processes > gpus:  # every rank refuses alike, before any waits for the others
-            raise UserError(f"{processes} processes on this machine but it has {gpus} GPU{'s' * (gpus != 1)}: "
-                            f"run one process per GPU (torchrun --nproc_per_node {gpus})")
+            raise UserError(
+                f"{processes} processes on this machine but it has {gpus} GPU{'s' * (gpus != 1)}: "
+                f"run one process per GPU (torchrun --nproc_per_node {gpus})"
+            )
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         gpu = {"device_id": device} if cuda else {}  # binds nccl to this rank's GPU (torch >= 2.2)
         # torchrun --max-restarts keeps its key-value store across restarts: keyed by the restart, a restarted
-        # group never reads the dead workers' addresses (gloo: "connectFullMesh failed ... Connection refused")
+        # group never reads the dead workers' addresses (gloo: "connectFullMesh failed ... Connection
+        # refused")
         store, rank, size = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
-        store = dist.PrefixStore(f"dialsum/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        store = dist.PrefixStore(
+            f"dialsum/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store
+        )
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size,
                                 timeout=COLLECTIVE_TIMEOUT, **gpu)
     return (dist.get_rank() if world > 1 else 0), world, device
@@ -93,17 +98,26 @@ def make_optimizer(model, settings: Settings):
     if k != 1 and not any(fast for fast, _ in roles.values()):
         which = (f"--lora-variant {layers[0].cfg.variant} with --lora-init {layers[0].cfg.init} trains none"
                  if layers else "this model has none (--lora-rank 0)")
-        raise UserError(f"--lora-plus-ratio {k:g} needs LoRA layers with a trainable B (a tensor LoRA+ speeds up); "
-                        f"{which}")
+        raise UserError(
+            f"--lora-plus-ratio {k:g} needs LoRA layers with a trainable B (a tensor LoRA+ speeds up); "
+            f"{which}"
+        )
     groups = {}  # (fast, decay) -> tensors; ordered so that K = 1 keeps the plain two groups
     for p in model.parameters():
         if p.requires_grad:
             fast, decay = roles.get(p, (p.ndim < 2, p.ndim >= 2))
             groups.setdefault((k != 1 and fast, decay), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": settings.lr * (k if fast else 1),
-                               "weight_decay": settings.weight_decay if decay else 0.0}
-                              for (fast, decay), ps in sorted(groups.items(), key=lambda g: (g[0][0], not g[0][1]))],
-                             lr=settings.lr)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": ps,
+                "lr": settings.lr * (k if fast else 1),
+                "weight_decay": settings.weight_decay if decay else 0.0,
+            }
+            for (fast, decay), ps in sorted(groups.items(), key=lambda g: (g[0][0], not g[0][1]))
+        ],
+        lr=settings.lr,
+    )
 
 
 def lr_factor(step, total, warmup, schedule):
@@ -111,7 +125,9 @@ def lr_factor(step, total, warmup, schedule):
     if step < warmup:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return (
+        max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    )
 
 
 def token_loss_sum(model, batch, autocast):
@@ -187,8 +203,12 @@ def load_examples(settings: Settings, tokenizer, log):
     for name, dialogues in splits.items():
         out[name], cut = data.encode(dialogues[::settings.subsample], tokenizer,
                                      settings.max_source_len, settings.max_target_len)
-        log(f"{name}: {len(out[name]):,} examples; {cut['truncated_sources']} dialogues shortened inside the prompt to "
-            f"{settings.max_source_len} tokens, {cut['truncated_targets']} targets cut to {settings.max_target_len}")
+        log(
+            f"{name}: {len(out[name]):,} examples; {cut['truncated_sources']} dialogues shortened inside the "
+            "prompt to "
+            f"{settings.max_source_len} tokens, {cut['truncated_targets']} targets cut to "
+            f"{settings.max_target_len}"
+        )
     out["validation_dialogues"] = splits["validation"][::settings.subsample]
     return out
 
@@ -207,9 +227,11 @@ def check_resume_settings(settings: Settings, state: dict, world: int):
     if state.get("world", world) != world:
         changed.append(f"processes {state['world']} -> {world}")
     if changed:
-        raise UserError(f"--resume {settings.resume}: these settings differ from the run's and would change its data "
-                        f"order or schedule: {'; '.join(changed)}. Drop those flags, or start a new run with "
-                        "--output-dir")
+        raise UserError(
+            f"--resume {settings.resume}: these settings differ from the run's and would change its data "
+            f"order or schedule: {'; '.join(changed)}. Drop those flags, or start a new run with "
+            "--output-dir"
+        )
 
 
 # ---------------------------------------------------------------- the run
@@ -263,8 +285,10 @@ class Run:
     steps_per_epoch: int = 0
     total: int = 0
     batches: object = None
-    writer: object = None          # TensorBoard, rank 0 with --tensorboard
-    resume_state: dict = None      # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
+    writer: object = None  # TensorBoard, rank 0 with --tensorboard
+    resume_state: dict = (
+        None  # trainer_state.pt of the checkpoint being resumed (less its optimizer, once loaded)
+    )
     resume_from: str = None        # ... and its folder
     launcher: int = None           # torchrun's pid, the parent of this worker; None without torchrun
     saved: int = 0                 # the step last/ holds (0: none yet), for messages that name it
@@ -282,12 +306,20 @@ def train(settings: Settings) -> dict:
     rank, world, device = setup_distributed()
     sharding.check(settings.fsdp, world)
     elastic_restart(settings, print if rank == 0 else (lambda *a, **k: None))
-    run = Run(settings, rank, world, device, print if rank == 0 else (lambda *a, **k: None),
-              launcher=os.getppid() if "LOCAL_RANK" in os.environ else None)  # torchrun's workers are its children
+    run = Run(
+        settings,
+        rank,
+        world,
+        device,
+        print if rank == 0 else (lambda *a, **k: None),
+        launcher=os.getppid() if "LOCAL_RANK" in os.environ else None,
+    )  # torchrun's workers are its children
     with claim_output(run), watching(run):
         set_up(run)
         restore(run)
-        bar = tqdm(total=run.total, initial=run.progress.step, disable=run.rank != 0, desc="train", unit="step")
+        bar = tqdm(
+            total=run.total, initial=run.progress.step, disable=run.rank != 0, desc="train", unit="step"
+        )
         started = time.time() - run.progress.seconds
         with stop_signals() as caught:
             while not done(run):
@@ -315,8 +347,10 @@ def elastic_restart(settings: Settings, log):
         return
     out = settings.output_dir
     if checkpoint.find(os.path.join(out, "last")) is None:
-        raise UserError(f"torchrun restarted this run (restart {restart}), but {out} holds no checkpoint yet to "
-                        "resume from: start it again yourself (--overwrite)")
+        raise UserError(
+            f"torchrun restarted this run (restart {restart}), but {out} holds no checkpoint yet to "
+            "resume from: start it again yourself (--overwrite)"
+        )
     settings.resume, settings.overwrite = out, False
     log(f"torchrun restart {restart}: resuming {out} from its last checkpoint")
 
@@ -328,8 +362,12 @@ def watching(run: Run):
     if run.world == 1:
         yield
         return
-    run.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), run.rank, run.world,
-                              lambda line: print(line, file=sys.stderr, flush=True)).start()  # from a thread: at once
+    run.heartbeat = Heartbeat(
+        dist.distributed_c10d._get_default_store(),
+        run.rank,
+        run.world,
+        lambda line: print(line, file=sys.stderr, flush=True),
+    ).start()  # from a thread: at once
     try:
         yield
     finally:
@@ -372,9 +410,19 @@ def set_up(run: Run):
 
     run.tokenizer = load_tokenizer(settings.model)
     examples = load_examples(settings, run.tokenizer, run.log)
-    run.train_set, run.val_set, run.val_dialogues = examples["train"], examples["validation"], examples["validation_dialogues"]
-    run.sampler = data.LengthGroupedBatchSampler([len(e["input_ids"]) for e in run.train_set], settings.batch_size,
-                                                 world, rank, settings.seed, accum=settings.grad_accum)
+    run.train_set, run.val_set, run.val_dialogues = (
+        examples["train"],
+        examples["validation"],
+        examples["validation_dialogues"],
+    )
+    run.sampler = data.LengthGroupedBatchSampler(
+        [len(e["input_ids"]) for e in run.train_set],
+        settings.batch_size,
+        world,
+        rank,
+        settings.seed,
+        accum=settings.grad_accum,
+    )
     run.collate = data.Collator(run.tokenizer.pad_token_id)
     # Its own generator: iter(DataLoader) draws a seed, which must not shift the dropout RNG on resume.
     run.loader = DataLoader(run.train_set, batch_sampler=run.sampler, collate_fn=run.collate,
@@ -383,8 +431,12 @@ def set_up(run: Run):
     torch.manual_seed(settings.seed)
     run.raw = set_dropout_impl(build_model(settings, run.resume_from), settings.dropout_impl)
     run.raw.train()  # sharding.wrap puts it on the device
-    if settings.gradient_checkpointing:  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
-        enable = getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
+    if (
+        settings.gradient_checkpointing
+    ):  # T5's own, non-reentrant: LoRA layers get gradients behind frozen embeddings
+        enable = (
+            getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
+        )
         enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
     run.log(parameter_report(run.raw))
     if settings.eval_rouge:
@@ -425,14 +477,20 @@ def claim_output(run: Run):
         if verdict[0]:
             raise UserError(verdict[0])
         if s.resume:
-            last = checkpoint.find(os.path.join(s.resume, "last"))  # found again under the lock: no writer now
+            last = checkpoint.find(
+                os.path.join(s.resume, "last")
+            )  # found again under the lock: no writer now
             run.resume_from, run.resume_state = last, checkpoint.load_state(last)
             if run.resume_state["is_adapter"] != s.is_lora:
-                raise UserError(f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
-                                f"run but --lora-rank is {s.lora_rank}")
+                raise UserError(
+                    f"--resume {s.resume}: it holds a {'LoRA' if run.resume_state['is_adapter'] else 'full'} "
+                    f"run but --lora-rank is {s.lora_rank}"
+                )
             if os.path.abspath(s.output_dir) != os.path.abspath(s.resume):
-                raise UserError(f"--resume {s.resume} continues that run in its own folder; drop --output-dir "
-                                f"{s.output_dir} (copy the folder first to branch a run)")
+                raise UserError(
+                    f"--resume {s.resume} continues that run in its own folder; drop --output-dir "
+                    f"{s.output_dir} (copy the folder first to branch a run)"
+                )
             check_resume_settings(s, run.resume_state, run.world)
         yield
 
@@ -455,7 +513,8 @@ def restore(run: Run):
     if state is None:
         torch.manual_seed(run.settings.seed + run.rank)  # dropout masks differ per rank
         return
-    # popped once loaded: on CUDA the optimizer holds GPU copies, and this CPU one would stay for the whole run
+    # popped once loaded: on CUDA the optimizer holds GPU copies, and this CPU one would stay for the whole
+    # run
     sharding.load_optimizer(run.model, run.optimizer, state.pop("optimizer"), run.resume_from)
     run.scheduler.load_state_dict(state["scheduler"])
     run.progress = Progress.restore(state)
@@ -499,7 +558,9 @@ def train_step(run: Run, started, bar, caught) -> int:
     counts, loss_sum = backward(run, window)
     synced = sync(run, counts, loss_sum, caught)
     take_step(run, synced, started, bar)
-    return signal.SIGINT if synced.sigint else signal.SIGTERM if synced.sigterm else 0  # the same on every rank
+    return (
+        signal.SIGINT if synced.sigint else signal.SIGTERM if synced.sigterm else 0
+    )  # the same on every rank
 
 
 def next_window(run: Run) -> list:
@@ -517,8 +578,11 @@ def backward(run: Run, window):
     (target, source and padded tokens; on the device under torchrun) and the loss sum, neither read yet."""
     # Counted on the host, from the loader's tensors. Under torchrun every rank's backward needs the window's
     # target tokens over all ranks: summed on the device, and read only with the loss, in sync().
-    counts = [sum(int((b["labels"] != -100).sum()) for b in window), sum(int(b["attention_mask"].sum()) for b in window),
-              sum(b["input_ids"].numel() + b["labels"].numel() for b in window)]
+    counts = [
+        sum(int((b["labels"] != -100).sum()) for b in window),
+        sum(int(b["attention_mask"].sum()) for b in window),
+        sum(b["input_ids"].numel() + b["labels"].numel() for b in window),
+    ]
     tgt = counts[0]
     if run.world > 1:
         beat(run, run.progress.step + 1, "batch")
@@ -578,8 +642,10 @@ def take_step(run: Run, synced: Synced, started, bar):
     step_loss = synced.loss_sum / tgt
     if not math.isfinite(step_loss):
         bar.close()
-        raise UserError(f"loss is {step_loss} at step {p.step + 1}: training diverged (learning rate too high?); "
-                        f"nothing was saved after it; {saved_note(run)}")
+        raise UserError(
+            f"loss is {step_loss} at step {p.step + 1}: training diverged (learning rate too high?); "
+            f"nothing was saved after it; {saved_note(run)}"
+        )
     if s.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw.parameters(), s.clip)
     run.optimizer.step()
@@ -626,7 +692,8 @@ def launcher_gone(run: Run) -> bool:
 
 
 def line_base(run: Run) -> dict:
-    """The fields every metrics.jsonl line carries; train lines add loss, validation lines val_loss (+ ROUGE)."""
+    """The fields every metrics.jsonl line carries; train lines add loss, validation lines val_loss (+
+    ROUGE)."""
     p = run.progress
     return {"step": p.step, "lr": run.scheduler.get_last_lr()[0], "tokens": p.tokens,
             "seconds": round(p.seconds, 3)}
@@ -655,10 +722,14 @@ def validate(run: Run, bar):
         if s.eval_rouge:
             line.update(validation_rouge(run))
     write_metrics(run, line)
-    bar.set_postfix(val_loss=f"{val:.4f}", **{k: f"{line[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL") if k in line})
+    bar.set_postfix(
+        val_loss=f"{val:.4f}", **{k: f"{line[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL") if k in line}
+    )
     p.best_val_loss = min(val, p.best_val_loss)
     value = line[s.best_metric]
-    better = p.best_value is None or (value < p.best_value if s.best_metric == "val_loss" else value > p.best_value)
+    better = p.best_value is None or (
+        value < p.best_value if s.best_metric == "val_loss" else value > p.best_value
+    )
     if better:
         p.best_step, p.best_value, p.stale = p.step, value, 0
     else:
@@ -686,8 +757,16 @@ def save(run: Run):
     state = {"optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "rng": rng, "world": run.world,
              **run.progress.state()}
     with sharding.full_weights(run.raw, run.settings.is_lora) as model:
-        checkpoint.save(last, model, run.tokenizer, run.settings.model, state, shards=shards, lead=run.rank == 0,
-                        barrier=dist.barrier if shards else None)
+        checkpoint.save(
+            last,
+            model,
+            run.tokenizer,
+            run.settings.model,
+            state,
+            shards=shards,
+            lead=run.rank == 0,
+            barrier=dist.barrier if shards else None,
+        )
     run.saved = run.progress.step
     if run.rank == 0 and run.progress.best_step == run.progress.step:
         checkpoint.save_best(last, os.path.join(run.out, "best"), best_info(run))
@@ -735,13 +814,21 @@ def finish(run: Run) -> dict:
     """summary.json; the processes leave their group."""
     p = run.progress
     trainable, all_params = count_parameters(run.raw)
-    summary = {"trainable_parameters": trainable, "all_parameters": all_params, "steps": p.step,
-               "seconds": round(p.seconds, 1), "best_val_loss": p.best_val_loss, **{
-                   f"best_{k}": v for k, v in best_info(run).items()},
-               "precision": run.precision[0], "precision_reason": run.precision[1],
-               "tokens": p.tokens, "tokens_per_second": round(p.tokens / max(p.seconds, 1e-9), 1),
-               "padding_fraction": round(1 - p.tokens / max(p.padded_tokens, 1), 4),
-               "processes": run.world, "global_batch": run.settings.batch_size * run.world * run.settings.grad_accum}
+    summary = {
+        "trainable_parameters": trainable,
+        "all_parameters": all_params,
+        "steps": p.step,
+        "seconds": round(p.seconds, 1),
+        "best_val_loss": p.best_val_loss,
+        **{f"best_{k}": v for k, v in best_info(run).items()},
+        "precision": run.precision[0],
+        "precision_reason": run.precision[1],
+        "tokens": p.tokens,
+        "tokens_per_second": round(p.tokens / max(p.seconds, 1e-9), 1),
+        "padding_fraction": round(1 - p.tokens / max(p.padded_tokens, 1), 4),
+        "processes": run.world,
+        "global_batch": run.settings.batch_size * run.world * run.settings.grad_accum,
+    }
     if run.rank == 0:
         checkpoint.atomic_write(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         run.log(json.dumps(summary, indent=2))

@@ -18,27 +18,57 @@ FLAN = os.path.join(SHARED, "flan-t5-small")
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
 def pytest_cmdline_main(config):
     """Two xdist workers unless the command line says how many: here rather than in setup.cfg's addopts, so
-    that `-p no:xdist` still parses. --dist loadfile unless told otherwise keeps a module on one worker (its
-    module fixtures built once); `-n 0` runs everything in this process."""
-    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput") or config.option.usepdb:
+    that `-p no:xdist` still parses; `-n 0` runs everything in this process. Unless --dist is given, the work
+    is dealt in the units and the order pytest_collection_modifyitems gives (--dist loadgroup)."""
+    if hasattr(
+        config, "workerinput"
+    ):  # a worker parses only the command line: it learns --dist from its input
+        config.option.loadgroup = config.workerinput.get("dist") == "loadgroup"
+        return
+    if not config.pluginmanager.hasplugin("xdist") or config.option.usepdb:
         return
     if config.option.numprocesses is None and not config.option.tx:
         config.option.numprocesses, config.option.tx = 2, ["popen"] * 2
     if config.option.numprocesses and config.option.dist == "no":
-        config.option.dist = "loadfile"
+        config.option.dist, config.option.loadscopereorder = "loadgroup", False
 
 
-def pytest_collection_modifyitems(items):
-    """A test that uses the `trained` fixture is slow (two training runs, once per session and worker)."""
+@pytest.hookimpl(optionalhook=True)  # xdist's: the --dist chosen above, for each worker
+def pytest_configure_node(node):
+    node.workerinput["dist"] = node.config.option.dist
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the `trained` fixture is slow. Under the default --dist loadgroup, the units of work:
+    each slow test that holds no module- or class-scoped fixture is a unit of its own; every other test stays
+    with its module, whose fixtures are then built once. The largest units go first (modules whose own tests
+    are slow), then the slow tests one by one, and the quick modules fill in at the end, so that the workers
+    finish together."""
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker("slow")
+    if not getattr(config.option, "loadgroup", False):  # on an xdist worker under --dist loadgroup only
+        return
+
+    def alone(item):
+        fixtures = getattr(item, "_fixtureinfo", None)
+        return item.get_closest_marker("slow") is not None and fixtures is not None and all(
+            defs[-1].scope not in ("module", "class") for defs in fixtures.name2fixturedefs.values())
+
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    slow_modules = {module[item] for item in items if item.get_closest_marker("slow") and not alone(item)}
+    rank = {item: 1 if alone(item) else 0 if module[item] in slow_modules else 2 for item in items}
+    for i, item in enumerate(items):
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(f"own{i}" if rank[item] == 1 else module[item]))
+    items.sort(key=rank.get)
 
 
 def randomize_adapter(model, seed=1):
-    """Every tensor each adapter layer declares trainable (trainable(cfg)) moved off its start by 10% of its mean
-    size (0.1 where it is zero: B, MiCA's A, VeRA's λ_b), so each one changes the output and a tensor that is not
-    saved, loaded or merged shows."""
+    """Every tensor each adapter layer declares trainable (trainable(cfg)) moved off its start by 10% of its
+    mean size (0.1 where it is zero: B, MiCA's A, VeRA's λ_b), so each one changes the output and a tensor
+    that is not saved, loaded or merged shows."""
     import torch
     from dialsum_raw import lora
     g = torch.Generator().manual_seed(seed)
@@ -98,18 +128,37 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def trained(tiny, tmp_path_factory):
-    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights. Trained once
-    per test run, whichever worker asks first."""
+    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights. Trained
+    once per test run, whichever worker asks first."""
     import subprocess
     import sys
     runs = {"full": ["--lora-rank", "0", "--lr", "3e-3"], "lora": ["--lora-rank", "8", "--lr", "1e-2"]}
 
     def make(root):
-        procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config",
-                                         os.path.join(REPO, "configs", "tiny-smoke.toml"), "--model", tiny, "--data",
-                                         CORPUS, "--output-dir", str(root / name), "--max-steps", "50", "--eval-every",
-                                         "50", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for name, flags in runs.items()}  # side by side: one core each
+        procs = {
+            name: subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(REPO, "train.py"),
+                    "--config",
+                    os.path.join(REPO, "configs", "tiny-smoke.toml"),
+                    "--model",
+                    tiny,
+                    "--data",
+                    CORPUS,
+                    "--output-dir",
+                    str(root / name),
+                    "--max-steps",
+                    "50",
+                    "--eval-every",
+                    "50",
+                    *flags,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for name, flags in runs.items()
+        }  # side by side: one core each
         for name, proc in procs.items():
             err = proc.communicate()[1]
             assert proc.returncode == 0, err.decode()[-2000:]
@@ -122,9 +171,30 @@ def trained(tiny, tmp_path_factory):
 def train_cmd(tiny, out, *extra):
     """train.py on the tiny model: every 40th dialogue, short sequences, fp32, a line per step."""
     import sys
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny-smoke.toml"),
-            "--model", tiny, "--data", CORPUS, "--output-dir", str(out), "--subsample", "40",
-            "--max-source-len", "128", "--max-target-len", "32", "--log-every", "1", "--precision", "fp32", *extra]
+
+    return [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        "--config",
+        os.path.join(REPO, "configs", "tiny-smoke.toml"),
+        "--model",
+        tiny,
+        "--data",
+        CORPUS,
+        "--output-dir",
+        str(out),
+        "--subsample",
+        "40",
+        "--max-source-len",
+        "128",
+        "--max-target-len",
+        "32",
+        "--log-every",
+        "1",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def torchrun(cmd, **kw):
@@ -132,8 +202,11 @@ def torchrun(cmd, **kw):
     import subprocess
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *cmd[1:]], env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]],
+        env=env,
+        **kw,
+    )
 
 
 def torchrun_killed(cmd, out):
@@ -144,9 +217,13 @@ def torchrun_killed(cmd, out):
     import time
     from dialsum_raw import checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *cmd[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while checkpoint.find(str(out / "last")) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -165,7 +242,12 @@ def metric_lines(out):
 def ckpt_weights(ckpt):
     """A checkpoint folder's tensors: the adapter's, or the whole model's."""
     from safetensors.torch import load_file
-    name = "adapter.safetensors" if os.path.isfile(os.path.join(ckpt, "adapter.safetensors")) else "model.safetensors"
+
+    name = (
+        "adapter.safetensors"
+        if os.path.isfile(os.path.join(ckpt, "adapter.safetensors"))
+        else "model.safetensors"
+    )
     return load_file(os.path.join(ckpt, name))
 
 
@@ -177,9 +259,11 @@ def max_diff(a, b):
 
 # full fine-tuning at lr 1e-2 amplifies summation-order noise in the embedding's near-zero gradients
 # through AdamW's eps past 1e-5 (DDP included); at 1e-3 every run here agrees to ~2e-6
-MODES = {"full": ["--lora-rank", "0", "--lr", "1e-3"],
-         "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"],  # + the dropout of the test
-         "mica": ["--lora-rank", "4", "--lora-init", "mica", "--lr", "1e-2", "--lora-dropout"]}  # B frozen, saved
+MODES = {
+    "full": ["--lora-rank", "0", "--lr", "1e-3"],
+    "lora": ["--lora-rank", "4", "--lr", "1e-2", "--lora-dropout"],  # + the dropout of the test
+    "mica": ["--lora-rank", "4", "--lora-init", "mica", "--lr", "1e-2", "--lora-dropout"],
+}  # B frozen, saved
 
 
 def mode_flags(name, dropout):
@@ -191,8 +275,23 @@ def two_process_cmd(tiny, out, mode, wrapping):
     rank, saved every 3 and validated every 4 steps; full fine-tuning also scores its validation ROUGE on one
     dialogue, which leaves rank 1 nothing to generate."""
     rouge = ["--eval-rouge", "1", "--max-new-tokens", "8"] if mode == "full" else []
-    return train_cmd(tiny, out, "--max-steps", "8", "--save-every", "3", "--eval-every", "4", "--dropout", "0.1",
-                     "--batch-size", "4", *rouge, *mode_flags(mode, "0.1"), *(["--fsdp"] if wrapping == "fsdp" else []))
+    return train_cmd(
+        tiny,
+        out,
+        "--max-steps",
+        "8",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "4",
+        "--dropout",
+        "0.1",
+        "--batch-size",
+        "4",
+        *rouge,
+        *mode_flags(mode, "0.1"),
+        *(["--fsdp"] if wrapping == "fsdp" else []),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +303,9 @@ def two_process(tiny, tmp_path_factory):
 
     def run(mode, wrapping):
         if (mode, wrapping) not in made:
-            make = lambda out: torchrun(two_process_cmd(tiny, out, mode, wrapping), check=True, capture_output=True)
+            make = lambda out: torchrun(
+                two_process_cmd(tiny, out, mode, wrapping), check=True, capture_output=True
+            )
             made[mode, wrapping] = shared_folder(tmp_path_factory, f"two-process-{mode}-{wrapping}", make)
         return made[mode, wrapping]
     return run

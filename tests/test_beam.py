@@ -18,7 +18,9 @@ OPTIONS = {"plain": {}, "min+ngram": {"min_new_tokens": 9, "no_repeat_ngram_size
 
 
 def _settings(engine, batch_size, **over):
-    return Settings(engine=engine, eval_batch_size=batch_size, precision="fp32", **{"max_source_len": 128, **over})
+    return Settings(
+        engine=engine, eval_batch_size=batch_size, precision="fp32", **{"max_source_len": 128, **over}
+    )
 
 
 def _oracle(model, tok, texts, **over):
@@ -74,7 +76,9 @@ def test_own_equals_generate_one_dialogue_at_a_time(models, oracles, tokenizer, 
     expect = oracles(which, **over)
     assert generate_ids(models[which], tokenizer, texts, _settings("own", batch_size, **over)) == expect
     if which == "trained":
-        assert sum(x[-1] == 1 for x in expect) >= 28 and len({len(x) for x in expect}) > 1  # EOS at varied steps
+        assert (
+            sum(x[-1] == 1 for x in expect) >= 28 and len({len(x) for x in expect}) > 1
+        )  # EOS at varied steps
     else:
         assert len({tuple(x) for x in expect}) == len(texts)  # one distinct summary per dialogue
 
@@ -112,15 +116,22 @@ def test_sequence_score_is_generates_score(small, tokenizer, corpus):
     out = model.generate(input_ids=torch.tensor(source), num_beams=4, max_new_tokens=6, early_stopping=True,
                          length_penalty=0.5, output_scores=True, return_dict_in_generate=True)
     tokens = out.sequences[0, 1:].tolist()
-    assert beam.sequence_score(model, source[0], tokens, 0.5) == pytest.approx(out.sequences_scores.item(), abs=1e-5)
+    assert beam.sequence_score(model, source[0], tokens, 0.5) == pytest.approx(
+        out.sequences_scores.item(), abs=1e-5
+    )
 
 
 def test_cross_attention_kv_once_per_dialogue(models, tokenizer, texts):
-    """Each decoder layer projects the encoder output to K and V once per batch, for the dialogues, not the beams."""
+    """Each decoder layer projects the encoder output to K and V once per batch, for the dialogues, not the
+    beams."""
     model = models["random"]
     seen = []
-    hooks = [block.layer[1].EncDecAttention.k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-             for block in model.decoder.block]
+    hooks = [
+        block.layer[1].EncDecAttention.k.register_forward_hook(
+            lambda m, args, out: seen.append(args[0].shape[0])
+        )
+        for block in model.decoder.block
+    ]
     try:
         generate_ids(model, tokenizer, texts[:8], _settings("own", 8, num_beams=4, max_new_tokens=5))
     finally:
@@ -143,7 +154,9 @@ def test_encoder_is_t5s_encoder_to_the_bit(models, tokenizer, texts, precision):
     model, batch = models["random"], _sorted_batch(tokenizer, texts[:8], 512)
     assert (batch["attention_mask"] == 0).any()  # the mask matters
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-        expect = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        expect = model.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         got = beam._encoder(model, batch["input_ids"], batch["attention_mask"])
     assert torch.equal(got, expect)
 
@@ -155,7 +168,9 @@ def test_cross_attention_reads_each_groups_own_width(models, tokenizer, texts, m
     lengths = batch["attention_mask"].sum(1).tolist()
     seen, calls, step, sdpa = [], [], beam._decode_step, F.scaled_dot_product_attention
     def check(model, tokens, t, cache, cross, cross_bias, groups, bias):
-        running = (cross_bias[:, 0, 0] == 0).sum(1).tolist()  # the source length of each dialogue still running
+        running = (
+            (cross_bias[:, 0, 0] == 0).sum(1).tolist()
+        )  # the source length of each dialogue still running
         calls.clear()
         out = step(model, tokens, t, cache, cross, cross_bias, groups, bias)
         read = [(b - a, w) for a, b, w in groups] * len(model.decoder.block)
@@ -167,7 +182,12 @@ def test_cross_attention_reads_each_groups_own_width(models, tokenizer, texts, m
         return sdpa(q, k, v, **kw)
     monkeypatch.setattr(beam, "_decode_step", check)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    beam.generate(model, batch["input_ids"], batch["attention_mask"], _settings("own", 32, num_beams=4, max_new_tokens=24))
+    beam.generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        _settings("own", 32, num_beams=4, max_new_tokens=24),
+    )
     assert all(ok for _, ok in seen) and len({n for n, _ in seen}) > 2  # dialogues left at different steps
     widths = [w for _, _, w in beam._groups(lengths)]
     assert widths[0] == max(lengths) and len(set(widths)) > 1
@@ -175,9 +195,12 @@ def test_cross_attention_reads_each_groups_own_width(models, tokenizer, texts, m
 
 def test_padding_in_the_cross_cache_is_finite(models, tokenizer, texts, monkeypatch):
     """Once dialogues leave, groups re-form and may read a row past its own encoder group's width: K and V
-    there must be finite (then masked), whatever the memory held. Here every new_empty tensor starts as NaN."""
+    there must be finite (then masked), whatever the memory held. Here every new_empty tensor starts as
+    NaN."""
     new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda x, *a, **k: new_empty(x, *a, **k).fill_(float("nan")))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda x, *a, **k: new_empty(x, *a, **k).fill_(float("nan"))
+    )
     batch = _sorted_batch(tokenizer, texts, 512)
     with torch.no_grad():
         kv, lengths = beam._encode(models["random"], batch["input_ids"], batch["attention_mask"])
@@ -187,7 +210,9 @@ def test_padding_in_the_cross_cache_is_finite(models, tokenizer, texts, monkeypa
 def test_finished_dialogues_leave_the_batch(models, tokenizer, texts, monkeypatch):
     model, rows = models["trained"], []
     step = beam._decode_step
-    monkeypatch.setattr(beam, "_decode_step", lambda m, tokens, *a: rows.append(len(tokens)) or step(m, tokens, *a))
+    monkeypatch.setattr(
+        beam, "_decode_step", lambda m, tokens, *a: rows.append(len(tokens)) or step(m, tokens, *a)
+    )
     generate_ids(model, tokenizer, texts, _settings("own", 32, num_beams=4, max_new_tokens=24))
     assert rows[0] == 4 * 32 and rows == sorted(rows, reverse=True) and rows[-1] <= 4 * 2
 
@@ -200,8 +225,12 @@ def test_greedy_takes_the_argmax_before_the_running_score(models, tokenizer, tex
     close[8], close[9] = 1.0, 1.0 + 2e-7
     assert close[9] > close[8] and close[9] - 52 == close[8] - 52  # the premise: fp32 merges them at -52
     logits = lambda t: torch.zeros(vocab) if t < 5 else close  # token 0 (not EOS) five times, then 8 or 9
-    monkeypatch.setattr(beam, "_decode_step", lambda model, tokens, t, *rest: logits(t).expand(len(tokens), -1))
-    got = generate_ids(models["random"], tokenizer, texts[:2], _settings("own", 2, num_beams=1, max_new_tokens=6))
+    monkeypatch.setattr(
+        beam, "_decode_step", lambda model, tokens, t, *rest: logits(t).expand(len(tokens), -1)
+    )
+    got = generate_ids(
+        models["random"], tokenizer, texts[:2], _settings("own", 2, num_beams=1, max_new_tokens=6)
+    )
     assert got == [[0] * 5 + [9]] * 2
 
 
@@ -214,7 +243,9 @@ class _HostReads(TorchDispatchMode):
         self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        boolean = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        boolean = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
         if boolean or func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
             self.reads.append(func)
         return func(*args, **(kwargs or {}))

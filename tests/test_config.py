@@ -48,7 +48,9 @@ def test_resume_policy_derives_from_the_fields():
 def test_dora_flag_is_an_alias_of_the_variant():
     assert _settings(TRAIN, ["--dora"]).lora_variant == "dora"
     assert _settings(TRAIN, ["--lora-variant", "dora"]).dora
-    with pytest.raises(UserError, match="--dora is the same as --lora-variant dora, but --lora-variant is vera"):
+    with pytest.raises(
+        UserError, match="--dora is the same as --lora-variant dora, but --lora-variant is vera"
+    ):
         _settings(TRAIN, ["--dora", "--lora-variant", "vera"])
 
 
@@ -59,8 +61,16 @@ def test_choices_are_checked_with_the_flag_name():
         _settings(TRAIN, ["--dropout-impl", "slow"])
 
 
-@pytest.mark.parametrize("flag,value", [("--lora-alpha", "32"), ("--lora-targets", "q,k"), ("--lora-dropout", "0.1"),
-                                        ("--lora-variant", "vera"), ("--vera-rank", "64")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lora-alpha", "32"),
+        ("--lora-targets", "q,k"),
+        ("--lora-dropout", "0.1"),
+        ("--lora-variant", "vera"),
+        ("--vera-rank", "64"),
+    ],
+)
 def test_full_fine_tuning_refuses_lora_flags_given_on_the_command_line(flag, value):
     with pytest.raises(UserError, match=f"{flag} is a LoRA setting, but --lora-rank 0 is full fine-tuning"):
         _settings(TRAIN, ["--lora-rank", "0", flag, value])

@@ -88,7 +88,10 @@ def test_unknown_layout_and_missing_path(tmp_path):
 
 def test_non_ascii_and_other_speaker_formats_are_kept(tmp_path):
     path = tmp_path / "test.jsonl"
-    path.write_text(json.dumps({"id": "x", "dialogue": "Zoë: Ça va?\nBob: Très bien.", "summary": "Zoë greets Bob."}) + "\n")
+    path.write_text(
+        json.dumps({"id": "x", "dialogue": "Zoë: Ça va?\nBob: Très bien.", "summary": "Zoë greets Bob."})
+        + "\n"
+    )
     (d,) = read_file(str(path))
     assert d.dialogue == "Zoë: Ça va?\nBob: Très bien." and d.refs == ["Zoë greets Bob."]
 
@@ -98,7 +101,9 @@ def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
     itself to the first header name ('\ufeffid'), and every row would lack its id."""
     csv_path, jsonl_path = tmp_path / "test.csv", tmp_path / "test.jsonl"
     csv_path.write_bytes(b"\xef\xbb\xbf" + "id,dialogue,summary,topic\nt_0,Zoë: Hi,Zoë greets.,x\n".encode())
-    jsonl_path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "t_0", "dialogue": "Zoë: Hi", "summary": "Zoë greets."}).encode())
+    jsonl_path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"id": "t_0", "dialogue": "Zoë: Hi", "summary": "Zoë greets."}).encode()
+    )
     for path in (csv_path, jsonl_path):
         (d,) = read_file(str(path))
         assert (d.id, d.dialogue, d.refs) == ("t_0", "Zoë: Hi", ["Zoë greets."])
@@ -159,14 +164,18 @@ def test_source_exactly_at_the_limit_is_kept_whole(corpus, tokenizer):
 def test_source_limit_below_the_prompt_is_a_clear_error(tokenizer):
     text = "#Person1#: hello there"
     prompt_only = len(tokenizer(HEAD + TAIL)["input_ids"])
-    with pytest.raises(UserError, match=f"leaves no room for the dialogue: the prompt alone takes {prompt_only}"):
+    with pytest.raises(
+        UserError, match=f"leaves no room for the dialogue: the prompt alone takes {prompt_only}"
+    ):
         data.encode_sources(tokenizer, [text], prompt_only)
     (ids,), _ = data.encode_sources(tokenizer, [text], prompt_only + 1)
     assert ids == tokenizer(HEAD + " #" + TAIL)["input_ids"]
 
 
 def test_collator_pads_dynamically():
-    batch = Collator(pad_id=0)([{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}])
+    batch = Collator(pad_id=0)(
+        [{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [1]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[7, 1], [1, -100]]
@@ -206,7 +215,10 @@ def test_stats_cli_bad_input_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", str(bad), "--tokenizer", FLAN],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == f"error: {bad}:1: malformed JSON (Expecting property name enclosed in double quotes, column 2)"
+    assert (
+        out.stderr.strip()
+        == f"error: {bad}:1: malformed JSON (Expecting property name enclosed in double quotes, column 2)"
+    )
 
 
 def test_single_file_gives_its_split_only():

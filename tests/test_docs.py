@@ -24,8 +24,20 @@ FENCE = re.compile(r"^(```|~~~)([^\n]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
 FRONTS = {"train.py", "evaluate.py"}
-# Programs whose flags are their own: after one of these on a line, flags are skipped until one of ours starts.
-FOREIGN = {"torchrun", "pip", "pytest", "sbatch", "srun", "git", "ruff", "torch.distributed.run", "pip3", "conda"}
+# Programs whose flags are their own: after one of these on a line, flags are skipped until one of ours
+# starts.
+FOREIGN = {
+    "torchrun",
+    "pip",
+    "pytest",
+    "sbatch",
+    "srun",
+    "git",
+    "ruff",
+    "torch.distributed.run",
+    "pip3",
+    "conda",
+}
 
 
 def _text(name):
@@ -65,11 +77,18 @@ def broken_links(name, text):
         if re.match(r"[a-zA-Z][\w+.-]*:", target):  # https:, mailto:
             continue
         path, _, anchor = target.partition("#")
-        file = os.path.normpath(os.path.join(REPO, os.path.dirname(name), path)) if path else os.path.join(REPO, name)
+        file = (
+            os.path.normpath(os.path.join(REPO, os.path.dirname(name), path))
+            if path
+            else os.path.join(REPO, name)
+        )
         if not os.path.exists(file):
             broken.append(f"{name}: {target}: no such file")
-        elif anchor and file.endswith(".md") and anchor not in anchors(_text(os.path.relpath(file, REPO)) if path
-                                                                       else text):
+        elif (
+            anchor
+            and file.endswith(".md")
+            and anchor not in anchors(_text(os.path.relpath(file, REPO)) if path else text)
+        ):
             broken.append(f"{name}: {target}: no heading with that anchor")
     return broken
 
@@ -119,7 +138,9 @@ def named_flags(line):
             help_text(command)  # a module that is not a command fails here
             if tokens[i + 1:i + 2] and tokens[i + 1] in _subcommands(token):
                 command = f"{token} {tokens[i + 1]}"
-        elif os.path.basename(token) in FOREIGN or (i and tokens[i - 1] == "-m" and token in FOREIGN | {"pip"}):
+        elif os.path.basename(token) in FOREIGN or (
+            i and tokens[i - 1] == "-m" and token in FOREIGN | {"pip"}
+        ):
             command = "foreign"
         elif token.startswith("--") and FLAG.fullmatch(token.split("=")[0]):
             if command != "foreign":
@@ -137,7 +158,9 @@ def help_text(command):
     sys.argv = argv
     try:
         with contextlib.redirect_stdout(out), warnings.catch_warnings(), pytest.raises(SystemExit) as done:
-            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported (as a library)
+            warnings.simplefilter(
+                "ignore", RuntimeWarning
+            )  # runpy: the module is already imported (as a library)
             if program in FRONTS:
                 runpy.run_path(os.path.join(REPO, program), run_name="__main__")
             else:
@@ -148,19 +171,40 @@ def help_text(command):
         raise AssertionError(f"{command}: no such module") from None
     finally:
         sys.argv = saved
-    assert done.value.code in (0, None) and "usage:" in out.getvalue(), f"{command} --help failed: {out.getvalue()}"
+    assert done.value.code in (0, None) and "usage:" in out.getvalue(), (
+        f"{command} --help failed: {out.getvalue()}"
+    )
     return out.getvalue()
+
+
+def foreign_flags(text):
+    """The flags the page gives to another program anywhere (code, spans or prose): those right after its
+    name, as in `torchrun --standalone --nproc_per_node 8 train.py` or "torchrun --max-restarts N"."""
+    found = set()
+    for line in [line for line, _ in command_lines(text)] + [p.replace("`", " ") for p in _paragraphs(text)]:
+        tokens = line.split()
+        for i, token in enumerate(tokens):
+            if os.path.basename(token.strip("(*")) in FOREIGN:
+                for j in range(i + 1, len(tokens)):
+                    flag = tokens[j].split("=")[0].strip("*,;:()")
+                    if FLAG.fullmatch(flag):
+                        found.add(flag)
+                    elif not tokens[j - 1].startswith("-"):  # neither a flag nor a flag's value
+                        break
+    return found
 
 
 def named_in(text):
     """(command, flag) for every flag the page names: on command lines, in comments, in plain prose (None for
-    the command there). A flag in a code span that the sentence before it gives to another program
-    ("torchrun's `--nnodes`", "pytest's ...") is left out."""
-    named = []
+    the command there). A flag outside a command line that the page gives to another program elsewhere
+    (foreign_flags), or that the sentence before its code span gives to one ("torchrun's `--nnodes`"), is
+    left out."""
+    named, foreign_here = [], foreign_flags(text)
     for line, before in command_lines(text):
         foreign = re.search(r"\b(" + "|".join(map(re.escape, FOREIGN)) + r")\b", before)
-        named += [(c, f) for c, f in named_flags(line) if c or not foreign]
-    named += [(None, flag) for p in _paragraphs(text) for flag in FLAG.findall(re.sub(r"`[^`]*`", "", p))]
+        named += [(c, f) for c, f in named_flags(line) if c or not (foreign or f in foreign_here)]
+    named += [(None, flag) for p in _paragraphs(text) for flag in FLAG.findall(re.sub(r"`[^`]*`", "", p))
+              if flag not in foreign_here]
     return named
 
 
@@ -193,11 +237,16 @@ def test_every_command_and_flag_the_docs_name_is_in_its_help():
 def test_the_checks_catch_a_broken_link_an_anchor_and_an_unknown_flag():
     """The checks themselves can fail: a planted page with a missing file, a missing anchor, a flag train.py
     lacks, a flag given to the wrong command, a module that is not a command and one that does not exist."""
-    page = ("# Top\n\nSee [a](docs/nowhere.md), [b](docs/tests.md#no-such-heading), [c](#top), [d](docs/tests.md).\n\n"
-            "```bash\npython train.py --lora-rnak 8\npython -m dialsum_raw.lora merge --resume x\n"
-            "torchrun --nproc_per_node 2 train.py --fsdp\n```\n")
-    assert broken_links("README.md", page) == ["README.md: docs/nowhere.md: no such file",
-                                               "README.md: docs/tests.md#no-such-heading: no heading with that anchor"]
+    page = (
+        "# Top\n\nSee [a](docs/nowhere.md), [b](docs/tests.md#no-such-heading), [c](#top), "
+        "[d](docs/tests.md).\n\n"
+        "```bash\npython train.py --lora-rnak 8\npython -m dialsum_raw.lora merge --resume x\n"
+        "torchrun --nproc_per_node 2 train.py --fsdp\n```\n"
+    )
+    assert broken_links("README.md", page) == [
+        "README.md: docs/nowhere.md: no such file",
+        "README.md: docs/tests.md#no-such-heading: no heading with that anchor",
+    ]
     assert unknown_flags("README.md", page) == ["README.md: train.py --lora-rnak",
                                                 "README.md: dialsum_raw.lora merge --resume"]
     with pytest.raises(AssertionError, match="not a command"):

@@ -95,7 +95,9 @@ def test_every_dropout_site_of_t5_and_lora_is_fast(tiny, monkeypatch):
         with _Ops() as ops:
             model(**_batch()).logits.sum().backward()
         assert ("bernoulli_" in ops.names, "random_" in ops.names) == (impl == "torch", impl == "fast")
-    assert all(type(m) is dropout.Dropout for m in models["fast"].modules() if isinstance(m, torch.nn.Dropout))
+    assert all(
+        type(m) is dropout.Dropout for m in models["fast"].modules() if isinstance(m, torch.nn.Dropout)
+    )
     layers = sum(type(m).__name__ == "T5Attention" for m in models["fast"].modules())
     drawn, real = [], dropout.keep_mask
     monkeypatch.setattr(dropout, "keep_mask", lambda shape, p, device=None: (drawn.append(len(shape)),
@@ -117,9 +119,25 @@ def test_fast_attention_in_training_is_hfs_attention(tiny):
 
 
 def _curve(tiny, out, impl):
-    s = Settings(model=tiny, data=CORPUS, output_dir=str(out), lora_rank=0, lr=3e-3, batch_size=8, max_steps=40,
-                 warmup_ratio=0.1, subsample=40, max_source_len=64, max_target_len=24, eval_every=40, log_every=5,
-                 seed=0, dropout=0.1, precision="fp32", dropout_impl=impl)
+    s = Settings(
+        model=tiny,
+        data=CORPUS,
+        output_dir=str(out),
+        lora_rank=0,
+        lr=3e-3,
+        batch_size=8,
+        max_steps=40,
+        warmup_ratio=0.1,
+        subsample=40,
+        max_source_len=64,
+        max_target_len=24,
+        eval_every=40,
+        log_every=5,
+        seed=0,
+        dropout=0.1,
+        precision="fp32",
+        dropout_impl=impl,
+    )
     validate(s)
     training.train(s)
     with open(os.path.join(out, training.METRICS_FILE)) as f:

@@ -52,12 +52,21 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
         for k, v in metrics[name]["per_row"].items():
             assert v == pytest.approx(sum(p[k] for p in pairs) / 18, abs=1e-12)
             per_dialogue = [float(s[f"{k}_best"]) for s in scores if s["model"] == name]
-            assert per_dialogue == pytest.approx([max(p[k] for p in pairs[i:i + 3]) for i in range(0, 18, 3)], abs=1e-12)
+            assert per_dialogue == pytest.approx(
+                [max(p[k] for p in pairs[i : i + 3]) for i in range(0, 18, 3)], abs=1e-12
+            )
         assert set(metrics[name]) >= {"per_row", "multi_ref_max", "multi_ref_mean"}
     report = (out / "report.md").read_text()
-    for needle in ("| peft vs original |", "| peft vs instruct |", "| instruct vs original |",
-                   "## Dialogue 2 (test_2)", "## Dialogue 5 (test_5)", "- **peft**:",
-                   "paired-bootstrap interval (200 resamples of the dialogues, seed 0)", "- peft vs instruct: "):
+    for needle in (
+        "| peft vs original |",
+        "| peft vs instruct |",
+        "| instruct vs original |",
+        "## Dialogue 2 (test_2)",
+        "## Dialogue 5 (test_5)",
+        "- **peft**:",
+        "paired-bootstrap interval (200 resamples of the dialogues, seed 0)",
+        "- peft vs instruct: ",
+    ):
         assert needle in report
     # CI installs the [plot] extra; tests/test_report.py covers its absence
     assert (out / "rouge.png").read_bytes()[:4] == b"\x89PNG" and "](rouge.png)" in report
@@ -70,7 +79,9 @@ def test_evaluate_command_writes_comparison(tiny, trained, hub_layout, tmp_path)
 def test_base_loaded_once_and_peft_matches_base_plus_adapter(tiny, trained, corpus, tmp_path, monkeypatch):
     loads = []
     real = modeling.load_model
-    monkeypatch.setattr(compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(
+        compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k)
+    )
     s = Settings(model=tiny, adapter=(trained["lora"],), data=CORPUS, output_dir=str(tmp_path / "e"), limit=4,
                  eval_batch_size=4, num_beams=2, max_new_tokens=16, precision="fp32")
     result = compare.run(s)
@@ -94,8 +105,8 @@ def test_speaker_names_become_tags_and_back(trained):
 
 @pytest.fixture(scope="module")
 def random_models(tiny, tmp_path_factory):
-    """Two different random adapters on the tiny base and a full model folder (the base with a third merged in):
-    no training, so their summaries run to max_new_tokens, but they differ from each other."""
+    """Two different random adapters on the tiny base and a full model folder (the base with a third merged
+    in): no training, so their summaries run to max_new_tokens, but they differ from each other."""
     from test_lora_combine import _adapter
     root = tmp_path_factory.mktemp("random_models")
     a, b, c = (_adapter(tiny, root / name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3)))
@@ -104,15 +115,28 @@ def random_models(tiny, tmp_path_factory):
 
 
 def _settings(tiny, tmp_path, out, **fields):
-    return Settings(model=tiny, data=CORPUS, output_dir=str(tmp_path / out), limit=3, eval_batch_size=3, num_beams=2,
-                    max_new_tokens=10, precision="fp32", bootstrap=50, **fields)
+    return Settings(
+        model=tiny,
+        data=CORPUS,
+        output_dir=str(tmp_path / out),
+        limit=3,
+        eval_batch_size=3,
+        num_beams=2,
+        max_new_tokens=10,
+        precision="fp32",
+        bootstrap=50,
+        **fields,
+    )
 
 
 def test_each_adapter_of_a_multi_adapter_run_equals_its_run_alone(tiny, random_models, tmp_path, monkeypatch):
-    """fp32, bit for bit: a, then b applied to the same base, as evaluated alone (each alone is the notebook's peft)."""
+    """fp32, bit for bit: a, then b applied to the same base, as evaluated alone (each alone is the notebook's
+    peft)."""
     loads = []
     real = modeling.load_model
-    monkeypatch.setattr(compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(
+        compare, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k)
+    )
     a, b = random_models["a"], random_models["b"]
     both = compare.run(_settings(tiny, tmp_path, "both", adapter=(f"a={a}", f"b={b}")))["summaries"]
     assert loads == [tiny] and list(both) == ["original", "a", "b"]
@@ -124,18 +148,42 @@ def test_each_adapter_of_a_multi_adapter_run_equals_its_run_alone(tiny, random_m
 
 
 def test_many_models_in_one_report(tiny, random_models, tmp_path, capsys):
-    """The notebook's columns stay (a bare --instruct fills "instruct"), each named model adds its own; a row per
-    model in scores.csv and metrics.json; every model vs the original and the reference (default the first adapter)
-    vs every other, in one table per aggregate; rouge.png draws them all."""
+    """The notebook's columns stay (a bare --instruct fills "instruct"), each named model adds its own; a row
+    per model in scores.csv and metrics.json; every model vs the original and the reference (default the first
+    adapter) vs every other, in one table per aggregate; rouge.png draws them all."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("evaluate_front", os.path.join(REPO, "evaluate.py"))
     front = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(front)
     out = tmp_path / "eval"
-    front.main(["--base", tiny, "--instruct", random_models["full"], "--adapter", f"a={random_models['a']}",
-                "--adapter", f"b={random_models['b']}", "--data", CORPUS, "--output-dir", str(out), "--limit", "3",
-                "--batch-size", "3", "--num-beams", "2", "--max-new-tokens", "10", "--bootstrap", "50",
-                "--precision", "fp32"])
+    front.main(
+        [
+            "--base",
+            tiny,
+            "--instruct",
+            random_models["full"],
+            "--adapter",
+            f"a={random_models['a']}",
+            "--adapter",
+            f"b={random_models['b']}",
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--limit",
+            "3",
+            "--batch-size",
+            "3",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "10",
+            "--bootstrap",
+            "50",
+            "--precision",
+            "fp32",
+        ]
+    )
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["id", "dialogue", "human_baseline_summaries", "original_model_summaries",
@@ -145,9 +193,19 @@ def test_many_models_in_one_report(tiny, random_models, tmp_path, capsys):
                for r in rows)
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["meta", "original", "instruct", "a", "b", "intervals"]
-    assert metrics["meta"]["reference"] == "a" and list(metrics["meta"]["models"]) == ["original", "instruct", "a", "b"]
-    assert list(metrics["intervals"]["differences"]) == ["instruct vs original", "a vs original", "b vs original",
-                                                         "a vs instruct", "a vs b"]
+    assert metrics["meta"]["reference"] == "a" and list(metrics["meta"]["models"]) == [
+        "original",
+        "instruct",
+        "a",
+        "b",
+    ]
+    assert list(metrics["intervals"]["differences"]) == [
+        "instruct vs original",
+        "a vs original",
+        "b vs original",
+        "a vs instruct",
+        "a vs b",
+    ]
     with open(out / "scores.csv", newline="") as f:
         assert [s["model"] for s in csv.DictReader(f)][::3] == ["original", "instruct", "a", "b"]
     report = (out / "report.md").read_text()
@@ -157,15 +215,26 @@ def test_many_models_in_one_report(tiny, random_models, tmp_path, capsys):
     assert all(f"{n:9s} generation" in printed for n in ("original", "instruct", "a", "b"))
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"adapter": ("x={a}", "x={b}")}, "--adapter x={b}: the name 'x' is given twice; name each model once, NAME=DIR"),
-    ({"adapter": ("{a}",), "instruct": ("peft={full}",)}, "--adapter peft={a}: the name 'peft' is given twice"),
-    ({"adapter": ("original={a}",)}, "--adapter original={a}: the name 'original' is reserved"),
-    ({"adapter": ("x={a}", "y={full}")}, "{full} is not an adapter folder (expected adapter.json and"),
-    ({"instruct": ("x={a}",)}, "--instruct {a} is not a model folder (no config.json)"),
-    ({"adapter": ("x={a}",), "reference": "y"}, "--reference y is not one of the models evaluated (x)"),
-])
-def test_a_bad_model_is_one_line_before_any_generation(tiny, random_models, tmp_path, monkeypatch, flags, message):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            {"adapter": ("x={a}", "x={b}")},
+            "--adapter x={b}: the name 'x' is given twice; name each model once, NAME=DIR",
+        ),
+        (
+            {"adapter": ("{a}",), "instruct": ("peft={full}",)},
+            "--adapter peft={a}: the name 'peft' is given twice",
+        ),
+        ({"adapter": ("original={a}",)}, "--adapter original={a}: the name 'original' is reserved"),
+        ({"adapter": ("x={a}", "y={full}")}, "{full} is not an adapter folder (expected adapter.json and"),
+        ({"instruct": ("x={a}",)}, "--instruct {a} is not a model folder (no config.json)"),
+        ({"adapter": ("x={a}",), "reference": "y"}, "--reference y is not one of the models evaluated (x)"),
+    ],
+)
+def test_a_bad_model_is_one_line_before_any_generation(
+    tiny, random_models, tmp_path, monkeypatch, flags, message
+):
     monkeypatch.setattr(compare, "summarize", lambda *a, **k: pytest.fail("generated before refusing"))
     fields = {k: tuple(v.format(**random_models) for v in vs) if isinstance(vs, tuple) else vs
               for k, vs in flags.items()}

@@ -87,8 +87,20 @@ def test_not_a_model_and_corrupted_weights(tiny, tmp_path):
     subprocess.run(["cp", "-r", tiny, str(broken)], check=True)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    _fails([TRAIN, "--config", SMOKE, "--model", str(broken), "--data", CORPUS, "--output-dir", str(tmp_path / "o")],
-           f"cannot load model from {broken}")
+    _fails(
+        [
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            str(broken),
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        f"cannot load model from {broken}",
+    )
 
 
 @pytest.mark.slow
@@ -97,8 +109,20 @@ def test_bad_data_file_through_train(tiny, tmp_path):
     folder.mkdir()
     (folder / "train.csv").write_text("id,dialogue,summary,topic\ntrain_0,hello,,x\n")
     (folder / "validation.csv").write_text("id,dialogue,summary,topic\ndev_0,hi,there,x\n")
-    _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", str(folder), "--output-dir", str(tmp_path / "o")],
-           f"{folder / 'train.csv'}:2: empty summary")
+    _fails(
+        [
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        f"{folder / 'train.csv'}:2: empty summary",
+    )
 
 
 @pytest.mark.slow
@@ -127,9 +151,28 @@ def test_adapter_for_another_base_through_evaluate(tiny, small, tmp_path):
 @pytest.mark.slow
 def test_corrupted_trainer_state_on_resume(tiny, tmp_path):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
-                    str(out), "--max-steps", "2", "--eval-every", "2", "--subsample", "100"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--subsample",
+            "100",
+        ],
+        check=True,
+        capture_output=True,
+    )
     state = out / "last" / checkpoint.TRAINER_STATE
     state.write_bytes(state.read_bytes()[:1000])
     _fails([TRAIN, "--resume", str(out)], "truncated or corrupted checkpoint")
@@ -141,9 +184,32 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path, eval
     """lr 1e9 diverges within a few steps. Validated (and saved) at every step, last/ is the step before;
     with no validation or save due, there is no last/, and the message must not point at one (issue 29)."""
     out = tmp_path / "run"
-    last = _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(out),
-                   "--subsample", "100", "--max-steps", "20", "--eval-every", str(eval_every), "--warmup-ratio", "0",
-                   "--lr", "1e9", "--clip", "0"], "training diverged")
+    last = _fails(
+        [
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--subsample",
+            "100",
+            "--max-steps",
+            "20",
+            "--eval-every",
+            str(eval_every),
+            "--warmup-ratio",
+            "0",
+            "--lr",
+            "1e9",
+            "--clip",
+            "0",
+        ],
+        "training diverged",
+    )
     step = int(last.split(" at step ")[1].split(":")[0])
     if eval_every == 1000:
         assert f"no checkpoint was saved before it ({out / 'last'} is written at each validation" in last
@@ -166,10 +232,34 @@ def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
     """No validation or periodic save is due: the signal alone must write last/ at the step it stopped on.
     The run starts with SIGINT ignored, as from a background script, and must still see it."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS,
-                             "--output-dir", str(out), "--max-steps", "400", "--eval-every", "1000", "--log-every",
-                             "1", "--lora-rank", "4", "--lr", "1e-3"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "400",
+            "--eval-every",
+            "1000",
+            "--log-every",
+            "1",
+            "--lora-rank",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ignore_sigint,
+    )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -188,9 +278,28 @@ def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
 @pytest.mark.slow
 def test_pickled_code_in_trainer_state_is_refused_and_never_runs(tiny, tmp_path):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir",
-                    str(out), "--max-steps", "2", "--eval-every", "2", "--subsample", "100"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--subsample",
+            "100",
+        ],
+        check=True,
+        capture_output=True,
+    )
     marker = tmp_path / "payload-ran"
     state = torch.load(out / "last" / checkpoint.TRAINER_STATE, weights_only=True)
     state["step"] = _Payload(str(marker))

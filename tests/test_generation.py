@@ -31,7 +31,14 @@ def test_batched_equals_per_example_generate(trained, tiny, corpus, batch_size, 
     path = trained["full"] if which == "trained" else tiny
     model, tok = load_model(path).eval(), load_tokenizer(path)
     texts = [d.dialogue for d in corpus["test"][:10]]
-    s = Settings(precision="fp32", engine="hf", eval_batch_size=batch_size, num_beams=4, max_new_tokens=48, max_source_len=256)
+    s = Settings(
+        precision="fp32",
+        engine="hf",
+        eval_batch_size=batch_size,
+        num_beams=4,
+        max_new_tokens=48,
+        max_source_len=256,
+    )
     with torch.no_grad():
         expect = _reference(model, tok, texts, s)
     got = summarize(model, tok, texts, s)
@@ -47,8 +54,15 @@ def test_options_reach_generate_and_no_default_max_length(tiny, corpus):
     model = load_model(tiny).eval()
     tok = load_tokenizer(tiny)
     texts = [d.dialogue for d in corpus["test"][:3]]
-    s = Settings(precision="fp32", engine="hf", eval_batch_size=2, num_beams=2, max_new_tokens=40, no_repeat_ngram_size=2,
-                 length_penalty=0.5)
+    s = Settings(
+        precision="fp32",
+        engine="hf",
+        eval_batch_size=2,
+        num_beams=2,
+        max_new_tokens=40,
+        no_repeat_ngram_size=2,
+        length_penalty=0.5,
+    )
     got = summarize(model, tok, texts, s)
     assert got == _reference(model, tok, texts, s)
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in got]
@@ -76,12 +90,23 @@ def test_repeated_dialogues_generated_once_order_kept(tiny, corpus, monkeypatch,
 def test_min_new_tokens_holds_back_eos(trained, corpus):
     model, tok = load_model(trained["full"]).eval(), load_tokenizer(trained["full"])
     texts = [d.dialogue for d in corpus["test"][:4]]
-    free = summarize(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40))
-    held = summarize(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40, min_new_tokens=20))
+    free = summarize(
+        model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40)
+    )
+    held = summarize(
+        model,
+        tok,
+        texts,
+        Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40, min_new_tokens=20),
+    )
     n = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])
     assert min(n(t) for t in free) < 19 and min(n(t) for t in held) >= 19  # EOS counts as the 20th token
-    assert held == _reference(model, tok, texts, Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40,
-                                                          min_new_tokens=20))
+    assert held == _reference(
+        model,
+        tok,
+        texts,
+        Settings(precision="fp32", engine="hf", num_beams=2, max_new_tokens=40, min_new_tokens=20),
+    )
 
 
 class _WeightCasts(TorchDispatchMode):
@@ -117,21 +142,38 @@ def test_int8_preview_leaves_the_model_alone(tiny, corpus):
     texts = [d.dialogue for d in corpus["test"][:3]]
     s = Settings(precision="fp32", engine="own", eval_batch_size=4, num_beams=2, max_new_tokens=6)
     int8 = generation.quantized(model)
-    assert isinstance(int8.lm_head, torch.ao.nn.quantized.dynamic.Linear) and isinstance(model.lm_head, torch.nn.Linear)
+    assert isinstance(int8.lm_head, torch.ao.nn.quantized.dynamic.Linear) and isinstance(
+        model.lm_head, torch.nn.Linear
+    )
     assert len(summarize(model, tok, texts, dataclasses.replace(s, quantize="int8"))) == 3
     assert isinstance(model.lm_head, torch.nn.Linear)
 
 
 def test_int8_agreement_in_the_report(tiny, tmp_path):
-    """An evaluation with --quantize int8 states in report.md, per model, how many of its first summaries equal
-    the unquantized ones (and the ROUGE difference on them); each model's generation is timed."""
+    """An evaluation with --quantize int8 states in report.md, per model, how many of its first summaries
+    equal the unquantized ones (and the ROUGE difference on them); each model's generation is timed."""
     from conftest import CORPUS
     from dialsum_raw import compare
-    s = Settings(model=tiny, data=CORPUS, output_dir=str(tmp_path / "e"), limit=3, eval_batch_size=4, num_beams=2,
-                 max_new_tokens=6, precision="fp32", quantize="int8", bootstrap=10)
+
+    s = Settings(
+        model=tiny,
+        data=CORPUS,
+        output_dir=str(tmp_path / "e"),
+        limit=3,
+        eval_batch_size=4,
+        num_beams=2,
+        max_new_tokens=6,
+        precision="fp32",
+        quantize="int8",
+        bootstrap=10,
+    )
     result = compare.run(s)
-    exact = summarize(load_model(tiny).eval(), load_tokenizer(tiny), [d.dialogue for d in result["dialogues"]],
-                      dataclasses.replace(s, quantize="none"))
+    exact = summarize(
+        load_model(tiny).eval(),
+        load_tokenizer(tiny),
+        [d.dialogue for d in result["dialogues"]],
+        dataclasses.replace(s, quantize="none"),
+    )
     same = sum(a == b for a, b in zip(result["summaries"]["original"], exact))
     report = (tmp_path / "e" / "report.md").read_text()
     assert f"- original: {same}/3 summaries identical; ROUGE difference rouge1 " in report

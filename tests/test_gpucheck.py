@@ -28,8 +28,22 @@ def test_dry_run_records_every_part_and_what_failed(tiny, corpus, tmp_path, monk
     torch.set_num_threads(1)
     try:
         with pytest.raises(UserError, match="train, ddp failed"):  # the command still fails at the end
-            bench.main(["gpu", "--device", "cpu", "--quick", "--model", tiny, "--data", CORPUS, "--config", FLAN,
-                        "--out", str(tmp_path)])
+            bench.main(
+                [
+                    "gpu",
+                    "--device",
+                    "cpu",
+                    "--quick",
+                    "--model",
+                    tiny,
+                    "--data",
+                    CORPUS,
+                    "--config",
+                    FLAN,
+                    "--out",
+                    str(tmp_path),
+                ]
+            )
     finally:
         torch.set_num_threads(threads)
 

@@ -20,7 +20,9 @@ def test_resume_trims_a_log_with_blank_and_damaged_lines(tmp_path):
     note naming the line, and keeps every good line up to the checkpoint's step."""
     lines = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}, {"step": 6, "loss": 0.25}]
     log = tmp_path / "metrics.jsonl"
-    log.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + '\n{"st')
+    log.write_text(
+        json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + '\n{"st'
+    )
     said = []
     run = types.SimpleNamespace(out=str(tmp_path), progress=training.Progress(step=4), log=said.append)
     training.trim_metrics(run)
@@ -38,16 +40,25 @@ def _adapter(tiny, folder, **cfg):
     return folder / "adapter.json"
 
 
-@pytest.mark.parametrize("cfg, edit, message", [
-    ({"alpha": 64.0}, {"alpha": None}, "adapter field 'alpha' is missing: format dialsum_raw-lora/3 holds every field"),
-    ({"variant": "dora"}, {"variant": None}, "adapter field 'variant' is missing"),
-    ({"init": "gaussian"}, {"init": None}, "adapter field 'init' is missing"),
-    ({}, {"rank": 4.0}, "adapter rank must be an integer, got 4.0"),
-    ({}, {"rslora": 1}, "adapter rslora must be true or false, got 1"),
-    ({}, {"alpha": True}, "adapter alpha must be a number, got True"),
-    ({}, {"scale": 2}, "adapter field 'scale' is not one of targets, rank"),
-])
-def test_an_adapter_json_missing_or_mistyping_a_field_is_the_adapters_fault(tiny, tmp_path, cfg, edit, message):
+@pytest.mark.parametrize(
+    "cfg, edit, message",
+    [
+        (
+            {"alpha": 64.0},
+            {"alpha": None},
+            "adapter field 'alpha' is missing: format dialsum_raw-lora/3 holds every field",
+        ),
+        ({"variant": "dora"}, {"variant": None}, "adapter field 'variant' is missing"),
+        ({"init": "gaussian"}, {"init": None}, "adapter field 'init' is missing"),
+        ({}, {"rank": 4.0}, "adapter rank must be an integer, got 4.0"),
+        ({}, {"rslora": 1}, "adapter rslora must be true or false, got 1"),
+        ({}, {"alpha": True}, "adapter alpha must be a number, got True"),
+        ({}, {"scale": 2}, "adapter field 'scale' is not one of targets, rank"),
+    ],
+)
+def test_an_adapter_json_missing_or_mistyping_a_field_is_the_adapters_fault(
+    tiny, tmp_path, cfg, edit, message
+):
     """Format 2 holds every field that changes the computation: a default would run an alpha-64 adapter at
     alpha 16 (logits off by 3.81), a missing variant read as "does not fit this base model"."""
     from dialsum_raw import lora
@@ -67,7 +78,13 @@ def test_a_format_1_adapter_keeps_its_documented_defaults(tiny, tmp_path):
     path = _adapter(tiny, tmp_path / "ad", alpha=16.0)
     path.write_text(json.dumps({"format": "dialsum_raw-lora/1", "rank": 4, "targets": ["q", "v"]}))
     cfg, _, _ = lora.read_adapter(tmp_path / "ad")
-    assert (cfg.alpha, cfg.dropout, cfg.rslora, cfg.variant, cfg.init) == (16.0, 0.0, False, "lora", "kaiming")
+    assert (cfg.alpha, cfg.dropout, cfg.rslora, cfg.variant, cfg.init) == (
+        16.0,
+        0.0,
+        False,
+        "lora",
+        "kaiming",
+    )
 
 
 def test_a_format_2_adapter_loads_on_an_fp32_base_and_a_format_3_one_must_name_its_base(tiny, tmp_path):
@@ -101,7 +118,9 @@ def test_an_empty_split_is_refused_naming_file_and_split(tmp_path, name, split, 
     from dialsum_raw import data
     from dialsum_raw.errors import UserError
     folder = _data_with(tmp_path, **{name: text})
-    with pytest.raises(UserError, match=f"^{folder / f'dialogsum.{name}.jsonl'}: the '{split}' split holds no dialogue"):
+    with pytest.raises(
+        UserError, match=f"^{folder / f'dialogsum.{name}.jsonl'}: the '{split}' split holds no dialogue"
+    ):
         data.load_splits(str(folder), (split,))
 
 
@@ -110,11 +129,35 @@ def test_evaluate_and_train_on_an_empty_split_exit_2_in_one_line(tiny, tmp_path)
     """evaluate.py --split validation on an empty file used to write ROUGE 0.00 and exit 0; train.py on blank
     lines ended in an IndexError inside the tokenizer."""
     folder = _data_with(tmp_path, dev="", train="\n\n")
-    _fails([EVAL, "--base", tiny, "--data", str(folder), "--split", "validation", "--output-dir", str(tmp_path / "e")],
-           f"{folder / 'dialogsum.dev.jsonl'}: the 'validation' split holds no dialogue")
+    _fails(
+        [
+            EVAL,
+            "--base",
+            tiny,
+            "--data",
+            str(folder),
+            "--split",
+            "validation",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ],
+        f"{folder / 'dialogsum.dev.jsonl'}: the 'validation' split holds no dialogue",
+    )
     assert not (tmp_path / "e" / "report.md").exists()
-    _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", str(folder), "--output-dir", str(tmp_path / "t")],
-           f"{folder / 'dialogsum.train.jsonl'}: the 'train' split holds no dialogue")
+    _fails(
+        [
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "t"),
+        ],
+        f"{folder / 'dialogsum.train.jsonl'}: the 'train' split holds no dialogue",
+    )
 
 
 def test_non_finite_settings_are_written_as_toml_or_refused(tmp_path):
@@ -145,7 +188,8 @@ def test_a_sweep_grid_of_inf_is_refused_before_anything_runs(tiny, tmp_path):
 
 def test_flags_that_crashed_later_are_refused_up_front(tiny):
     """--seed past int64 (ValueError deep in torch), --max-new-tokens 1000000 (an 8 TB bias), a residual
-    init's rank above a target's min(in, out) (a size-mismatch RuntimeError): each one line, before any work."""
+    init's rank above a target's min(in, out) (a size-mismatch RuntimeError): each one line, before any
+    work."""
     from dialsum_raw import lora
     from dialsum_raw.config import Settings, validate
     from dialsum_raw.errors import UserError
@@ -154,24 +198,47 @@ def test_flags_that_crashed_later_are_refused_up_front(tiny):
     with pytest.raises(UserError, match=r"^--seed must be in \[0, 2\*\*63\), got 99999999999999999999$"):
         validate(Settings(seed=99999999999999999999))
     model = load_model(tiny)
-    with pytest.raises(UserError, match="^--max-new-tokens 1000000 is more than the 512 positions this model"):
+    with pytest.raises(
+        UserError, match="^--max-new-tokens 1000000 is more than the 512 positions this model"
+    ):
         generate_ids(model, load_tokenizer(tiny), ["#Person1#: Hi."], Settings(max_new_tokens=1000000))
     for init in ("pissa", "olora", "mica"):
-        with pytest.raises(UserError, match=f"^--lora-init {init} cuts A and B from W: --lora-rank 65 is more than "
-                                            r"min\(in, out\) = 64 of layer encoder.block.0.layer.0.SelfAttention.q"):
+        with pytest.raises(
+            UserError,
+            match=f"^--lora-init {init} cuts A and B from W: --lora-rank 65 is more than "
+            r"min\(in, out\) = 64 of layer encoder.block.0.layer.0.SelfAttention.q",
+        ):
             lora.inject(model, lora.LoRAConfig(("q", "v"), rank=65, init=init))
         assert not lora.lora_layers(model)  # refused before any layer was wrapped
-    lora.inject(load_model(tiny), lora.LoRAConfig(("q", "v"), rank=64, init="pissa"))  # min(in, out) itself fits
+    lora.inject(
+        load_model(tiny), lora.LoRAConfig(("q", "v"), rank=64, init="pissa")
+    )  # min(in, out) itself fits
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
-    (["--seed", "99999999999999999999"], "--seed must be in [0, 2**63)"),
-])  # the rank and --max-new-tokens checks run on the model: test_flags_that_crashed_later_are_refused_up_front
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+        (["--seed", "99999999999999999999"], "--seed must be in [0, 2**63)"),
+    ],
+)  # the rank and --max-new-tokens checks run on the model: test_flags_that_crashed_later_are_refused_up_front
 def test_train_refuses_them_in_one_line(tiny, tmp_path, flags, message):
-    _fails([TRAIN, "--config", SMOKE, "--model", tiny, "--data", CORPUS, "--output-dir", str(tmp_path / "o"), *flags],
-           message)
+    _fails(
+        [
+            TRAIN,
+            "--config",
+            SMOKE,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(tmp_path / "o"),
+            *flags,
+        ],
+        message,
+    )
 
 
 # ---------------------------------------------------------------- the lock (item 7, item 11's rule)
@@ -209,10 +276,14 @@ def test_without_flock_an_exclusive_lock_file_holds_the_folder(tmp_path, monkeyp
     out, excl = tmp_path / "run", tmp_path / "run" / ".lock.excl"
     with checkpoint.lock(str(out)):
         assert excl.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()} since ")
-        with pytest.raises(UserError, match=rf"^{out} is in use by pid {os.getpid()} on .*delete that file if the "):
+        with pytest.raises(
+            UserError, match=rf"^{out} is in use by pid {os.getpid()} on .*delete that file if the "
+        ):
             _take(checkpoint, str(out))
         assert excl.exists()  # the refused one left the holder's file alone
-        checkpoint.prepare_output_dir(str(out), False, "settings.toml")  # the lock files are not a run's content
+        checkpoint.prepare_output_dir(
+            str(out), False, "settings.toml"
+        )  # the lock files are not a run's content
     assert not excl.exists() and (out / ".lock").exists()
     # stale: left by a process of this host that is gone -> taken over; another host's -> refused
     excl.write_text(f"pid {_dead_pid()} on {socket.gethostname()} since then\n")
@@ -229,7 +300,9 @@ def test_a_lock_file_that_cannot_be_used_is_one_line(tmp_path, monkeypatch):
     from dialsum_raw import checkpoint
     from dialsum_raw.errors import UserError
     (tmp_path / "dir" / ".lock").mkdir(parents=True)
-    with pytest.raises(UserError, match=rf"^{tmp_path / 'dir' / '.lock'} is a folder, not a lock file: remove it$"):
+    with pytest.raises(
+        UserError, match=rf"^{tmp_path / 'dir' / '.lock'} is a folder, not a lock file: remove it$"
+    ):
         _take(checkpoint, str(tmp_path / "dir"))
     # non-UTF-8 bytes in a lock another open file description holds
     (tmp_path / "bin").mkdir()
@@ -287,10 +360,14 @@ def test_a_launcher_gone_during_validation_names_the_save_that_happened(tiny, tm
     out = tmp_path / "run"
     with pytest.raises(UserError) as stopped:
         training.train(_settings(tiny, out, max_steps=6, eval_every=2))
-    assert checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
-    assert str(stopped.value) == (f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2 before "
-                                  f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
-                                  f"with python train.py --resume {out}")
+    assert (
+        checkpoint.load_state(str(out / "last"))["step"] == 2 and checkpoint.best_step(str(out / "best")) == 2
+    )
+    assert str(stopped.value) == (
+        f"the launcher of this run (torchrun, pid -1) is gone: stopped at step 2 before "
+        f"taking the next; the last good checkpoint is {out / 'last'}, step 2: continue "
+        f"with python train.py --resume {out}"
+    )
 
 
 @pytest.mark.parametrize("world, local, command", [
@@ -307,13 +384,16 @@ def test_a_stopped_run_under_torchrun_is_continued_with_torchrun(monkeypatch, wo
 
 
 def test_one_setting_spelled_twice_is_refused(tmp_path, tiny):
-    """lora-rank and lora_rank in one config file (or one sweep table) are one setting: the last silently won."""
+    """lora-rank and lora_rank in one config file (or one sweep table) are one setting: the last silently
+    won."""
     from dialsum_raw import sweep
     from dialsum_raw.config import read_config
     from dialsum_raw.errors import UserError
     config = tmp_path / "c.toml"
     config.write_text("lora-rank = 8\nlr = 1e-3\nlora_rank = 0\n")
-    with pytest.raises(UserError, match=f"^{config}: 'lora-rank' and 'lora_rank' are the same setting; keep one$"):
+    with pytest.raises(
+        UserError, match=f"^{config}: 'lora-rank' and 'lora_rank' are the same setting; keep one$"
+    ):
         read_config(str(config))
     with pytest.raises(UserError, match="'max_steps' and 'max-steps' are the same setting"):
         sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", extra="max-steps = 3\n"))
@@ -346,8 +426,9 @@ def test_rank_0_names_the_rank_it_waits_for():
     ranks[0].beat(6, "gradients")
     t0 = ranks[0].since
     assert tick(t0 + 299) is None and said == []
-    assert tick(t0 + 300) == ("waiting for rank 2 for 5 min: it last reported forward of step 6, rank 0 is at "
-                              "gradients of step 6")
+    assert tick(t0 + 300) == (
+        "waiting for rank 2 for 5 min: it last reported forward of step 6, rank 0 is at gradients of step 6"
+    )
     assert tick(t0 + 400) is None  # once per interval
     assert tick(t0 + 600).startswith("waiting for rank 2 for 10 min") and len(said) == 2
     ranks[2].beat(6, "gradients")  # it caught up: rank 0's collective goes on, and it moves
@@ -358,8 +439,10 @@ def test_rank_0_names_the_rank_it_waits_for():
     tick(t1 + 60)
     alive.discard(2)
     assert tick(t1 + 300) is None  # silent for 240 s: less than the interval
-    assert tick(t1 + 600) == ("waiting for rank 2 for 10 min: it has given no sign of life for 540 s (paused, or its "
-                              "host is down), rank 0 is at validation sum of step 6")
+    assert tick(t1 + 600) == (
+        "waiting for rank 2 for 10 min: it has given no sign of life for 540 s (paused, or its "
+        "host is down), rank 0 is at validation sum of step 6"
+    )
     assert all("rank 1" not in line for line in said)
     alive.add(2)
     for r in (1, 2, 0):
@@ -391,8 +474,11 @@ def test_an_elastic_restart_resumes_from_last_and_never_starts_over(tiny, tmp_pa
     assert f"torchrun restart 1: resuming {out} from its last checkpoint" in capsys.readouterr().out
     assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == [1, 2, 3, 4, 5, 6]
     assert checkpoint.load_state(str(out / "last"))["step"] == 6 and (out / "summary.json").is_file()
-    with pytest.raises(UserError, match=f"^torchrun restarted this run \\(restart 1\\), but {tmp_path / 'new'} holds "
-                                        "no checkpoint yet to resume from"):
+    with pytest.raises(
+        UserError,
+        match=f"^torchrun restarted this run \\(restart 1\\), but {tmp_path / 'new'} holds "
+        "no checkpoint yet to resume from",
+    ):
         training.train(_settings(tiny, tmp_path / "new", max_steps=6))
 
 
@@ -411,16 +497,45 @@ def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, 
 
     from dialsum_raw import checkpoint
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
-    cmd = train_cmd(tiny, out, "--max-steps", "8", "--save-every", "2", "--eval-every", "8", "--lora-rank", "4",
-                     "--batch-size", "4", "--overwrite")
+    cmd = train_cmd(
+        tiny,
+        out,
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "8",
+        "--lora-rank",
+        "4",
+        "--batch-size",
+        "4",
+        "--overwrite",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIALSUM_HEARTBEAT_S": "1"}
     with open(log, "w") as sink:
-        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                     "2", "--max-restarts", "1", *cmd[1:]], env=env, stdout=sink,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "--max-restarts",
+                "1",
+                *cmd[1:],
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 180
-        while checkpoint.find(str(out / "last")) is None and time.time() < deadline and launcher.poll() is None:
+        while (
+            checkpoint.find(str(out / "last")) is None and time.time() < deadline and launcher.poll() is None
+        ):
             time.sleep(0.02)
         workers = sorted(_children(launcher.pid))
         assert len(workers) == 2, log.read_text()[-3000:]
@@ -437,5 +552,7 @@ def test_a_stalled_rank_is_named_and_an_elastic_restart_resumes_from_last(tiny, 
     text = log.read_text()
     assert re.search(r"waiting for rank 1 for \d+ s: it (last reported|has given no sign of life)", text)
     assert "torchrun restart 1: resuming" in text and "resumed from" in text
-    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == list(range(1, 9))  # no step twice, none lost
+    assert [m["step"] for m in metric_lines(out) if "val_loss" not in m] == list(
+        range(1, 9)
+    )  # no step twice, none lost
     assert checkpoint.load_state(str(out / "last"))["step"] == 8 and (out / "summary.json").is_file()

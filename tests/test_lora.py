@@ -55,8 +55,8 @@ def test_layer_init_and_scaling():
 @pytest.mark.peft
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_only_on_the_lora_input_as_peft(dora):
-    """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input only;
-    with DoRA, peft's rescaled base term also sees the dropped-out input."""
+    """Non-zero B, dropout on, same seed: the formula (and peft's layer) put dropout on the adapter's input
+    only; with DoRA, peft's rescaled base term also sees the dropped-out input."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     holder = torch.nn.Sequential()
@@ -83,10 +83,18 @@ def test_dropout_only_on_the_lora_input_as_peft(dora):
     assert (y - (x @ w.T + b)).abs().max() > 1e-2  # the adapter does act
 
 
-VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"variant": "dora"}, "gaussian": {"init": "gaussian"},
-            "pissa": {"init": "pissa"}, "pissa+dora": {"init": "pissa", "variant": "dora"},
-            "olora": {"init": "olora"}, "olora+dora": {"init": "olora", "variant": "dora", "rslora": True},
-            "mica": {"init": "mica"}, "vera": {"variant": "vera", "vera_rank": 16}}
+VARIANTS = {
+    "plain": {},
+    "rslora": {"rslora": True},
+    "dora": {"variant": "dora"},
+    "gaussian": {"init": "gaussian"},
+    "pissa": {"init": "pissa"},
+    "pissa+dora": {"init": "pissa", "variant": "dora"},
+    "olora": {"init": "olora"},
+    "olora+dora": {"init": "olora", "variant": "dora", "rslora": True},
+    "mica": {"init": "mica"},
+    "vera": {"variant": "vera", "vera_rank": 16},
+}
 
 
 def _cfg(variant="plain", targets=("q", "v"), rank=4, alpha=8):
@@ -110,7 +118,8 @@ def test_merge_unmerge_idempotent(tiny, variant):
 
 
 def test_merge_in_bf16_matches_the_fp32_formula():
-    """Expected values from the formula in fp32, rounded once: W + s B A, and DoRA's m (W + s B A) / ||W + s B A||."""
+    """Expected values from the formula in fp32, rounded once: W + s B A, and DoRA's m (W + s B A) / ||W + s B
+    A||."""
     torch.manual_seed(0)
     for dora in (False, True):
         base = torch.nn.Linear(64, 64).to(torch.bfloat16)
@@ -119,7 +128,9 @@ def test_merge_in_bf16_matches_the_fp32_formula():
         torch.nn.init.normal_(layer.lora_B, std=1e-3)
         v = w + 2.0 * layer.lora_B.float() @ layer.lora_A.float()
         if dora:
-            assert torch.equal(layer.lora_magnitude, w.norm(dim=1))  # trained tensors stay fp32 on a bf16 base
+            assert torch.equal(
+                layer.lora_magnitude, w.norm(dim=1)
+            )  # trained tensors stay fp32 on a bf16 base
             v = layer.lora_magnitude.float()[:, None] * v / v.norm(dim=1, keepdim=True)
         layer.merge()
         assert layer.base.weight.dtype == torch.bfloat16
@@ -129,8 +140,9 @@ def test_merge_in_bf16_matches_the_fp32_formula():
 
 
 def test_dora_keeps_a_small_magnitude_change_under_bf16_autocast():
-    """m raised by 0.3%: f = m / ||W + s B A|| is then within 0.3% of 1, where bf16 steps by 2^-8 and 2^-7, so a bf16 f
-    would drop the change (-0.28% signed error before the fix). f and the DoRA terms stay fp32, as in peft."""
+    """m raised by 0.3%: f = m / ||W + s B A|| is then within 0.3% of 1, where bf16 steps by 2^-8 and 2^-7, so
+    a bf16 f would drop the change (-0.28% signed error before the fix). f and the DoRA terms stay fp32, as in
+    peft."""
     torch.manual_seed(0)
     layer = DoRALinear(torch.nn.Linear(256, 256), LoRAConfig(rank=8, alpha=16))
     torch.nn.init.normal_(layer.lora_B, std=1e-3)
@@ -147,7 +159,8 @@ def test_dora_keeps_a_small_magnitude_change_under_bf16_autocast():
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_delta_weight_is_fp32_under_autocast(variant):
-    """Under autocast even B.float() @ A.float() runs in bf16; delta_weight() (and DoRA's norm from it) turns it off."""
+    """Under autocast even B.float() @ A.float() runs in bf16; delta_weight() (and DoRA's norm from it) turns
+    it off."""
     torch.manual_seed(0)
     layer = lora.VARIANTS[variant](torch.nn.Linear(64, 64), LoRAConfig(rank=4, alpha=8))
     torch.nn.init.normal_(layer.lora_B, std=0.1)
@@ -158,8 +171,8 @@ def test_delta_weight_is_fp32_under_autocast(variant):
 
 
 def test_merged_dora_moves_with_its_model_and_unmerges():
-    """merged_norm is a non-persistent buffer: it follows .to() (meta here stands in for another device) and stays
-    out of the state dict."""
+    """merged_norm is a non-persistent buffer: it follows .to() (meta here stands in for another device) and
+    stays out of the state dict."""
     torch.manual_seed(0)
     layer = DoRALinear(torch.nn.Linear(32, 16), LoRAConfig(rank=4, alpha=8))
     torch.nn.init.normal_(layer.lora_B, std=0.1)
@@ -175,10 +188,18 @@ def test_merged_dora_moves_with_its_model_and_unmerges():
     assert layer.base.weight.device.type == "meta" and not layer.merged
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"variant": "vera", "init": "pissa"}, "VeRA takes no --lora-init"), ({"variant": "vera", "rslora": True},
-    "VeRA has no alpha/r scale"), ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica"),
-    ({"variant": "lora-fa", "init": "mica"}, "--lora-variant lora-fa with --lora-init mica trains nothing")])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"variant": "vera", "init": "pissa"}, "VeRA takes no --lora-init"),
+        ({"variant": "vera", "rslora": True}, "VeRA has no alpha/r scale"),
+        ({"variant": "dora", "init": "mica"}, "DoRA does not combine with --lora-init mica"),
+        (
+            {"variant": "lora-fa", "init": "mica"},
+            "--lora-variant lora-fa with --lora-init mica trains nothing",
+        ),
+    ],
+)
 def test_combinations_peft_refuses_are_refused_in_one_line(fields, message):
     with pytest.raises(UserError, match=message) as e:
         LoRAConfig(**fields)
@@ -213,9 +234,20 @@ def test_adapter_only_state_and_reload(tiny, tmp_path):
     randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     cfg = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert cfg == {"format": "dialsum_raw-lora/3", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                   "dropout": 0.0, "rslora": False, "variant": "lora", "init": "kaiming", "vera_rank": 256,
-                   "base_dtype": "fp32", "loftq_iter": 1}
+    assert cfg == {
+        "format": "dialsum_raw-lora/3",
+        "base_model": "tiny",
+        "targets": ["q", "v"],
+        "rank": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "rslora": False,
+        "variant": "lora",
+        "init": "kaiming",
+        "vera_rank": 256,
+        "base_dtype": "fp32",
+        "loftq_iter": 1,
+    }
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "ad" / "adapter.safetensors").keys()
     assert len(keys) == 2 * 12 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
@@ -229,14 +261,22 @@ def test_adapter_that_does_not_fit_is_a_clear_error(tiny, small, tmp_path):
     model = load_model(tiny)
     lora.inject(model, _cfg())
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
-    with pytest.raises(UserError, match=r"does not fit this base model \(base has layer decoder\.block\.2\.\S+ that the adapter lacks"):
+    with pytest.raises(
+        UserError,
+        match=r"does not fit this base model \(base has layer decoder\.block\.2\.\S+ that the adapter lacks",
+    ):
         lora.load_adapter(load_model(small), tmp_path / "ad")
     cfg = tmp_path / "ad" / "adapter.json"
     cfg.write_text(cfg.read_text().replace('"rank": 4', '"rank": 8'))  # rank differs from the tensors
-    with pytest.raises(UserError, match=r"does not fit this base model: \S+lora_A has shape \(4, 64\), the base needs \(8, 64\)"):
+    with pytest.raises(
+        UserError,
+        match=r"does not fit this base model: \S+lora_A has shape \(4, 64\), the base needs \(8, 64\)",
+    ):
         lora.load_adapter(load_model(tiny), tmp_path / "ad")
     cfg.write_text(cfg.read_text().replace('"rank": 8', '"rank": 4').replace('"v"', '"k"'))
-    with pytest.raises(UserError, match=r"adapter has \S+SelfAttention\.q\.lora_A|base has layer \S+\.k\.lora_A"):
+    with pytest.raises(
+        UserError, match=r"adapter has \S+SelfAttention\.q\.lora_A|base has layer \S+\.k\.lora_A"
+    ):
         lora.load_adapter(load_model(tiny), tmp_path / "ad")
     cfg.write_text(cfg.read_text().replace('"k"', '"v"'))
     w = tmp_path / "ad" / "adapter.safetensors"
@@ -254,11 +294,16 @@ PEFT_CONFIG = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora":
                "olora+dora": {"init_lora_weights": "olora", "use_dora": True, "use_rslora": True},
                "mica": {"init_lora_weights": "mica"}, "vera": {"r": 16}}
 DETERMINISTIC = ("pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera")  # SVD, QR, seeded: not copied
-TWIN = {"base.weight": lambda t: t.base_layer.weight, "lora_A": lambda t: t.lora_A["default"].weight,
-        "lora_B": lambda t: t.lora_B["default"].weight,
-        "lora_magnitude": lambda t: t.lora_magnitude_vector["default"].weight,
-        "vera_lambda_b": lambda t: t.vera_lambda_b["default"], "vera_lambda_d": lambda t: t.vera_lambda_d["default"],
-        "shared.vera_A": lambda t: t.vera_A["default"], "shared.vera_B": lambda t: t.vera_B["default"]}  # ours: peft's
+TWIN = {
+    "base.weight": lambda t: t.base_layer.weight,
+    "lora_A": lambda t: t.lora_A["default"].weight,
+    "lora_B": lambda t: t.lora_B["default"].weight,
+    "lora_magnitude": lambda t: t.lora_magnitude_vector["default"].weight,
+    "vera_lambda_b": lambda t: t.vera_lambda_b["default"],
+    "vera_lambda_d": lambda t: t.vera_lambda_d["default"],
+    "shared.vera_A": lambda t: t.vera_A["default"],
+    "shared.vera_B": lambda t: t.vera_B["default"],
+}  # ours: peft's
 
 
 def _twin_layers(ours, theirs):
@@ -270,7 +315,9 @@ def _peft_twin(tiny, variant, rank=4, alpha=8, targets=("q", "v")):
     """peft's LoRA (or VeRA) with the matching config on the same base (the oracle)."""
     from peft import LoraConfig, VeraConfig, get_peft_model
     if variant == "vera":
-        config = VeraConfig(target_modules=list(targets), vera_dropout=0.0, task_type="SEQ_2_SEQ_LM", **PEFT_CONFIG[variant])
+        config = VeraConfig(
+            target_modules=list(targets), vera_dropout=0.0, task_type="SEQ_2_SEQ_LM", **PEFT_CONFIG[variant]
+        )
     else:
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
                             task_type="SEQ_2_SEQ_LM", **PEFT_CONFIG[variant])
@@ -283,8 +330,13 @@ def _tensors(m):
 
 
 def _max_diff(ours, theirs):
-    """Largest difference of every tensor of our layers (A, B, m, λ, projections, the base weight) from peft's."""
-    return max((p - TWIN[n](twin)).abs().max().item() for m, twin in _twin_layers(ours, theirs) for n, p in _tensors(m))
+    """Largest difference of every tensor of our layers (A, B, m, λ, projections, the base weight) from
+    peft's."""
+    return max(
+        (p - TWIN[n](twin)).abs().max().item()
+        for m, twin in _twin_layers(ours, theirs)
+        for n, p in _tensors(m)
+    )
 
 
 def _copy_to_twin(ours, theirs):
@@ -311,13 +363,16 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     assert _trainable(ours) == _trainable(theirs)  # MiCA: B frozen in both; VeRA: λ_b and λ_d only
     assert parameter_report(ours).splitlines()[0] == f"trainable model parameters: {_trainable(theirs):,}"
     x = _inputs()
-    # after injection: PiSSA's and OLoRA's A, B and residual W, MiCA's B, DoRA's m, VeRA's projections and λ are
+    # after injection: PiSSA's and OLoRA's A, B and residual W, MiCA's B, DoRA's m, VeRA's projections and λ
+    # are
     # peft's own (no copying)
     diffs = {"logits after injection": (ours(**x).logits - theirs(**x).logits).abs().max().item()}
     if variant in DETERMINISTIC:
         diffs["tensors after injection"] = _max_diff(ours, theirs)
     if variant not in ("pissa", "pissa+dora", "olora", "olora+dora"):  # random starts differ by RNG use (and
-        randomize_adapter(ours)  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
+        randomize_adapter(
+            ours
+        )  # MiCA's A, VeRA's λ_b start at 0): give both the same non-zero A and B (λ_b, λ_d)
         _copy_to_twin(ours, theirs)
     ours.train(); theirs.train()
     x["labels"] = x.pop("decoder_input_ids")
@@ -336,7 +391,9 @@ def test_equivalent_to_peft_logits_and_one_adamw_step(tiny, variant, ratio, deca
     residual = INITS[_cfg(variant).init].residual
     for key, value in ours.state_dict().items():
         if "lora_" not in key and "vera_" not in key and not residual:
-            assert torch.equal(value, base_before[key.replace(".base.", ".")]), key  # frozen base: bit-identical
+            assert torch.equal(value, base_before[key.replace(".base.", ".")]), (
+                key
+            )  # frozen base: bit-identical
 
 
 @pytest.mark.peft
@@ -352,7 +409,9 @@ def test_gaussian_init_draws_as_peft():
 
 
 @pytest.mark.peft
-@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"])
+@pytest.mark.parametrize(
+    "variant", ["rslora", "dora", "pissa", "pissa+dora", "olora", "olora+dora", "mica", "vera"]
+)
 def test_export_peft_loads_in_peft_with_our_merged_logits(tiny, tmp_path, variant):
     from peft import PeftModel
     model = load_model(tiny).eval()
@@ -379,9 +438,13 @@ def test_merge_and_export_peft_commands(tiny, tmp_path):
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     x = _inputs()
     expect = model(**x).logits
-    for cmd in (["merge", "--base", tiny, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")],
-                ["export-peft", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "peft")]):
-        subprocess.run([sys.executable, "-m", "dialsum_raw.lora", *cmd], check=True, cwd=REPO, capture_output=True)
+    for cmd in (
+        ["merge", "--base", tiny, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")],
+        ["export-peft", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "peft")],
+    ):
+        subprocess.run(
+            [sys.executable, "-m", "dialsum_raw.lora", *cmd], check=True, cwd=REPO, capture_output=True
+        )
     from transformers import AutoModelForSeq2SeqLM
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
     assert (merged(**x).logits - expect).abs().max() <= 1e-5
@@ -400,10 +463,12 @@ def _step(model, optimizer, seed):
 
 @pytest.mark.parametrize("variant", ["gaussian", "pissa+dora", "olora", "mica", "vera"])
 def test_resume_from_saved_adapter_continues_identically(tiny, tmp_path, variant):
-    """The loop resumes with load_adapter on a fresh base: PiSSA and OLoRA come back in their trained rank-r form
-    on the residual base, MiCA with B frozen, so the next steps equal those of the run that never stopped, bit for
-    bit."""
-    settings = Settings(lr=1e-2, weight_decay=0.1, lora_plus_ratio=1.0 if variant in ("mica", "vera") else 4.0)  # no B
+    """The loop resumes with load_adapter on a fresh base: PiSSA and OLoRA come back in their trained rank-r
+    form on the residual base, MiCA with B frozen, so the next steps equal those of the run that never
+    stopped, bit for bit."""
+    settings = Settings(
+        lr=1e-2, weight_decay=0.1, lora_plus_ratio=1.0 if variant in ("mica", "vera") else 4.0
+    )  # no B
     torch.manual_seed(0)
     run = load_model(tiny, dropout=0.0).train()
     lora.inject(run, _cfg(variant))
@@ -431,34 +496,66 @@ def test_adapter_json_is_the_config_and_pissa_applies_to_the_original_base(tiny,
     randomize_adapter(model)
     lora.save_adapter(model, tmp_path / "ad", base_model="tiny")
     saved = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert saved == {"format": "dialsum_raw-lora/3", "base_model": "tiny", "targets": ["q", "v"], "rank": 4, "alpha": 8,
-                     "dropout": 0.0, "rslora": True, "variant": "dora", "init": "pissa", "vera_rank": 256,
-                     "base_dtype": "fp32", "loftq_iter": 1}
+    assert saved == {
+        "format": "dialsum_raw-lora/3",
+        "base_model": "tiny",
+        "targets": ["q", "v"],
+        "rank": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "rslora": True,
+        "variant": "dora",
+        "init": "pissa",
+        "vera_rank": 256,
+        "base_dtype": "fp32",
+        "loftq_iter": 1,
+    }
     assert LoRAConfig.from_json(saved) == config
     from safetensors.torch import load_file
     t = load_file(tmp_path / "ad" / "adapter.safetensors")
     name, m = lora.lora_layers(model)[0]
     assert torch.equal(t[f"{name}.lora_A"], torch.cat([m.lora_A, m.lora_A0]))
     assert torch.equal(t[f"{name}.lora_B"], torch.cat([m.lora_B, -m.lora_B0], dim=1))
-    # as a plain rank-2r LoRA on the original W (what peft sees), with alpha x sqrt 2 (rsLoRA), the trained weights
+    # as a plain rank-2r LoRA on the original W (what peft sees), with alpha x sqrt 2 (rsLoRA), the trained
+    # weights
     assert lora.layer_class(config).saved_rank_alpha(config) == (8, 8 * 2 ** 0.5)
     w = load_model(tiny).get_submodule(name).weight
     v = w + 8 * 2 ** 0.5 / 8 ** 0.5 * t[f"{name}.lora_B"] @ t[f"{name}.lora_A"]
     m.merge()
-    assert (m.base.weight - t[f"{name}.lora_magnitude"][:, None] * v / v.norm(dim=1, keepdim=True)).abs().max() < 1e-6
+    assert (
+        m.base.weight - t[f"{name}.lora_magnitude"][:, None] * v / v.norm(dim=1, keepdim=True)
+    ).abs().max() < 1e-6
 
 
 OLD_ADAPTERS = {  # adapter.json as the code before LoRAConfig wrote it (format 1), and before it had variants
-    "pissa+dora": {"format": "dialsum_raw-lora/1", "rank": 8, "alpha": 16, "dropout": 0.0,
-                   "targets": ["q", "v"], "rslora": False, "dora": True, "init": "pissa", "base_model": "tiny",
-                   "pissa": {"rank": 4, "alpha": 8, "conversion": "saved as a plain LoRA on the original base: ..."}},
-    "rslora": {"format": "dialsum_raw-lora/1", "rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"],
-               "rslora": True, "base_model": "tiny"}}
+    "pissa+dora": {
+        "format": "dialsum_raw-lora/1",
+        "rank": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "targets": ["q", "v"],
+        "rslora": False,
+        "dora": True,
+        "init": "pissa",
+        "base_model": "tiny",
+        "pissa": {"rank": 4, "alpha": 8, "conversion": "saved as a plain LoRA on the original base: ..."},
+    },
+    "rslora": {
+        "format": "dialsum_raw-lora/1",
+        "rank": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "targets": ["q", "v"],
+        "rslora": True,
+        "base_model": "tiny",
+    },
+}
 
 
 @pytest.mark.parametrize("variant", list(OLD_ADAPTERS))
 def test_old_adapters_load(tiny, tmp_path, variant):
-    """Format 1 saved the same tensors (PiSSA in its rank-2r form); its adapter.json is written out by hand here."""
+    """Format 1 saved the same tensors (PiSSA in its rank-2r form); its adapter.json is written out by hand
+    here."""
     model = load_model(tiny).eval()
     lora.inject(model, _cfg(variant))
     randomize_adapter(model)
@@ -470,8 +567,13 @@ def test_old_adapters_load(tiny, tmp_path, variant):
     assert (fresh(**x).logits - model(**x).logits).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("change,message", [({"format": "dialsum_raw-lora/9"}, "adapter format 'dialsum_raw-lora/9' is not"),
-                                            ({"targets": "qv"}, "adapter targets must be a list, got 'qv'")])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format": "dialsum_raw-lora/9"}, "adapter format 'dialsum_raw-lora/9' is not"),
+        ({"targets": "qv"}, "adapter targets must be a list, got 'qv'"),
+    ],
+)
 def test_an_adapter_config_from_elsewhere_is_refused_naming_the_file(tiny, tmp_path, change, message):
     model = load_model(tiny).eval()
     lora.inject(model, _cfg("rslora"))
@@ -486,7 +588,10 @@ def test_make_optimizer_groups():
     model = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}),
                                  "norm": torch.nn.LayerNorm(8)})
     groups = make_optimizer(model, Settings(lr=1e-3, weight_decay=0.1)).param_groups
-    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [(1, 1e-3, 0.1), (3, 1e-3, 0.0)]
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
+        (1, 1e-3, 0.1),
+        (3, 1e-3, 0.0),
+    ]
     with pytest.raises(UserError, match="--lora-plus-ratio 4 needs LoRA layers"):
         make_optimizer(model, Settings(lora_plus_ratio=4.0))
     lora.inject(model, LoRAConfig(("q",), rank=2, alpha=4, variant="dora"))
@@ -498,9 +603,10 @@ def test_make_optimizer_groups():
 
 
 def test_lora_fa_steps_b_as_plain_lora_and_keeps_a(tiny):
-    """LoRA-FA has no peft twin (peft's LoraFAOptimizer steps B differently): its formula is the oracle. With A
-    frozen, one AdamW step leaves A at its start and moves B exactly as plain LoRA's step does (B's gradient does
-    not depend on A training); merge, save, load and export are the contract test's (tests/test_contract.py)."""
+    """LoRA-FA has no peft twin (peft's LoraFAOptimizer steps B differently): its formula is the oracle. With
+    A frozen, one AdamW step leaves A at its start and moves B exactly as plain LoRA's step does (B's gradient
+    does not depend on A training); merge, save, load and export are the contract test's
+    (tests/test_contract.py)."""
     x = _inputs()
     x["labels"] = x.pop("decoder_input_ids")
     models = {}
@@ -522,5 +628,6 @@ def test_lora_fa_steps_b_as_plain_lora_and_keeps_a(tiny):
             assert torch.equal(fa[n], start[n]) and not torch.equal(plain[n], start[n])
         else:
             assert torch.equal(fa[n], plain[n]) and not torch.equal(fa[n], start[n])
-    assert _trainable(models["lora-fa"]) == _trainable(models["lora"]) // 2  # q, v square: A and B the same size
-
+    assert (
+        _trainable(models["lora-fa"]) == _trainable(models["lora"]) // 2
+    )  # q, v square: A and B the same size

@@ -1,5 +1,5 @@
-"""lora combine: each method against its oracle (the inputs' own models, the weighted ΔW sum, peft's svd, the TIES and
-DARE formulas written out here), and the combined adapter read by every tool."""
+"""lora combine: each method against its oracle (the inputs' own models, the weighted ΔW sum, peft's svd, the
+TIES and DARE formulas written out here), and the combined adapter read by every tool."""
 
 import json
 import re
@@ -41,14 +41,22 @@ def _deltas(tiny, directory):
     return {name: dw for name, dw, _ in lora.updates(model, cfg, tensors)}
 
 
-@pytest.mark.parametrize("fields, method", [
-    ({"rslora": True}, "linear"), ({"rslora": True}, "svd"), ({"variant": "dora"}, "linear"),
-    ({"init": "pissa", "rslora": True}, "linear"), ({"init": "olora", "variant": "dora"}, "linear"),
-    ({"variant": "vera"}, "linear")], ids=["rslora", "rslora-svd", "dora", "pissa+rslora", "olora+dora", "vera"])
+@pytest.mark.parametrize(
+    "fields, method",
+    [
+        ({"rslora": True}, "linear"),
+        ({"rslora": True}, "svd"),
+        ({"variant": "dora"}, "linear"),
+        ({"init": "pissa", "rslora": True}, "linear"),
+        ({"init": "olora", "variant": "dora"}, "linear"),
+        ({"variant": "vera"}, "linear"),
+    ],
+    ids=["rslora", "rslora-svd", "dora", "pissa+rslora", "olora+dora", "vera"],
+)
 def test_one_adapter_alone_at_weight_one_is_the_adapter(tiny, tmp_path, fields, method):
-    """peft #3761: add_weighted_adapter of one rsLoRA adapter alone at weight 1.0 is 0.42 relative off. Here the
-    combined plain-LoRA adapter at full rank gives the original adapter's logits, unmerged (its own forward) and
-    merged."""
+    """peft #3761: add_weighted_adapter of one rsLoRA adapter alone at weight 1.0 is 0.42 relative off. Here
+    the combined plain-LoRA adapter at full rank gives the original adapter's logits, unmerged (its own
+    forward) and merged."""
     ad = _adapter(tiny, tmp_path / "ad", 1, **fields)
     cfg, _ = combine([ad], str(tmp_path / "one"), method, weights=[1.0], rank=FULL)
     assert cfg.variant == "lora" and cfg.init == "kaiming" and not cfg.rslora and cfg.rank == FULL
@@ -73,7 +81,8 @@ def test_default_rank_is_exact_and_a_soup_of_rank_r_adapters_has_rank_n_r(tiny, 
 
 
 def test_cat_equals_the_weighted_sum_of_updates(tiny, tmp_path):
-    """cat stacks the saved factors; an rsLoRA, a PiSSA (saved at rank 2r for the original base) and a rank-2 input."""
+    """cat stacks the saved factors; an rsLoRA, a PiSSA (saved at rank 2r for the original base) and a rank-2
+    input."""
     ads = [_adapter(tiny, tmp_path / "a", 1, rslora=True), _adapter(tiny, tmp_path / "b", 2, init="pissa"),
            _adapter(tiny, tmp_path / "c", 3, rank=2)]
     weights = [0.7, -0.4, 1.3]
@@ -89,8 +98,8 @@ def test_cat_equals_the_weighted_sum_of_updates(tiny, tmp_path):
 @pytest.mark.peft
 @pytest.mark.parametrize("rank", [8, 3])
 def test_svd_equals_peft_add_weighted_adapter(tiny, tmp_path, rank):
-    """peft 0.21.2 add_weighted_adapter(combination_type="svd") on two plain LoRA adapters: the same logits, at the
-    exact rank (4 + 4) and truncated to 3."""
+    """peft 0.21.2 add_weighted_adapter(combination_type="svd") on two plain LoRA adapters: the same logits,
+    at the exact rank (4 + 4) and truncated to 3."""
     from peft import PeftModel
     ads = [_adapter(tiny, tmp_path / "a", 1), _adapter(tiny, tmp_path / "b", 2)]
     for a in ads:
@@ -149,7 +158,9 @@ def test_dare_equals_the_written_out_formula_and_a_seed_gives_one_adapter(tiny, 
         expect = 0
         for w, d in zip(weights, want):
             dw = d.get(name, torch.zeros_like(got[name]))
-            expect = expect + w * dw * (torch.rand(dw.shape, generator=g, dtype=torch.float64) < density) / density
+            expect = (
+                expect + w * dw * (torch.rand(dw.shape, generator=g, dtype=torch.float64) < density) / density
+            )
         assert (got[name] - expect).abs().max().item() <= 1e-6, name
     assert {n.rsplit(".", 1)[-1] for n in got} == {"q", "k", "v"}  # v and k come from one input each
     files = [(tmp_path / out / "adapter.safetensors").read_bytes() for out in ("d1", "d2", "d3")]
@@ -177,14 +188,20 @@ def test_combined_adapter_is_read_by_inspect_merge_and_export_peft(tiny, tmp_pat
         assert (via_peft(**x).logits - expect).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("case, message", [
-    ("bases", r"trained on different bases: \S+/a on \S+, \S+/b on elsewhere/t5; combine adapters of one base"),
-    ("cat dora", r"cat concatenates plain LoRA factors, and \S+/b is dora: use --method linear"),
-    ("cat targets", r"cat needs the same targets in every adapter: \S+/a has q,v, \S+/b has q,k"),
-    ("density", r"--method ties needs --density"),
-    ("weights", r"--weights has 3 values for 2 adapters"),
-    ("exists", r"--out \S+ already exists"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "bases",
+            r"trained on different bases: \S+/a on \S+, \S+/b on elsewhere/t5; combine adapters of one base",
+        ),
+        ("cat dora", r"cat concatenates plain LoRA factors, and \S+/b is dora: use --method linear"),
+        ("cat targets", r"cat needs the same targets in every adapter: \S+/a has q,v, \S+/b has q,k"),
+        ("density", r"--method ties needs --density"),
+        ("weights", r"--weights has 3 values for 2 adapters"),
+        ("exists", r"--out \S+ already exists"),
+    ],
+)
 def test_bad_inputs_are_one_line_before_any_work(tiny, tmp_path, capsys, case, message):
     from dialsum_raw.errors import run_cli
     from dialsum_raw.lora import main
@@ -197,8 +214,15 @@ def test_bad_inputs_are_one_line_before_any_work(tiny, tmp_path, capsys, case, m
     out = tmp_path / "out"
     if case == "exists":
         out.mkdir()
-    args = ["combine", a, b, "--out", str(out), "--method", {"density": "ties"}.get(case, "cat" if "cat" in case
-                                                                                    else "linear")]
+    args = [
+        "combine",
+        a,
+        b,
+        "--out",
+        str(out),
+        "--method",
+        {"density": "ties"}.get(case, "cat" if "cat" in case else "linear"),
+    ]
     if case == "weights":
         args += ["--weights", "1,2,3"]
     capsys.readouterr()
@@ -221,7 +245,9 @@ def test_applied_adapter_leaves_the_base_bit_for_bit(tiny, tmp_path):
     cfg, tensors = lora.check_adapter(model, ad)
     with lora.applied(model, cfg, tensors, merged=True):
         q = model.encoder.block[0].layer[0].SelfAttention.q
-        assert q.merged and not torch.equal(q.base.weight, before["encoder.block.0.layer.0.SelfAttention.q.weight"][0])
+        assert q.merged and not torch.equal(
+            q.base.weight, before["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+        )
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and not lora.lora_layers(model)
     assert all(torch.equal(after[n], w) and after[n].requires_grad == g for n, (w, g) in before.items())

@@ -15,7 +15,9 @@ from dialsum_raw.modeling import load_model
 
 
 def _orthonormal(n, k, seed):
-    return torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    return torch.linalg.qr(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )[0]
 
 
 def _adapter_with_spectrum(tiny, directory, sigma, rank=4, alpha=8, seed=0):
@@ -24,7 +26,10 @@ def _adapter_with_spectrum(tiny, directory, sigma, rank=4, alpha=8, seed=0):
     lora.inject(model, LoRAConfig(("q", "v"), rank, alpha))
     with torch.no_grad():
         for i, (_, m) in enumerate(lora.lora_layers(model)):
-            u, v = _orthonormal(m.base.out_features, rank, seed + i), _orthonormal(m.base.in_features, rank, 99 + i)
+            u, v = (
+                _orthonormal(m.base.out_features, rank, seed + i),
+                _orthonormal(m.base.in_features, rank, 99 + i),
+            )
             m.lora_A.copy_(v.T)
             m.lora_B.copy_(u * torch.tensor(sigma, dtype=torch.float64) / m.scaling)
     lora.save_adapter(model, directory, base_model=tiny)
@@ -42,8 +47,9 @@ def test_chosen_spectrum_is_reported_exactly(tiny, tmp_path):
         assert r["singular_values"] == pytest.approx(sigma, rel=1e-6)
         assert r["fro_norm"] == pytest.approx(math.sqrt(22), rel=1e-6)
         assert r["effective_rank"] == pytest.approx(2 ** 1.75, rel=1e-6)
-        assert r["rel_norm"] == pytest.approx(r["fro_norm"] / base.get_submodule(r["layer"]).weight.norm().item(),
-                                              rel=1e-6)
+        assert r["rel_norm"] == pytest.approx(
+            r["fro_norm"] / base.get_submodule(r["layer"]).weight.norm().item(), rel=1e-6
+        )
 
 
 def test_effective_rank_extremes():
@@ -71,16 +77,23 @@ def test_phi_of_an_adapter_with_itself_is_one(tiny, tmp_path):
     records, _, other = lora_inspect.inspect(tiny, tmp_path / "ad", compare=tmp_path / "ad")
     assert other.rank == 4
     for r in records:
-        assert torch.allclose(torch.tensor(r["phi"], dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64))
+        assert torch.allclose(
+            torch.tensor(r["phi"], dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64)
+        )
 
 
 def test_phi_of_random_subspaces_matches_its_expectation():
     """For a fixed i-dim subspace and a uniformly random j-dim one in R^n, E[P_j] = (j/n) I, so
-    E||U_i^T U_j||_F^2 = i j / n and E[phi(i, j)] = max(i, j) / n. Gaussian A has a uniformly random row space."""
+    E||U_i^T U_j||_F^2 = i j / n and E[phi(i, j)] = max(i, j) / n. Gaussian A has a uniformly random row
+    space."""
     n, draws = 32, 400
     g = torch.Generator().manual_seed(0)
-    phis = torch.stack([lora_inspect.subspace_similarity(torch.randn(4, n, generator=g), torch.randn(8, n, generator=g))
-                        for _ in range(draws)])
+    phis = torch.stack(
+        [
+            lora_inspect.subspace_similarity(torch.randn(4, n, generator=g), torch.randn(8, n, generator=g))
+            for _ in range(draws)
+        ]
+    )
     i = torch.arange(1, 5, dtype=torch.float64)[:, None]
     j = torch.arange(1, 9, dtype=torch.float64)[None, :]
     expect = torch.maximum(i, j) / n
@@ -89,11 +102,18 @@ def test_phi_of_random_subspaces_matches_its_expectation():
     assert phis.mean(0)[0, 0] < 0.1 and phis.mean(0)[-1, -1] == pytest.approx(8 / 32, abs=0.02)
 
 
-@pytest.mark.parametrize("variant", [{"variant": "dora", "init": "pissa"}, {"init": "olora"}, {"init": "mica"},
-                                     {"variant": "vera", "vera_rank": 4}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"variant": "dora", "init": "pissa"},
+        {"init": "olora"},
+        {"init": "mica"},
+        {"variant": "vera", "vera_rank": 4},
+    ],
+)
 def test_updates_are_the_merged_change_of_the_original_weights(tiny, tmp_path, variant):
-    """Read through each layer's delta_weight(): DoRA's rescaling, the residual W of PiSSA and OLoRA, MiCA's frozen B,
-    VeRA's shared projections."""
+    """Read through each layer's delta_weight(): DoRA's rescaling, the residual W of PiSSA and OLoRA, MiCA's
+    frozen B, VeRA's shared projections."""
     torch.manual_seed(0)
     model = load_model(tiny)
     lora.inject(model, LoRAConfig(("q", "v"), 4, 8, **variant))
@@ -120,8 +140,11 @@ def test_cli_table_json_and_plots(tiny, tmp_path, capsys):
     lora.main(["inspect", str(tmp_path / "r4"), "--base", tiny, "--compare", str(tmp_path / "r8"),
                "--plot", str(tmp_path / "plots")])
     out = capsys.readouterr()
-    groups = [line for line in out.out.splitlines() if line in ("encoder self-attention", "decoder self-attention",
-                                                                "cross-attention")]
+    groups = [
+        line
+        for line in out.out.splitlines()
+        if line in ("encoder self-attention", "decoder self-attention", "cross-attention")
+    ]
     assert groups == ["encoder self-attention", "decoder self-attention", "cross-attention"]
     assert "phi(1,1)" in out.out and "wrote" in out.err
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"rel_norm.png", "intruders.png", "phi.png"}

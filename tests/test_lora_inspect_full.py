@@ -21,7 +21,8 @@ def _svd(w):
 
 
 def aligned(w0):
-    """(U, V) factors of ΔW = U0_4 diag(SIGMA) V0_4^T: W0's own top 4 directions, so W0 + ΔW has no new ones."""
+    """(U, V) factors of ΔW = U0_4 diag(SIGMA) V0_4^T: W0's own top 4 directions, so W0 + ΔW has no new
+    ones."""
     u0, _, v0 = _svd(w0)
     return u0[:, :4] * SIGMA, v0[:, :4]
 
@@ -29,13 +30,15 @@ def aligned(w0):
 def same_left(w0):
     """ΔW = U0_4 diag(SIGMA) R^T with R random: the left directions of `aligned`, other right ones."""
     u0, _, _ = _svd(w0)
-    r = torch.linalg.qr(torch.randn(w0.shape[1], 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64))[0]
+    r = torch.linalg.qr(
+        torch.randn(w0.shape[1], 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    )[0]
     return u0[:, :4] * SIGMA, r
 
 
 def intruder(w0):
-    """ΔW = 2 sigma1 x y^T, x and y spread evenly over W0's directions 11..n: exactly one intruder among the top 10,
-    and |U0_4^T x|^2 = 0 (top), |U0_last4^T x|^2 = 4 / (n - 10) (bottom)."""
+    """ΔW = 2 sigma1 x y^T, x and y spread evenly over W0's directions 11..n: exactly one intruder among the
+    top 10, and |U0_4^T x|^2 = 0 (top), |U0_last4^T x|^2 = 4 / (n - 10) (bottom)."""
     u0, s0, v0 = _svd(w0)
     x, y = u0[:, 10:].sum(1), v0[:, 10:].sum(1)
     return 2 * s0[0] * x[:, None] / x.norm(), y[:, None] / y.norm()
@@ -76,14 +79,21 @@ def test_full_finetune_figures_in_closed_form(tiny, tmp_path):
             assert r["singular_values"] == pytest.approx(SIGMA.tolist(), rel=1e-4)
             assert r["stable_rank"] == pytest.approx(30 / 16, rel=1e-4)  # (16 + 9 + 4 + 1) / 16
             assert r["intruders"] == 0
-            assert (r["top_share"], r["bottom_share"]) == (pytest.approx(1, rel=1e-5), pytest.approx(0, abs=1e-6))
+            assert (r["top_share"], r["bottom_share"]) == (
+                pytest.approx(1, rel=1e-5),
+                pytest.approx(0, abs=1e-6),
+            )
         else:  # rank 1, outside the top 10, larger than sigma1
             assert r["stable_rank"] == pytest.approx(1, rel=1e-4)
             assert r["intruders"] == 1
             assert r["top_share"] == pytest.approx(0, abs=1e-6)
-            assert r["bottom_share"] == pytest.approx(4 / 54, rel=1e-4)  # q and v of the tiny model are 64 x 64
+            assert r["bottom_share"] == pytest.approx(
+                4 / 54, rel=1e-4
+            )  # q and v of the tiny model are 64 x 64
     records, _, _ = lora_inspect.inspect(tiny, full, rank=4, intruder_eps=0.1)
-    assert all(r["intruders"] == 0 for r in records)  # the intruder's best match, about 1/sqrt(54), is above 0.1
+    assert all(
+        r["intruders"] == 0 for r in records
+    )  # the intruder's best match, about 1/sqrt(54), is above 0.1
     records, cfg, _ = lora_inspect.inspect(tiny, full, targets=("q",))
     assert cfg.rank == lora_inspect.FULL_RANK and [r["layer"][-2:] for r in records] == [".q"] * 6
 
@@ -96,7 +106,9 @@ def test_adapter_against_full_finetune(tiny, tmp_path):
     records, cfg, other = lora_inspect.inspect(tiny, adapter, compare=same)
     assert (other.targets, other.rank) == (("q", "v"), 4)  # the full fine-tune takes the adapter's
     for r in records:
-        assert torch.allclose(torch.tensor(r["phi"], dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64))
+        assert torch.allclose(
+            torch.tensor(r["phi"], dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64)
+        )
         assert (r["intruders"], r["compare_intruders"]) == (0, 0)
     other_dirs = _full(tiny, tmp_path / "other", q=intruder, v=intruder)
     records, _, _ = lora_inspect.inspect(tiny, adapter, compare=other_dirs)

@@ -19,7 +19,9 @@ def _loss_and_lora_grads(path, checkpointing):
     model.encoder.block[0].layer[0].register_forward_hook(lambda *a: runs.append(1))
     if checkpointing:  # the call training.py makes for --gradient-checkpointing
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed it activation_checkpointing_enable
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # transformers 5 renamed it activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     g = torch.Generator().manual_seed(1)

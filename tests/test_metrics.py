@@ -23,10 +23,18 @@ def test_every_score_equals_rouge_score_pair_by_pair(corpus):
         assert got["rows"] == 120 and got["dialogues"] == 40
         for k in ROUGE_TYPES:
             assert got["per_row"][k] == pytest.approx(sum(x[k] for x in flat) / len(flat), abs=1e-12)
-            assert got["multi_ref_max"][k] == pytest.approx(sum(max(x[k] for x in g) for g in pairs) / 40, abs=1e-12)
-            assert got["multi_ref_mean"][k] == pytest.approx(sum(sum(x[k] for x in g) / 3 for g in pairs) / 40, abs=1e-12)
-            assert got["per_dialogue"]["best"][k] == pytest.approx([max(x[k] for x in g) for g in pairs], abs=1e-12)
-            assert got["per_dialogue"]["mean"][k] == pytest.approx([sum(x[k] for x in g) / 3 for g in pairs], abs=1e-12)
+            assert got["multi_ref_max"][k] == pytest.approx(
+                sum(max(x[k] for x in g) for g in pairs) / 40, abs=1e-12
+            )
+            assert got["multi_ref_mean"][k] == pytest.approx(
+                sum(sum(x[k] for x in g) / 3 for g in pairs) / 40, abs=1e-12
+            )
+            assert got["per_dialogue"]["best"][k] == pytest.approx(
+                [max(x[k] for x in g) for g in pairs], abs=1e-12
+            )
+            assert got["per_dialogue"]["mean"][k] == pytest.approx(
+                [sum(x[k] for x in g) / 3 for g in pairs], abs=1e-12
+            )
         assert got["per_dialogue"]["refs"] == [3] * 40
     assert rouge(preds, refs, True)["per_row"]["rouge1"] != rouge(preds, refs, False)["per_row"]["rouge1"]
 
@@ -52,7 +60,9 @@ def test_sentence_lines_change_only_rouge_lsum(corpus):
     for k in ("rouge1", "rouge2", "rougeL"):
         assert got[k] == pytest.approx(sum(r[k].fmeasure for r in rows) / len(rows), abs=1e-12)
     assert all(r["rougeLsum"].fmeasure == r["rougeL"].fmeasure for r in rows)
-    assert got["rougeLsum"] != pytest.approx(got["rougeL"], abs=1e-6)  # multi-sentence refs: splitting matters
+    assert got["rougeLsum"] != pytest.approx(
+        got["rougeL"], abs=1e-6
+    )  # multi-sentence refs: splitting matters
 
 
 def test_paired_bootstrap_covers_a_known_difference():
@@ -79,7 +89,9 @@ def test_bootstrap_interval_is_a_95_percent_interval():
     low, high = bootstrap_interval(x, resamples=4000)
     assert high - low == pytest.approx(2 * 1.96 * x.std() / 20, rel=0.06)
     rng = np.random.default_rng(4)
-    covered = [lo <= 0.3 <= hi for lo, hi in (bootstrap_interval(rng.normal(0.3, 1, 60), seed=i) for i in range(300))]
+    covered = [
+        lo <= 0.3 <= hi for lo, hi in (bootstrap_interval(rng.normal(0.3, 1, 60), seed=i) for i in range(300))
+    ]
     assert 0.91 <= np.mean(covered) <= 0.98
 
 

@@ -12,10 +12,20 @@ def _run(folder, rouge):
     folder.mkdir()
     lines = []
     for step in range(1, 7):
-        lines.append({"step": step, "tokens": 1000 * step, "seconds": step, "lr": 1e-3 / step, "loss": 5 - step / 2})
+        lines.append(
+            {"step": step, "tokens": 1000 * step, "seconds": step, "lr": 1e-3 / step, "loss": 5 - step / 2}
+        )
         if step % 3 == 0:
-            lines.append({"step": step, "tokens": 1000 * step, "seconds": step, "lr": 1e-3 / step, "val_loss": 4 - step / 3,
-                          **({"rouge1": 0.1 * step, "rouge2": 0.05 * step, "rougeL": 0.08 * step} if rouge else {})})
+            lines.append(
+                {
+                    "step": step,
+                    "tokens": 1000 * step,
+                    "seconds": step,
+                    "lr": 1e-3 / step,
+                    "val_loss": 4 - step / 3,
+                    **({"rouge1": 0.1 * step, "rouge2": 0.05 * step, "rougeL": 0.08 * step} if rouge else {}),
+                }
+            )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     return str(folder)
 
@@ -50,7 +60,11 @@ def test_runs_share_one_figure_with_train_validation_lr_and_rouge(tmp_path, draw
 
 
 def test_an_evaluation_folder_gives_the_rouge_chart(tmp_path, drawn):
-    ci = {"level": 0.95, "resamples": 10, "models": {m: {"per_row": {"rouge1": [0.1, 0.3]}} for m in ("a", "b")}}
+    ci = {
+        "level": 0.95,
+        "resamples": 10,
+        "models": {m: {"per_row": {"rouge1": [0.1, 0.3]}} for m in ("a", "b")},
+    }
     evaluation = {"meta": {"split": "test", "dialogues": 3}, "a": {"per_row": {"rouge1": 0.2}},
                   "b": {"per_row": {"rouge1": 0.25}}, "intervals": ci}
     (tmp_path / "metrics.json").write_text(json.dumps(evaluation))

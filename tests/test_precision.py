@@ -37,7 +37,9 @@ def test_auto_is_bf16_only_on_a_cpu_that_multiplies_bf16(monkeypatch, units, aut
     assert modeling.autocast_for("fp32", CPU) is nullcontext
 
 
-@pytest.mark.parametrize("capability, auto", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize(
+    "capability, auto", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
 def test_bf16_on_cuda_is_native_from_ampere_and_warned_before(monkeypatch, capability, auto):
     """The rule of the CPU, on a GPU: auto takes bf16 only from compute capability 8.0 (Ampere); an older
     GPU still runs --precision bf16, emulated, and the reason the run logs says so (torch.cuda faked)."""
@@ -63,9 +65,23 @@ def test_the_probe_reads_torch_and_fp16_is_refused():
 
 
 def _curve(tiny, out, precision):
-    s = Settings(model=tiny, data=CORPUS, output_dir=str(out), lora_rank=0, lr=3e-3, batch_size=8, max_steps=40,
-                 warmup_ratio=0.1, subsample=40, max_source_len=64, max_target_len=24, eval_every=40,
-                 log_every=5, seed=0, precision=precision)
+    s = Settings(
+        model=tiny,
+        data=CORPUS,
+        output_dir=str(out),
+        lora_rank=0,
+        lr=3e-3,
+        batch_size=8,
+        max_steps=40,
+        warmup_ratio=0.1,
+        subsample=40,
+        max_source_len=64,
+        max_target_len=24,
+        eval_every=40,
+        log_every=5,
+        seed=0,
+        precision=precision,
+    )
     validate(s)
     assert training.train(s)["precision"] == precision  # what summary.json records
     with open(os.path.join(out, training.METRICS_FILE)) as f:

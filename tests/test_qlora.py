@@ -12,7 +12,8 @@ from dialsum_raw.config import Settings, validate
 from dialsum_raw.errors import UserError
 from dialsum_raw.lora import LoRAConfig
 from dialsum_raw.lora import main as lora_cli
-from dialsum_raw.modeling import check_base_precision, count_parameters, load_model, load_tokenizer, quantized_names
+from dialsum_raw.modeling import (check_base_precision, count_parameters, load_model, load_tokenizer,
+                                  quantized_names)
 from dialsum_raw.quant import NF4Linear, quantize, quantized_linears
 
 
@@ -33,7 +34,9 @@ def test_nf4_model_is_the_fp32_model_with_its_block_weights_quantized(tiny):
     assert (nf4.lm_head.weight is nf4.shared.weight) == (fp32.lm_head.weight is fp32.shared.weight)
     assert nf4.encoder.embed_tokens.weight is nf4.shared.weight
     assert not nf4.training
-    assert count_parameters(nf4)[1] == count_parameters(fp32)[1]  # the 4-bit weights count as the parameters they are
+    assert (
+        count_parameters(nf4)[1] == count_parameters(fp32)[1]
+    )  # the 4-bit weights count as the parameters they are
     with torch.no_grad():
         for n in names:
             fp32.get_submodule(n).weight.copy_(quantize(fp32.get_submodule(n).weight).dequantize())
@@ -70,8 +73,8 @@ def test_refusals_in_one_line(tiny, tmp_path):
 
 
 def test_nf4_loading_never_holds_more_than_two_fp32_block_weights(tiny, monkeypatch):
-    """Each block weight is read, quantized and dropped: when a tensor is read, no block weight read before the
-    previous one is still alive (the loop variable holds the previous one until the next arrives)."""
+    """Each block weight is read, quantized and dropped: when a tensor is read, no block weight read before
+    the previous one is still alive (the loop variable holds the previous one until the next arrives)."""
     from dialsum_raw import modeling
     read, seen, targets = modeling.read_safetensors, [], quantized_names(load_model(tiny))
 
@@ -119,9 +122,9 @@ def test_every_variant_starts_equal_to_its_nf4_base_and_trains(tiny, variant, in
 
 @pytest.mark.parametrize("variant,init", [("lora", "pissa"), ("lora", "olora"), ("dora", "pissa")])
 def test_residual_init_quantizes_the_residual_of_the_original_weight(tiny, variant, init):
-    """PiSSA/OLoRA decompose the original fp32 W and the base stores nf4(W - s B0 A0) (peft #1999 kept nf4(W)):
-    the layer starts out as deq(nf4(W - s B0 A0)) + s B0 A0, computed here on the fp32 model (whose other
-    block weights are deq(nf4(W)), as the nf4 model's)."""
+    """PiSSA/OLoRA decompose the original fp32 W and the base stores nf4(W - s B0 A0) (peft #1999 kept
+    nf4(W)): the layer starts out as deq(nf4(W - s B0 A0)) + s B0 A0, computed here on the fp32 model (whose
+    other block weights are deq(nf4(W)), as the nf4 model's)."""
     cfg = LoRAConfig(("q", "v", "wo"), 4, 8, variant=variant, init=init, base_dtype="nf4")
     model, ref = nf4_lora(tiny, cfg), load_model(tiny).eval()
     with torch.no_grad():
@@ -184,7 +187,9 @@ def test_merge_writes_fp32_and_never_requantizes(tiny, tmp_path, capsys):
         lora.merge(model)
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     lora_cli(["merge", "--base", tiny, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")])
-    assert "fp32 weights; trained on an nf4 base: merged onto its dequantized weights" in capsys.readouterr().out
+    assert (
+        "fp32 weights; trained on an nf4 base: merged onto its dequantized weights" in capsys.readouterr().out
+    )
     merged = load_model(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         assert (merged(**batch()).logits - expected).abs().max() < 1e-4
@@ -203,10 +208,21 @@ def test_summarize_on_a_qlora_adapter_gives_the_in_memory_models_summary(tiny, t
     lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
     text = tmp_path / "chat.txt"
     text.write_text("#Person1#: Lunch at noon?\n#Person2#: Sure, see you there.\n")
-    argv = ["--model", tiny, "--adapter", str(tmp_path / "ad"), "--precision", "fp32", "--max-new-tokens", "12"]
+    argv = [
+        "--model",
+        tiny,
+        "--adapter",
+        str(tmp_path / "ad"),
+        "--precision",
+        "fp32",
+        "--max-new-tokens",
+        "12",
+    ]
     settings = settings_from(build_parser(SUMMARIZE, "").parse_args(argv))
     settings.eval_batch_size = 1
-    (expected,) = summarize(model, load_tokenizer(tiny), [text.read_text().strip()], settings, desc="in memory")
+    (expected,) = summarize(
+        model, load_tokenizer(tiny), [text.read_text().strip()], settings, desc="in memory"
+    )
     main([*argv, str(text)])
     assert capsys.readouterr().out.strip() == expected
 
@@ -215,17 +231,21 @@ def test_summarize_on_a_qlora_adapter_gives_the_in_memory_models_summary(tiny, t
 def test_qlora_logits_and_one_step_equal_peft_on_bitsandbytes(tiny):
     """peft 0.21.2 LoRA on q, v of a T5 that transformers loads with bitsandbytes' 4-bit NF4 (double
     quantization, fp32 compute) on CPU: after injection our logits equal peft's, and one AdamW step moves A
-    and B alike (the issue asks for bf16 rounding; they agree to fp32 rounding, bit for bit on this machine). transformers keeps wo in fp32 under bitsandbytes (T5's
-    _keep_in_fp32_modules), so ours gets the fp32 wo for this comparison. Both run in train mode with dropout 0:
-    in eval mode on a CPU with AVX512-BF16 bitsandbytes repacks the weight for a bf16 kernel."""
+    and B alike (the issue asks for bf16 rounding; they agree to fp32 rounding, bit for bit on this machine).
+    transformers keeps wo in fp32 under bitsandbytes (T5's _keep_in_fp32_modules), so ours gets the fp32 wo
+    for this comparison. Both run in train mode with dropout 0: in eval mode on a CPU with AVX512-BF16
+    bitsandbytes repacks the weight for a bf16 kernel."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     torch.manual_seed(0)
-    theirs = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny, quantization_config=quant, device_map="cpu",
-                                                                  dropout_rate=0.0),
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], lora_dropout=0.0))
+    theirs = get_peft_model(
+        AutoModelForSeq2SeqLM.from_pretrained(
+            tiny, quantization_config=quant, device_map="cpu", dropout_rate=0.0
+        ),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], lora_dropout=0.0),
+    )
     ours = load_model(tiny, dropout=0.0, base_dtype="nf4")
     fp32 = load_model(tiny)
     for name in [n for n in quantized_names(fp32) if n.endswith(".wo")]:
@@ -239,7 +259,10 @@ def test_qlora_logits_and_one_step_equal_peft_on_bitsandbytes(tiny):
             peft_layer.lora_B["default"].weight.normal_(0, 0.1)  # B = 0 would hide a wrong base or scale
             m.lora_A.copy_(peft_layer.lora_A["default"].weight)
             m.lora_B.copy_(peft_layer.lora_B["default"].weight)
-            pairs += [(m.lora_A, peft_layer.lora_A["default"].weight), (m.lora_B, peft_layer.lora_B["default"].weight)]
+            pairs += [
+                (m.lora_A, peft_layer.lora_A["default"].weight),
+                (m.lora_B, peft_layer.lora_B["default"].weight),
+            ]
     for model in (ours, theirs):
         model.train()
     b = batch()

@@ -40,7 +40,9 @@ def test_codes_and_weights_equal_bitsandbytes(name):
     assert torch.equal(ours.absmax_codes, state.absmax), "8-bit absmax codes"
     assert torch.equal(ours.dequantize(), bnb.dequantize_4bit(packed, state))
     packed16, state16 = bnb_quantize(w.bfloat16())
-    assert torch.equal(quant.quantize(w.bfloat16()).dequantize(torch.bfloat16), bnb.dequantize_4bit(packed16, state16))
+    assert torch.equal(
+        quant.quantize(w.bfloat16()).dequantize(torch.bfloat16), bnb.dequantize_4bit(packed16, state16)
+    )
 
 
 def test_absmax_codes_follow_the_cpu_kernels_lookup_not_the_true_nearest():

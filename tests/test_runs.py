@@ -9,20 +9,31 @@ from dialsum_raw import runs
 
 
 def _fake_run(folder, settings, val_losses, summary=True, rouge=None):
-    """A run folder as training.py leaves it: settings.toml, metrics.jsonl, summary.json (numbers chosen here)."""
+    """A run folder as training.py leaves it: settings.toml, metrics.jsonl, summary.json (numbers chosen
+    here)."""
     os.makedirs(folder)
     with open(os.path.join(folder, "settings.toml"), "w") as f:
         f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         for i, v in enumerate(val_losses, 1):
-            f.write(json.dumps({"step": 10 * i, "lr": 0.1, "tokens": 100 * i, "seconds": i, "loss": v + 1}) + "\n")
+            f.write(
+                json.dumps({"step": 10 * i, "lr": 0.1, "tokens": 100 * i, "seconds": i, "loss": v + 1}) + "\n"
+            )
             f.write(json.dumps({"step": 10 * i, "lr": 0.1, "tokens": 100 * i, "seconds": i, "val_loss": v,
                                 **(rouge or {})}) + "\n")
     if summary:
         best = min(val_losses)
         with open(os.path.join(folder, "summary.json"), "w") as f:
-            json.dump({"best_metric": "val_loss", "best_value": best, "best_step": 10 * (val_losses.index(best) + 1),
-                       "seconds": 20.0 * len(val_losses), "tokens_per_second": 1000.0 * len(val_losses)}, f)
+            json.dump(
+                {
+                    "best_metric": "val_loss",
+                    "best_value": best,
+                    "best_step": 10 * (val_losses.index(best) + 1),
+                    "seconds": 20.0 * len(val_losses),
+                    "tokens_per_second": 1000.0 * len(val_losses),
+                },
+                f,
+            )
 
 
 @pytest.fixture
@@ -46,8 +57,20 @@ def test_table_groups_seeds_with_mean_std_and_n(folder, tmp_path, capsys):
     assert "running: not finished" in notes and "python train.py --resume" in notes
     assert "nowhere: not a folder; skipped" in notes
     head = printed.splitlines()[0].split()
-    assert head == ["run", "lora_rank", "seed", "best_metric", "best_value", "best_step", "val_loss", "rouge1",
-                    "rouge2", "rougeL", "tokens/s", "wall_s"]  # output_dir differs but is never a column
+    assert head == [
+        "run",
+        "lora_rank",
+        "seed",
+        "best_metric",
+        "best_value",
+        "best_step",
+        "val_loss",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "tokens/s",
+        "wall_s",
+    ]  # output_dir differs but is never a column
     group = next(line for line in printed.splitlines() if line.startswith("lora_rank=8 "))
     # r8: best 1.0 and 3.0 -> mean 2, sample std sqrt(2); wall 40 s and 60 s -> 50 ± sqrt(200)
     assert group.split()[:5] == ["lora_rank=8", "2", "2", "±", f"{math.sqrt(2):.4g}"]
@@ -59,8 +82,15 @@ def test_table_groups_seeds_with_mean_std_and_n(folder, tmp_path, capsys):
     assert float(by_run["lora_rank=8", str(folder / "r8-s2")]["val_loss"]) == 3.0
     assert float(by_run["lora_rank=64", str(folder / "r64-s1")]["rouge1"]) == 0.25
     mean, std = by_run["lora_rank=8", "mean"], by_run["lora_rank=8", "std"]
-    assert (mean["n"], mean["lora_rank"], float(mean["best_value"]), float(mean["tokens/s"])) == ("2", "8", 2.0, 2500.0)
-    assert float(std["best_value"]) == pytest.approx(math.sqrt(2)) and float(std["best_step"]) == pytest.approx(math.sqrt(50))
+    assert (mean["n"], mean["lora_rank"], float(mean["best_value"]), float(mean["tokens/s"])) == (
+        "2",
+        "8",
+        2.0,
+        2500.0,
+    )
+    assert float(std["best_value"]) == pytest.approx(math.sqrt(2)) and float(
+        std["best_step"]
+    ) == pytest.approx(math.sqrt(50))
     assert by_run["lora_rank=64", "std"]["best_value"] == ""  # n = 1: no spread
 
 
@@ -96,7 +126,11 @@ def test_damaged_metrics_lines_are_skipped_with_a_note_and_n_counts_runs_with_th
     (root / "s3" / "metrics.jsonl").write_text("")  # logged nothing: no val_loss, but a summary
     runs.main([str(root)])
     printed, notes = capsys.readouterr()
-    assert f"{log} line 2: damaged" in notes and f"{log} line 3: damaged" in notes and f"{log} line 7: damaged" in notes
+    assert (
+        f"{log} line 2: damaged" in notes
+        and f"{log} line 3: damaged" in notes
+        and f"{log} line 7: damaged" in notes
+    )
     s1 = next(line for line in printed.splitlines() if line.startswith(str(root / "s1")))
     assert s1.split()[-3] == "1"  # s1 keeps its final val_loss (the line after the damaged ones)
     group = next(line for line in printed.splitlines() if line.startswith("all "))
@@ -104,15 +138,26 @@ def test_damaged_metrics_lines_are_skipped_with_a_note_and_n_counts_runs_with_th
     assert f"2 ± {math.sqrt(2):.4g} (n=2)" in group
 
 
-@pytest.mark.parametrize("content, says", [('{"best_value": 1.0, "seco', "damaged"), ("[]", "expected a JSON object"),
-                                           ("null", "expected a JSON object"), ("", "damaged")])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"best_value": 1.0, "seco', "damaged"),
+        ("[]", "expected a JSON object"),
+        ("null", "expected a JSON object"),
+        ("", "damaged"),
+    ],
+)
 def test_a_damaged_summary_is_a_note_not_a_traceback(tmp_path, capsys, content, says):
     _fake_run(tmp_path / "ok", {"seed": 1}, [1.0])
     _fake_run(tmp_path / "bad", {"seed": 2}, [2.0])
     (tmp_path / "bad" / "summary.json").write_text(content)
     runs.main([str(tmp_path)])
     printed, notes = capsys.readouterr()
-    assert f"{tmp_path / 'bad' / 'summary.json'}: damaged" in notes and says in notes and "not finished" not in notes
+    assert (
+        f"{tmp_path / 'bad' / 'summary.json'}: damaged" in notes
+        and says in notes
+        and "not finished" not in notes
+    )
     assert str(tmp_path / "ok") in printed and str(tmp_path / "bad") not in printed
 
 
@@ -128,8 +173,9 @@ def test_a_group_whose_runs_share_a_seed_is_flagged(tmp_path, capsys):
 
 
 def test_evaluated_runs_show_test_rouge_with_group_mean_std_and_n(folder, capsys):
-    """sweep --evaluate leaves evaluation.json in each run: its test ROUGE stands beside the validation figures, and
-    the seed group gets mean ± std and n over the runs that have it; a damaged file is a note, not a traceback."""
+    """sweep --evaluate leaves evaluation.json in each run: its test ROUGE stands beside the validation
+    figures, and the seed group gets mean ± std and n over the runs that have it; a damaged file is a note,
+    not a traceback."""
     for run, r1 in (("r8-s1", 0.30), ("r8-s2", 0.20)):
         (folder / run / runs.EVALUATION_FILE).write_text(json.dumps(
             {"split": "test", "dialogues": 50, "report": "x/report.md", "model": run,
@@ -138,8 +184,14 @@ def test_evaluated_runs_show_test_rouge_with_group_mean_std_and_n(folder, capsys
     runs.main([str(folder)])
     printed, notes = capsys.readouterr()
     head = printed.splitlines()[0].split()
-    assert head[head.index("rougeL") + 1:head.index("tokens/s")] == ["test_rouge1", "test_rouge2", "test_rougeL"]
-    r8 = {line.split()[0].rsplit("/", 1)[-1]: line.split() for line in printed.splitlines() if "/r8-s" in line}
+    assert head[head.index("rougeL") + 1 : head.index("tokens/s")] == [
+        "test_rouge1",
+        "test_rouge2",
+        "test_rougeL",
+    ]
+    r8 = {
+        line.split()[0].rsplit("/", 1)[-1]: line.split() for line in printed.splitlines() if "/r8-s" in line
+    }
     assert r8["r8-s1"][head.index("test_rouge1")] == "0.3" and r8["r8-s2"][head.index("test_rouge2")] == "0.1"
     group = next(line for line in printed.splitlines() if line.startswith("lora_rank=8 "))
     assert f"0.25 ± {math.sqrt(0.005):.4g}" in group  # test_rouge1 over the two seeds, n = 2

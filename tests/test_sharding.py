@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, mode_flags, torchrun, torchrun_killed, train_cmd,
-                      two_process_cmd)
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, mode_flags, torchrun,
+                      torchrun_killed, train_cmd, two_process_cmd)
 from dialsum_raw import checkpoint
 
 
@@ -22,15 +22,32 @@ def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode
     frozen B is part of the adapter and must be gathered too) also recomputes its blocks
     (--gradient-checkpointing). Validation and its ROUGE run on the gathered weights and equal one
     process's. last/ holds the optimizer as DCP shards, best/ not."""
-    common = ["--max-steps", "4", "--dropout", "0", "--grad-accum", "2", "--eval-every", "4", "--eval-rouge", "6",
-              "--max-new-tokens", "12", *mode_flags(mode, "0")]
-    subprocess.run(train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
+    common = [
+        "--max-steps",
+        "4",
+        "--dropout",
+        "0",
+        "--grad-accum",
+        "2",
+        "--eval-every",
+        "4",
+        "--eval-rouge",
+        "6",
+        "--max-new-tokens",
+        "12",
+        *mode_flags(mode, "0"),
+    ]
+    subprocess.run(
+        train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True
+    )
     torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
                          *["--gradient-checkpointing"] * (mode == "mica")), check=True, capture_output=True)
     assert max_diff(ckpt_weights(tmp_path / "one" / "last"), ckpt_weights(tmp_path / "two" / "last")) <= 1e-5
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
-    assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")}
+    assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {
+        k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")
+    }
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
     shards = tmp_path / "two" / "last" / checkpoint.OPTIMIZER_SHARDS
     assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -52,7 +69,11 @@ def test_fsdp_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_pro
     killed = tmp_path / "killed"
     state = torchrun_killed(two_process_cmd(tiny, killed, "full", "fsdp"), killed)
     assert 0 < state["step"] < 8 and state["optimizer"]["sharded"] == checkpoint.OPTIMIZER_SHARDS
-    torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
+    torchrun(
+        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)],
+        check=True,
+        capture_output=True,
+    )
     assert max_diff(ckpt_weights(two_process("full", "fsdp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
     assert checkpoint.load_state(str(killed / "last"))["step"] == 8
 
@@ -63,18 +84,57 @@ def test_fsdp_is_refused_alone_and_at_another_world_size(tiny, tmp_path, two_pro
     res = subprocess.run(train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: --fsdp shards the model over processes: start it with torchrun")
-    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
-                            os.path.join(REPO, "train.py"), "--resume", str(two_process("lora", "fsdp"))],
-                           capture_output=True, text=True)
-    assert three.returncode != 0 and "would change its data order or schedule: processes 2 -> 3" in three.stderr
+    three = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "3",
+            os.path.join(REPO, "train.py"),
+            "--resume",
+            str(two_process("lora", "fsdp")),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        three.returncode != 0 and "would change its data order or schedule: processes 2 -> 3" in three.stderr
+    )
 
 
 def _summaries(tiny, tmp_path, name, instruct, adapter):
     out = tmp_path / name
-    subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--base", tiny, "--instruct", str(instruct),
-                    "--adapter", str(adapter), "--data", CORPUS, "--split", "test", "--output-dir", str(out),
-                    "--limit", "4", "--batch-size", "4", "--num-beams", "2", "--max-new-tokens", "12"],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "evaluate.py"),
+            "--base",
+            tiny,
+            "--instruct",
+            str(instruct),
+            "--adapter",
+            str(adapter),
+            "--data",
+            CORPUS,
+            "--split",
+            "test",
+            "--output-dir",
+            str(out),
+            "--limit",
+            "4",
+            "--batch-size",
+            "4",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "12",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     with open(out / "results.csv", newline="") as f:
         return [(r["instruct_model_summaries"], r["peft_model_summaries"]) for r in csv.DictReader(f)]
 
@@ -83,8 +143,12 @@ def _summaries(tiny, tmp_path, name, instruct, adapter):
 def test_fsdp_best_scores_through_evaluate_as_ddp_best(tiny, tmp_path, two_process):
     """best/ of a --fsdp run is an ordinary model (or adapter) folder: evaluate.py loads it and writes the
     summaries of the DDP run's best/."""
-    fsdp = _summaries(tiny, tmp_path, "fsdp", two_process("full", "fsdp") / "best", two_process("lora", "fsdp") / "best")
-    ddp = _summaries(tiny, tmp_path, "ddp", two_process("full", "ddp") / "best", two_process("lora", "ddp") / "best")
+    fsdp = _summaries(
+        tiny, tmp_path, "fsdp", two_process("full", "fsdp") / "best", two_process("lora", "fsdp") / "best"
+    )
+    ddp = _summaries(
+        tiny, tmp_path, "ddp", two_process("full", "ddp") / "best", two_process("lora", "ddp") / "best"
+    )
     assert fsdp == ddp and len(fsdp) == 12
 
 
@@ -114,6 +178,8 @@ def test_optimizer_shards_load_tensors_only_and_refuse_pickled_code(tmp_path):
             return os_module.system, ("touch " + str(tmp_path / "pwned"),)
 
     (tmp_path / "ok" / ".metadata").write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(UserError, match=r"refused: the metadata asks to load the Python object (posix|os)\.system"):
+    with pytest.raises(
+        UserError, match=r"refused: the metadata asks to load the Python object (posix|os)\.system"
+    ):
         sharding.read_shards(loaded, str(tmp_path / "ok"))
     assert not (tmp_path / "pwned").exists()

@@ -7,19 +7,27 @@ from dialsum_raw import spectra
 
 
 def _orthonormal(n, k, seed):
-    return torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    return torch.linalg.qr(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )[0]
 
 
 @pytest.fixture
 def w0():
     """W0 = U0 diag(s) V0^T, 40 x 40, distinct singular values 10 down to 0.1."""
-    u0, v0, s = _orthonormal(40, 40, 1), _orthonormal(40, 40, 2), torch.logspace(1, -1, 40, dtype=torch.float64)
+    u0, v0, s = (
+        _orthonormal(40, 40, 1),
+        _orthonormal(40, 40, 2),
+        torch.logspace(1, -1, 40, dtype=torch.float64),
+    )
     return u0 * s @ v0.T, u0, s, v0
 
 
 def test_update_along_w0s_own_top_directions_has_no_intruders(w0):
     w, u0, s, v0 = w0
-    dw = u0[:, :3] * torch.tensor([30.0, 20.0, 15.0], dtype=torch.float64) @ v0[:, :3].T  # reorders the top, adds none
+    dw = (
+        u0[:, :3] * torch.tensor([30.0, 20.0, 15.0], dtype=torch.float64) @ v0[:, :3].T
+    )  # reorders the top, adds none
     assert spectra.best_matches(w, dw).min() == pytest.approx(1.0, abs=1e-9)
     assert spectra.intruders(w, dw) == 0
 
@@ -49,14 +57,19 @@ def test_stable_rank(w0):
 def test_shares_sum_to_one_inside_the_top_and_bottom_spans(w0):
     w, u0, _, v0 = w0
     g = torch.Generator().manual_seed(3)
-    a, b = torch.randn(4, 40, generator=g, dtype=torch.float64), torch.randn(4, 40, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(4, 40, generator=g, dtype=torch.float64),
+        torch.randn(4, 40, generator=g, dtype=torch.float64),
+    )
     top, bottom = spectra.shares(w, u0[:, :4] @ a + u0[:, -4:] @ b, r=4)
     total = a.norm() ** 2 + b.norm() ** 2
     assert top == pytest.approx(float(a.norm() ** 2 / total), rel=1e-9)
     assert bottom == pytest.approx(float(b.norm() ** 2 / total), rel=1e-9)
     assert top + bottom == pytest.approx(1.0, rel=1e-9)
     top, bottom = spectra.shares(w, torch.randn(40, 40, generator=g, dtype=torch.float64), r=4)
-    assert 0 < top + bottom < 1 and top == pytest.approx(4 / 40, abs=0.06)  # a random update: about r / n each
+    assert 0 < top + bottom < 1 and top == pytest.approx(
+        4 / 40, abs=0.06
+    )  # a random update: about r / n each
     assert spectra.shares(w, torch.zeros(40, 40), r=4) == (0.0, 0.0)
 
 

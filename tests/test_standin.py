@@ -9,8 +9,13 @@ from conftest import FLAN, REPO
 @pytest.mark.slow
 def test_standin_command_writes_a_loadable_model(tmp_path):
     out = tmp_path / "tiny"
-    res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(out), "--tiny"],
-                         capture_output=True, text=True, cwd=REPO, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(out), "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     assert res.stdout.strip() == f"wrote {out}: 4,310,016 parameters"
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
@@ -28,7 +33,8 @@ def test_standin_without_config_is_a_clear_error(tmp_path):
 
 
 # published google/flan-t5-{small,base,large}: d_model, d_ff, heads, layers; parameters with a separate
-# lm_head; LoRA r=8 on q,v trainable parameters: 8 x (d_model + heads x d_kv) per layer, q and v in the encoder's
+# lm_head; LoRA r=8 on q,v trainable parameters: 8 x (d_model + heads x d_kv) per layer, q and v in the
+# encoder's
 # self-attention and the decoder's self- and cross-attention
 SHAPES = {"small": (512, 1024, 6, 8, 76_961_152, 344_064), "base": (768, 2048, 12, 12, 247_577_856, 884_736),
           "large": (1024, 2816, 16, 24, 783_150_080, 2_359_296)}
@@ -42,7 +48,13 @@ def test_sizes_have_flan_t5_shapes_and_parameter_counts():
         with torch.device("meta"):  # shapes only: no memory, no init time
             model = standin.random_model(FLAN, size)
         c = model.config
-        assert (c.d_model, c.d_ff, c.num_heads, c.num_layers, c.num_decoder_layers) == (d_model, d_ff, heads, layers, layers)
+        assert (c.d_model, c.d_ff, c.num_heads, c.num_layers, c.num_decoder_layers) == (
+            d_model,
+            d_ff,
+            heads,
+            layers,
+            layers,
+        )
         assert (c.d_kv, c.vocab_size, c.feed_forward_proj) == (64, 32128, "gated-gelu")
         assert model.lm_head.weight is not model.shared.weight
         assert count_parameters(model)[1] == total
@@ -52,8 +64,23 @@ def test_sizes_have_flan_t5_shapes_and_parameter_counts():
 
 @pytest.mark.slow
 def test_size_and_tiny_exclude_each_other(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--out", str(tmp_path / "x"),
-                          "--tiny", "--size", "base"], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dialsum_raw.standin",
+            "--config",
+            FLAN,
+            "--out",
+            str(tmp_path / "x"),
+            "--tiny",
+            "--size",
+            "base",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode == 2 and "not allowed with argument" in res.stderr
 
 
@@ -64,7 +91,9 @@ def test_xl_is_counted_on_the_meta_device_with_predicted_memory(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.standin", "--config", FLAN, "--size", "xl"],
                          capture_output=True, text=True, cwd=REPO, check=True)
     lines = res.stdout.splitlines()
-    assert lines[0] == "flan-t5-xl shape: 2,849,757,184 parameters (built on the meta device; nothing written)"
+    assert (
+        lines[0] == "flan-t5-xl shape: 2,849,757,184 parameters (built on the meta device; nothing written)"
+    )
     gb = 16 * 2_849_757_184 / 1e9
     assert lines[2] == f"  DDP, any number of processes: {gb:.1f} GB"
     assert lines[3] == f"  --fsdp: N=2: {gb / 2:.1f} GB, N=4: {gb / 4:.1f} GB, N=8: {gb / 8:.1f} GB"

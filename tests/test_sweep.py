@@ -44,14 +44,18 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert os.path.isfile(tmp_path / "killed" / "t" / "seed=1" / "summary.json"), "the first point had finished"
+    assert os.path.isfile(tmp_path / "killed" / "t" / "seed=1" / "summary.json"), (
+        "the first point had finished"
+    )
     assert not os.path.isfile(second / "summary.json"), "the second point must be killed mid-way"
 
     rerun = _sweep(killed_file)
     out, err = rerun.communicate()
     assert rerun.returncode == 0, err
     assert "seed=1: finished" in err and "seed=2: resume" in err
-    assert f"resumed from {second / 'last'} at step 4" in out  # continued from its checkpoint, not started over
+    assert (
+        f"resumed from {second / 'last'} at step 4" in out
+    )  # continued from its checkpoint, not started over
     out_straight, err_straight = straight.communicate()
     assert straight.returncode == 0, err_straight
     for point in ("seed=1", "seed=2"):
@@ -73,13 +77,22 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_prints_one_train_command_per_point(tiny, tmp_path):
-    path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid='seed = [1, 2]\nlora_init = ["kaiming", "pissa"]')
+    path = _sweep_file(
+        tmp_path, tiny, tmp_path / "out", grid='seed = [1, 2]\nlora_init = ["kaiming", "pissa"]'
+    )
     res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--dry-run"], cwd=REPO, env=ENV,
                          capture_output=True, text=True, check=True)
     folder = tmp_path / "out" / "t"
-    names = ["seed=1", "seed=1,lora_init=pissa", "seed=2", "seed=2,lora_init=pissa"]  # kaiming: the base's init
+    names = [
+        "seed=1",
+        "seed=1,lora_init=pissa",
+        "seed=2",
+        "seed=2,lora_init=pissa",
+    ]  # kaiming: the base's init
     assert res.stdout.splitlines() == [f"python train.py --config {folder / n}.toml" for n in names]
-    assert sorted(os.listdir(folder)) == sorted(f"{n}.toml" for n in names)  # settings files only: nothing ran
+    assert sorted(os.listdir(folder)) == sorted(
+        f"{n}.toml" for n in names
+    )  # settings files only: nothing ran
     point = read_config(folder / "seed=2,lora_init=pissa.toml")
     assert (point["seed"], point["lora_init"], point["lora_rank"], point["output_dir"]) == (
         2, "pissa", 4, str(folder / "seed=2,lora_init=pissa"))
@@ -94,17 +107,28 @@ def test_shipped_sweeps_load():
             for p in points} == {(8, False, "kaiming"), (64, False, "kaiming"), (64, True, "kaiming"),
                                  (8, False, "pissa"), (0, False, "kaiming")}
     notebook = read_config(os.path.join(REPO, "configs", "notebook-lora.toml"))
-    assert all(p.values[k] == notebook[k] for p in points for k in ("data", "epochs", "warmup_ratio", "schedule"))
+    assert all(
+        p.values[k] == notebook[k] for p in points for k in ("data", "epochs", "warmup_ratio", "schedule")
+    )
     folder, points = sweep.load(os.path.join(REPO, "configs", "sweep-tiny.toml"))
     assert sorted(p.values["lora_rank"] for p in points) == [0, 0, 8, 8]
 
 
-@pytest.mark.parametrize("grid, message", [
-    ('lora_rnak = [4, 8]', r"\[grid\]: 'lora_rnak' is not a train.py setting; did you mean 'lora_rank'\?"),
-    ('output_dir = ["a"]', r"output_dir is set by the sweep"),
-    ('seed = 3', r"seed: expected a non-empty list of values to try, got 3"),
-    ('seed = [1, 2]\nlora_init = ["kaiming", "svd"]', r"point seed=1,lora_init=svd: --lora-init must be one of"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (
+            "lora_rnak = [4, 8]",
+            r"\[grid\]: 'lora_rnak' is not a train.py setting; did you mean 'lora_rank'\?",
+        ),
+        ('output_dir = ["a"]', r"output_dir is set by the sweep"),
+        ("seed = 3", r"seed: expected a non-empty list of values to try, got 3"),
+        (
+            'seed = [1, 2]\nlora_init = ["kaiming", "svd"]',
+            r"point seed=1,lora_init=svd: --lora-init must be one of",
+        ),
+    ],
+)
 def test_bad_grid_is_a_user_error(tiny, tmp_path, grid, message):
     with pytest.raises(UserError, match=message):
         sweep.load(_sweep_file(tmp_path, tiny, tmp_path / "out", grid=grid))
@@ -155,7 +179,9 @@ def test_two_points_of_the_same_training_are_refused(tiny, tmp_path, extra, grid
 
 def test_an_empty_sweep_name_is_refused(tiny, tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text(Path(_sweep_file(tmp_path, tiny, tmp_path / "out")).read_text().replace('name = "t"', 'name = ""'))
+    path.write_text(
+        Path(_sweep_file(tmp_path, tiny, tmp_path / "out")).read_text().replace('name = "t"', 'name = ""')
+    )
     with pytest.raises(UserError, match="name is empty"):
         sweep.load(str(path))
 
@@ -163,28 +189,54 @@ def test_an_empty_sweep_name_is_refused(tiny, tmp_path):
 @pytest.mark.slow
 def test_evaluate_scores_every_finished_point_in_one_run_and_a_rerun_skips_it(tiny, tmp_path):
     path = _sweep_file(tmp_path, tiny, tmp_path / "out", grid="lora_rank = [0, 4]\nseed = [1]")
-    res = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--jobs", "2", "--evaluate", "--limit", "2"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "dialsum_raw.sweep", path, "--jobs", "2", "--evaluate", "--limit", "2"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     head = res.stdout.splitlines()[0].split()
     assert head[-5:] == ["test_rouge1", "test_rouge2", "test_rougeL", "tokens/s", "wall_s"]
     out = tmp_path / "out" / "t" / "eval-test-first2"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["meta"]["models"] == {"original": tiny, "lora_rank:0,seed:1": str(tmp_path / "out/t/lora_rank=0,seed=1/best"),
-                                         "seed:1": f"{tiny} + {tmp_path / 'out/t/seed=1/best'}"}
+    assert metrics["meta"]["models"] == {
+        "original": tiny,
+        "lora_rank:0,seed:1": str(tmp_path / "out/t/lora_rank=0,seed=1/best"),
+        "seed:1": f"{tiny} + {tmp_path / 'out/t/seed=1/best'}",
+    }
     assert metrics["meta"]["dialogues"] == 2 and metrics["meta"]["reference"] == "seed:1"
     saved = json.loads((tmp_path / "out/t/seed=1" / "evaluation.json").read_text())
     assert saved["rouge"] == metrics["seed:1"]["per_row"] and saved["split"] == "test"
-    row = next(line.split() for line in res.stdout.splitlines() if line.startswith(str(tmp_path / "out/t/seed=1")))
+    row = next(
+        line.split() for line in res.stdout.splitlines() if line.startswith(str(tmp_path / "out/t/seed=1"))
+    )
     assert row[head.index("test_rouge1")] == f"{saved['rouge']['rouge1']:.4g}"
     written = (out / "metrics.json").stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "2"], cwd=REPO,
-                           env=ENV, capture_output=True, text=True)
-    assert again.returncode == 0 and "already evaluates these 2 points with these settings; skipped" in again.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "2"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        again.returncode == 0
+        and "already evaluates these 2 points with these settings; skipped" in again.stderr
+    )
     assert (out / "metrics.json").stat().st_mtime_ns == written
-    dry = subprocess.run([sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "3", "--dry-run"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    dry = subprocess.run(
+        [sys.executable, "-m", "dialsum_raw.sweep", path, "--evaluate", "--limit", "3", "--dry-run"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert dry.stdout.splitlines() == [
-        f"python evaluate.py --base {tiny} --data {CORPUS} --split test --output-dir {tmp_path}/out/t/eval-test-first3 "
+        f"python evaluate.py --base {tiny} --data {CORPUS} --split test --output-dir "
+        f"{tmp_path}/out/t/eval-test-first3 "
         f"--overwrite --limit 3 --max-source-len 128 --precision fp32 --instruct "
-        f"lora_rank:0,seed:1={tmp_path}/out/t/lora_rank=0,seed=1/best --adapter seed:1={tmp_path}/out/t/seed=1/best"]
+        f"lora_rank:0,seed:1={tmp_path}/out/t/lora_rank=0,seed=1/best --adapter "
+        f"seed:1={tmp_path}/out/t/seed=1/best"
+    ]

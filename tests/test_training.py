@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, torchrun, torchrun_killed, train_cmd,
-                      two_process_cmd)
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, torchrun, torchrun_killed,
+                      train_cmd, two_process_cmd)
 from dialsum_raw import checkpoint, training
 from dialsum_raw.config import Settings, validate
 from dialsum_raw.errors import UserError
@@ -18,7 +18,10 @@ from dialsum_raw.errors import UserError
 def test_lr_schedule_matches_hf():
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
     p = [torch.nn.Parameter(torch.zeros(1))]
-    for schedule, hf in (("linear", get_linear_schedule_with_warmup), ("cosine", get_cosine_schedule_with_warmup)):
+    for schedule, hf in (
+        ("linear", get_linear_schedule_with_warmup),
+        ("cosine", get_cosine_schedule_with_warmup),
+    ):
         ref = hf(torch.optim.SGD(p, lr=1.0), 7, 50)
         for step in range(50):
             assert training.lr_factor(step, 50, 7, schedule) == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
@@ -46,7 +49,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
                                 stderr=subprocess.DEVNULL, text=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while checkpoint.find(str(killed / "last")) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -58,17 +63,27 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
     assert straight.returncode == 0
     assert "trainable model parameters:" in out and "percentage of trainable model parameters:" in out
 
-    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)],
+        check=True,
+        capture_output=True,
+    )
     a, b = ckpt_weights(tmp_path / "straight" / "last"), ckpt_weights(killed / "last")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert checkpoint.load_state(str(killed / "last"))["step"] == 12
     logged = [m for m in metric_lines(killed) if "val_loss" not in m]
-    assert [m["step"] for m in logged] == list(range(2, 13, 2))  # lines after the checkpoint dropped, none repeated
+    assert [m["step"] for m in logged] == list(
+        range(2, 13, 2)
+    )  # lines after the checkpoint dropped, none repeated
     straight = [m for m in metric_lines(tmp_path / "straight") if "val_loss" not in m]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(logged, straight)) <= 1e-6  # windows span the restart
+    assert (
+        max(abs(a["loss"] - b["loss"]) for a, b in zip(logged, straight)) <= 1e-6
+    )  # windows span the restart
     assert [m["tokens"] for m in logged] == [m["tokens"] for m in straight]
-    assert metric_lines(killed)[-1]["val_loss"] == pytest.approx(metric_lines(tmp_path / "straight")[-1]["val_loss"], abs=1e-6)
+    assert metric_lines(killed)[-1]["val_loss"] == pytest.approx(
+        metric_lines(tmp_path / "straight")[-1]["val_loss"], abs=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -80,7 +95,9 @@ def test_two_processes_equal_one(tiny, tmp_path):
     common = ["--max-steps", "4", "--dropout", "0", "--lora-rank", "4", "--lora-dropout", "0", "--lr", "1e-2",
               "--eval-every", "4", "--grad-accum", "2", "--eval-rouge", "6",
               "--max-new-tokens", "12"]
-    subprocess.run(train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True)
+    subprocess.run(
+        train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True
+    )
     subprocess.run(train_cmd(tiny, tmp_path / "two", "--max-steps", "1", "--eval-every", "1"), check=True,
                    capture_output=True)
     torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--overwrite", *common), check=True,
@@ -89,7 +106,9 @@ def test_two_processes_equal_one(tiny, tmp_path):
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 4]
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
-    assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")}
+    assert {k: one[-1][k] for k in ("rouge1", "rouge2", "rougeL")} == {
+        k: two[-1][k] for k in ("rouge1", "rouge2", "rougeL")
+    }
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
     assert json.load(open(tmp_path / "two" / "summary.json"))["global_batch"] == 16
 
@@ -102,14 +121,38 @@ def test_two_process_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, 
     state = torchrun_killed(two_process_cmd(tiny, killed, "lora", "ddp"), killed)
     assert 0 < state["step"] < 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    torchrun([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)], check=True, capture_output=True)
+    torchrun(
+        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)],
+        check=True,
+        capture_output=True,
+    )
     assert max_diff(ckpt_weights(two_process("lora", "ddp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
 
 
 def _settings(tiny, out, **over):
-    s = Settings(**{**dict(model=tiny, data=CORPUS, output_dir=str(out), lora_rank=4, lora_dropout=0.0, dropout=0.0,
-                           lr=1e-2, batch_size=8, max_steps=3, subsample=40, max_source_len=128, max_target_len=32,
-                           eval_every=100, log_every=1, seed=0, precision="fp32"), **over})
+    s = Settings(
+        **{
+            **dict(
+                model=tiny,
+                data=CORPUS,
+                output_dir=str(out),
+                lora_rank=4,
+                lora_dropout=0.0,
+                dropout=0.0,
+                lr=1e-2,
+                batch_size=8,
+                max_steps=3,
+                subsample=40,
+                max_source_len=128,
+                max_target_len=32,
+                eval_every=100,
+                log_every=1,
+                seed=0,
+                precision="fp32",
+            ),
+            **over,
+        }
+    )
     validate(s)
     return s
 
@@ -126,7 +169,9 @@ def test_grad_accumulation_equals_the_big_batch(tiny, tmp_path):
 def test_save_every_writes_last_between_validations(tiny, tmp_path, monkeypatch):
     saved = []
     real = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda path, *a, **k: (saved.append(a[-1]["step"]), real(path, *a, **k)))
+    monkeypatch.setattr(
+        checkpoint, "save", lambda path, *a, **k: (saved.append(a[-1]["step"]), real(path, *a, **k))
+    )
     training.train(_settings(tiny, tmp_path / "every", max_steps=7, save_every=3))
     assert saved == [3, 6, 7]
     saved.clear()
@@ -138,8 +183,11 @@ def test_save_every_writes_last_between_validations(tiny, tmp_path, monkeypatch)
 def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path):
     """A crash after last/ is written and before best/ is copied leaves best/ stale; resume repairs it."""
     out = tmp_path / "run"
-    subprocess.run(train_cmd(tiny, out, "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2"),
-                   check=True, capture_output=True)
+    subprocess.run(
+        train_cmd(tiny, out, "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2"),
+        check=True,
+        capture_output=True,
+    )
     state = checkpoint.load_state(str(out / "last"))
     best = json.loads((out / "best" / "best.json").read_text())
     assert best == {"step": state["best_step"], "metric": "val_loss", "value": state["best_value"]}
@@ -158,16 +206,36 @@ def test_best_is_weights_and_step_only_and_is_repaired_on_resume(tiny, tmp_path)
 def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path):
     from dialsum_raw.config import read_config
     out = tmp_path / "run"
-    subprocess.run(train_cmd(tiny, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"), check=True,
-                   capture_output=True)
+    subprocess.run(
+        train_cmd(tiny, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"),
+        check=True,
+        capture_output=True,
+    )
     resume = [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(out)]
-    res = subprocess.run([*resume, "--batch-size", "4", "--seed", "7", "--max-source-len", "256", "--log-every", "3",
-                          "--save-every", "5"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            *resume,
+            "--batch-size",
+            "4",
+            "--seed",
+            "7",
+            "--max-source-len",
+            "256",
+            "--log-every",
+            "3",
+            "--save-every",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert "batch_size 8 -> 4" in last and "seed 42 -> 7" in last and "max_source_len 128 -> 256" in last
     assert "log_every" not in last and "save_every" not in last  # harmless changes pass
-    res = subprocess.run([*resume, "--output-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True)
+    res = subprocess.run(
+        [*resume, "--output-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "continues that run in its own folder" in res.stderr
     s = Settings(**read_config(str(out / "settings.toml")), resume=str(out))
     with pytest.raises(UserError, match="processes 2 -> 1"):
@@ -230,7 +298,9 @@ def test_tensorboard_gets_the_metrics_lines(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     s = _settings(tiny, tmp_path / "run", max_steps=4, eval_every=2, tensorboard=True)
     training.train(s)
-    expect = [("open", 1)] + [(k, v, m["step"]) for m in metric_lines(s.output_dir) for k, v in m.items() if k != "step"]
+    expect = [("open", 1)] + [
+        (k, v, m["step"]) for m in metric_lines(s.output_dir) for k, v in m.items() if k != "step"
+    ]
     assert written == expect
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[tensorboard\]"'):
@@ -243,33 +313,59 @@ def test_gradient_checkpointing_takes_the_same_steps(tiny, tmp_path, monkeypatch
     are recomputed (each block's feed-forward runs twice per training micro-batch)."""
     from transformers.models.t5.modeling_t5 import T5LayerFF
     calls, real = [], T5LayerFF.forward
-    monkeypatch.setattr(T5LayerFF, "forward", lambda self, *a, **k: (calls.append(self.training), real(self, *a, **k))[1])
+    monkeypatch.setattr(
+        T5LayerFF, "forward", lambda self, *a, **k: (calls.append(self.training), real(self, *a, **k))[1]
+    )
     counts = {}
     for name, flag in (("plain", False), ("ckpt", True)):
         calls.clear()
-        training.train(_settings(tiny, tmp_path / name, dropout=0.1, lora_dropout=0.1, gradient_checkpointing=flag))
+        training.train(
+            _settings(tiny, tmp_path / name, dropout=0.1, lora_dropout=0.1, gradient_checkpointing=flag)
+        )
         counts[name] = sum(calls)  # training-mode calls only (validation runs in eval mode)
     assert counts["ckpt"] == 2 * counts["plain"] > 0
-    assert max_diff(ckpt_weights(tmp_path / "plain" / "last"), ckpt_weights(tmp_path / "ckpt" / "last")) <= 1e-6
+    assert (
+        max_diff(ckpt_weights(tmp_path / "plain" / "last"), ckpt_weights(tmp_path / "ckpt" / "last")) <= 1e-6
+    )
 
 
 def test_progress_is_saved_as_the_keys_runs_saved_before_it_was_a_dataclass():
-    """trainer_state.pt keeps one key per counter, as runs saved them when progress was a dict (the state below),
-    so those runs resume; a counter a state lacks keeps its start."""
-    old = {"optimizer": {}, "scheduler": {}, "rng": [], "world": 1, "step": 7, "tokens": 900, "padded_tokens": 1000,
-           "seconds": 3.5, "best_val_loss": 2.0, "best_step": 6, "best_value": 2.0, "stale": 1, "window_loss": 0.5,
-           "window_tokens": 40}
+    """trainer_state.pt keeps one key per counter, as runs saved them when progress was a dict (the state
+    below), so those runs resume; a counter a state lacks keeps its start."""
+    old = {
+        "optimizer": {},
+        "scheduler": {},
+        "rng": [],
+        "world": 1,
+        "step": 7,
+        "tokens": 900,
+        "padded_tokens": 1000,
+        "seconds": 3.5,
+        "best_val_loss": 2.0,
+        "best_step": 6,
+        "best_value": 2.0,
+        "stale": 1,
+        "window_loss": 0.5,
+        "window_tokens": 40,
+    }
     progress = training.Progress.restore(old)
-    assert progress.state() == {k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "rng", "world")}
+    assert progress.state() == {
+        k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "rng", "world")
+    }
     assert training.Progress.restore({"step": 3}) == training.Progress(step=3)
 
 
 def test_atomic_dir_flushes_everything_before_publishing(tmp_path, monkeypatch):
     events = []
     real_fsync, real_rename = os.fsync, os.rename
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                            real_fsync(fd)))
-    monkeypatch.setattr(checkpoint.os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b)))
+    monkeypatch.setattr(
+        checkpoint.os,
+        "fsync",
+        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)),
+    )
+    monkeypatch.setattr(
+        checkpoint.os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))
+    )
     target = tmp_path / "ckpt"
     with checkpoint.atomic_dir(str(target)) as tmp:
         for name in ("a.bin", "b.json"):
@@ -309,13 +405,39 @@ def test_tiny_model_learns_dialogsum(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank,expect", [
-    ("8", {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": ["q", "v"], "lr": 0.001,
-           "batch_size": 16, "grad_accum": 2, "epochs": 10.0, "warmup_ratio": 0.1, "weight_decay": 0.01,
-           "lora_plus_ratio": 1.0}),
-    ("0", {"lora_rank": 0, "lr": 0.0001, "batch_size": 8, "grad_accum": 2, "epochs": 10.0, "warmup_ratio": 0.1,
-           "weight_decay": 0.01}),
-])
+@pytest.mark.parametrize(
+    "rank,expect",
+    [
+        (
+            "8",
+            {
+                "lora_rank": 8,
+                "lora_alpha": 16.0,
+                "lora_dropout": 0.05,
+                "lora_targets": ["q", "v"],
+                "lr": 0.001,
+                "batch_size": 16,
+                "grad_accum": 2,
+                "epochs": 10.0,
+                "warmup_ratio": 0.1,
+                "weight_decay": 0.01,
+                "lora_plus_ratio": 1.0,
+            },
+        ),
+        (
+            "0",
+            {
+                "lora_rank": 0,
+                "lr": 0.0001,
+                "batch_size": 8,
+                "grad_accum": 2,
+                "epochs": 10.0,
+                "warmup_ratio": 0.1,
+                "weight_decay": 0.01,
+            },
+        ),
+    ],
+)
 def test_rank_picks_the_notebook_preset(tiny, tmp_path, rank, expect):
     """No --config: --lora-rank 8 runs the notebook's LoRA recipe, 0 its full one; flags still override."""
     try:
@@ -323,9 +445,28 @@ def test_rank_picks_the_notebook_preset(tiny, tmp_path, rank, expect):
     except ModuleNotFoundError:
         import tomli as tomllib
     out = tmp_path / "run"
-    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--lora-rank", rank, "--model", tiny, "--data",
-                    CORPUS, "--output-dir", str(out), "--max-steps", "1", "--subsample", "200",
-                    "--max-source-len", "64"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            "--lora-rank",
+            rank,
+            "--model",
+            tiny,
+            "--data",
+            CORPUS,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            "--subsample",
+            "200",
+            "--max-source-len",
+            "64",
+        ],
+        check=True,
+        capture_output=True,
+    )
     saved = tomllib.loads((out / "settings.toml").read_text())
     assert {k: saved[k] for k in expect} == expect
     assert saved["model"] == tiny and saved["max_source_len"] == 64 and saved["max_steps"] == 1
@@ -347,8 +488,12 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, t
     """The first run is paused (SIGSTOP) while holding its folder, so the attempts meet it for sure: a plain
     start, --overwrite and --resume are all refused naming it, and it then finishes as if alone."""
     out = tmp_path / "run"
-    first = subprocess.Popen(train_cmd(tiny, out, "--max-steps", "6", "--eval-every", "6", "--save-every", "2"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        train_cmd(tiny, out, "--max-steps", "6", "--eval-every", "6", "--save-every", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while checkpoint.find(str(out / "last")) is None and time.time() < deadline and first.poll() is None:
         time.sleep(0.02)
@@ -375,9 +520,16 @@ def test_a_lock_left_by_a_dead_process_does_not_block(tiny, tmp_path):
     released the flock, so a new run and --overwrite go ahead, and the file then names the new holder."""
     out = tmp_path / "run"
     training.train(_settings(tiny, out, max_steps=1))
-    subprocess.run([sys.executable, "-c", "import fcntl, os, signal, sys; f = open(sys.argv[1], 'w'); "
-                    "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'pid {os.getpid()} on here since then'); f.flush(); "
-                    "os.kill(os.getpid(), signal.SIGKILL)", str(out / ".lock")])
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, signal, sys; f = open(sys.argv[1], 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'pid {os.getpid()} on here since then'); f.flush(); "
+            "os.kill(os.getpid(), signal.SIGKILL)",
+            str(out / ".lock"),
+        ]
+    )
     assert (out / ".lock").read_text().startswith("pid ")
     training.train(_settings(tiny, out, max_steps=1, overwrite=True))
     assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
@@ -437,12 +589,38 @@ def test_workers_stop_without_writing_when_their_launcher_is_killed(tiny, tmp_pa
     They must notice within a step or two and stop, leaving last/ and metrics.jsonl as they were at the kill
     (without the check they train on to step 200, saving every 4 steps and logging every step)."""
     out, log = tmp_path / "run", tmp_path / "workers.log"
-    cmd = train_cmd(tiny, out, "--max-steps", "200", "--save-every", "4", "--eval-every", "1000", "--lora-rank", "4",
-                     "--lr", "1e-2", "--batch-size", "4")
+    cmd = train_cmd(
+        tiny,
+        out,
+        "--max-steps",
+        "200",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "1000",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "4",
+    )
     with open(log, "w") as stderr:
-        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                     "2", *cmd[1:]], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                *cmd[1:],
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     deadline = time.time() + 180
     while checkpoint.find(str(out / "last")) is None and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.02)
@@ -518,8 +696,11 @@ def test_more_processes_than_gpus_is_refused_and_every_gpu_is_set(monkeypatch):
     for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1"),
                         ("TORCHELASTIC_RESTART_COUNT", "3")):
         monkeypatch.setenv(name, value)
-    with pytest.raises(UserError, match=r"^2 processes on this machine but it has 1 GPU: run one process per GPU "
-                                        r"\(torchrun --nproc_per_node 1\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^2 processes on this machine but it has 1 GPU: run one process per GPU "
+        r"\(torchrun --nproc_per_node 1\)$",
+    ):
         training.setup_distributed()
     assert chosen == groups == []
 
@@ -537,7 +718,9 @@ def test_more_processes_than_gpus_is_refused_and_every_gpu_is_set(monkeypatch):
     chosen.clear()
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(name)
-    assert training.setup_distributed() == (0, 1, torch.device("cuda:0")) and chosen == [torch.device("cuda:0")]
+    assert training.setup_distributed() == (0, 1, torch.device("cuda:0")) and chosen == [
+        torch.device("cuda:0")
+    ]
 
 
 class _DeviceWaits(torch.overrides.TorchFunctionMode):
@@ -547,7 +730,11 @@ class _DeviceWaits(torch.overrides.TorchFunctionMode):
     data loader made, and what is computed from that alone, is on the host and free to read."""
     READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
              torch.Tensor.__bool__, torch.Tensor.__index__}
-    PLUMBING = {torch._tensor.__file__, torch.overrides.__file__, __file__}  # frames between the caller and the op
+    PLUMBING = {
+        torch._tensor.__file__,
+        torch.overrides.__file__,
+        __file__,
+    }  # frames between the caller and the op
 
     def __init__(self):
         super().__init__()
@@ -564,7 +751,9 @@ class _DeviceWaits(torch.overrides.TorchFunctionMode):
         ours = frame.f_code.co_filename == training.__file__
         tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
                    if isinstance(t, torch.Tensor)]
-        moves = func is torch.Tensor.to and (any(isinstance(a, (torch.device, str)) for a in args[1:]) or "device" in kwargs)
+        moves = func is torch.Tensor.to and (
+            any(isinstance(a, (torch.device, str)) for a in args[1:]) or "device" in kwargs
+        )
         if ours and func in self.READS and not self._is_host(args[0]):
             self.waits.append(func.__name__)
         if ours and func is torch.tensor and kwargs.get("device") is not None:
@@ -602,7 +791,9 @@ def test_summarize_moves_its_model_to_the_gpu_as_the_evaluator_does(tiny, tmp_pa
     from dialsum_raw import summarize
     moved = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (moved.append((type(self).__name__, *a)), self)[1])
+    monkeypatch.setattr(
+        torch.nn.Module, "to", lambda self, *a, **k: (moved.append((type(self).__name__, *a)), self)[1]
+    )
     chat = tmp_path / "chat.txt"
     chat.write_text("Ann: Lunch at noon?\nBob: Sure.\n")
     summarize.main(["--model", tiny, "--precision", "fp32", "--max-new-tokens", "4", str(chat)])

@@ -7,7 +7,8 @@
     adapter.py      inject, merge/unmerge, save and load an adapter folder
     peft_format.py  export-peft
     inspect.py      what an adapter learned, per layer, from each layer's delta_weight()
-    combine.py      adapters combined (linear/svd, cat, ties, dare) into one plain-LoRA adapter, from delta_weight()
+    combine.py      adapters combined (linear/svd, cat, ties, dare) into one plain-LoRA adapter, from
+                    delta_weight()
 
 Every class in VARIANTS, with every init it allows, passes the layer contract (tests/test_contract.py); those
 peft has are matched against peft in tests/test_lora.py. LoRA+ is an optimizer setting (the tensors a layer
@@ -19,9 +20,9 @@ marks FAST, B, learn K x faster): training.make_optimizer.
     python -m dialsum_raw.lora combine DIR... --out DIR --method linear|cat|svd|ties|dare [--weights ...]
 """
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, applied, apply_adapter, check_adapter,
-                      inject, load_adapter, lora_layers, merge, merge_for_inference, merge_to_model, read_adapter,
-                      save_adapter, target_layers, unload, unmerge, updates)
+from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, applied, apply_adapter,
+                      check_adapter, inject, load_adapter, lora_layers, merge, merge_for_inference,
+                      merge_to_model, read_adapter, save_adapter, target_layers, unload, unmerge, updates)
 from .cli import main
 from .config import LoRAConfig
 from .init import INITS

@@ -41,8 +41,10 @@ def inject(model, cfg: LoRAConfig, start: bool = True):
         for name in names:
             shape = model.get_submodule(name).weight.shape
             if cfg.rank > min(shape):
-                raise UserError(f"--lora-init {cfg.init} cuts A and B from W: --lora-rank {cfg.rank} is more than "
-                                f"min(in, out) = {min(shape)} of layer {name} ({shape[1]} in, {shape[0]} out)")
+                raise UserError(
+                    f"--lora-init {cfg.init} cuts A and B from W: --lora-rank {cfg.rank} is more than "
+                    f"min(in, out) = {min(shape)} of layer {name} ({shape[1]} in, {shape[0]} out)"
+                )
     layer = layer_class(cfg)
     shared, trainable = layer.make_shared(cfg, [model.get_submodule(n) for n in names]), layer.trainable(cfg)
     for name in names:
@@ -65,9 +67,9 @@ def merge(model):
 
 
 def merge_for_inference(model):
-    """Merge where that is exact up to fp32 rounding, for inference at base speed: onto fp32 bases. A bf16 base
-    would round the update to bf16 and an nf4 base re-quantize it, so those layers stay unmerged (same outputs
-    as in training, at the unmerged layer's cost)."""
+    """Merge where that is exact up to fp32 rounding, for inference at base speed: onto fp32 bases. A bf16
+    base would round the update to bf16 and an nf4 base re-quantize it, so those layers stay unmerged (same
+    outputs as in training, at the unmerged layer's cost)."""
     for _, m in lora_layers(model):
         if isinstance(m.base, nn.Linear) and m.base.weight.dtype == torch.float32:
             m.merge()
@@ -88,8 +90,8 @@ def unload(model):
 
 
 def adapter_state_dict(model) -> dict:
-    """'<layer>.<tensor>' for every tensor each layer saves, in the form that applies to the original base, and
-    the shared module's tensors (VeRA's projections) once, under their own names."""
+    """'<layer>.<tensor>' for every tensor each layer saves, in the form that applies to the original base,
+    and the shared module's tensors (VeRA's projections) once, under their own names."""
     layers = lora_layers(model)
     shared = layers[0][1].shared if layers else None
     return {**(shared.saved() if shared is not None else {}),
@@ -116,7 +118,9 @@ def read_adapter(directory):
     from safetensors.torch import load_file
     cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
-        raise UserError(f"{directory} is not an adapter folder (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise UserError(
+            f"{directory} is not an adapter folder (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     try:
         with open(cfg_path) as f:
             saved = json.load(f)
@@ -148,11 +152,15 @@ def check_adapter(model, directory):
     if missing or extra:
         which = f"base has layer {sorted(missing)[0]} that the adapter lacks" if missing else \
             f"adapter has {sorted(extra)[0]} that the base lacks"
-        raise UserError(f"adapter {directory} does not fit this base model ({which}; adapter base: {base_model})")
+        raise UserError(
+            f"adapter {directory} does not fit this base model ({which}; adapter base: {base_model})"
+        )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise UserError(f"adapter {directory} does not fit this base model: {key} has shape "
-                            f"{tuple(tensors[key].shape)}, the base needs {shape} (adapter base: {base_model})")
+            raise UserError(
+                f"adapter {directory} does not fit this base model: {key} has shape "
+                f"{tuple(tensors[key].shape)}, the base needs {shape} (adapter base: {base_model})"
+            )
     return cfg, tensors
 
 
@@ -169,9 +177,9 @@ def apply_adapter(model, cfg: LoRAConfig, tensors):
 
 @contextmanager
 def applied(model, cfg: LoRAConfig, tensors, merged=False):
-    """`model` with an adapter (checked by check_adapter) for the with-block, and the base again after it, bit for
-    bit: the target weights come back from copies, since merge + unmerge (or a residual init's W - s B0 A0 and back)
-    would round them. Evaluation applies one adapter after another to one base this way."""
+    """`model` with an adapter (checked by check_adapter) for the with-block, and the base again after it, bit
+    for bit: the target weights come back from copies, since merge + unmerge (or a residual init's W - s B0 A0
+    and back) would round them. Evaluation applies one adapter after another to one base this way."""
     names = target_layers(model, cfg.targets)
     originals = {n: stored_weight(model.get_submodule(n)) for n in names}
     grads = {p: p.requires_grad for p in model.parameters()}
@@ -191,9 +199,10 @@ def applied(model, cfg: LoRAConfig, tensors, merged=False):
 
 
 def updates(model, cfg: LoRAConfig, tensors):
-    """[(layer, ΔW, rank)] in model order: each target layer's change of effective weight against `model`'s W, in
-    fp64, read through the layer's delta_weight() (plus the change of W itself after a residual init, PiSSA or
-    OLoRA), so every variant is covered without code of its own; `rank` is the layer's. The model is left as is."""
+    """[(layer, ΔW, rank)] in model order: each target layer's change of effective weight against `model`'s W,
+    in fp64, read through the layer's delta_weight() (plus the change of W itself after a residual init, PiSSA
+    or OLoRA), so every variant is covered without code of its own; `rank` is the layer's. The model is left
+    as is."""
     before = {n: model.get_submodule(n).weight.detach().double() for n in target_layers(model, cfg.targets)}
     with applied(model, cfg, tensors), torch.no_grad():
         return [(name, (m.base.weight.double() - before[name]) + m.delta_weight().double(), m.rank)
@@ -207,16 +216,18 @@ def load_adapter(model, directory):
 
 
 def merge_to_model(base, adapter, out, dtype="fp32") -> str:
-    """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied), in fp32 or bf16. The base
-    is loaded as the adapter was trained on it; a bf16 or nf4 base is merged in fp32 onto its stored (for nf4
-    dequantized) weights, so the folder computes what training computed. Returns what was written."""
+    """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied), in fp32 or bf16. The
+    base is loaded as the adapter was trained on it; a bf16 or nf4 base is merged in fp32 onto its stored (for
+    nf4 dequantized) weights, so the folder computes what training computed. Returns what was written."""
     import torch
     from ..modeling import load_model, load_tokenizer
     from ..quant import dequantize_model
     base_dtype = read_adapter(adapter)[0].base_dtype
     model = load_model(base, base_dtype=base_dtype)
     load_adapter(model, adapter)
-    unload(dequantize_model(model).float()).to(torch.bfloat16 if dtype == "bf16" else torch.float32).save_pretrained(out)
+    unload(dequantize_model(model).float()).to(
+        torch.bfloat16 if dtype == "bf16" else torch.float32
+    ).save_pretrained(out)
     load_tokenizer(base).save_pretrained(out)
     trained = {"fp32": "", "bf16": "; trained on a bf16 base: merged onto it in fp32",
                "nf4": "; trained on an nf4 base: merged onto its dequantized weights, not quantized again"}

@@ -20,10 +20,20 @@ def main(argv=None):
     e.add_argument("--adapter", required=True)
     e.add_argument("--out", required=True)
     inspect.add_arguments(sub.add_parser("inspect", help=inspect.HELP, description=inspect.HELP))
-    combine.add_arguments(sub.add_parser("combine", help=combine.HELP, description=combine.__doc__.split("\n\n")[0],
-                                         epilog=combine.__doc__.split("\n\n", 1)[1],
-                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    combine.add_arguments(
+        sub.add_parser(
+            "combine",
+            help=combine.HELP,
+            description=combine.__doc__.split("\n\n")[0],
+            epilog=combine.__doc__.split("\n\n", 1)[1],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     a = p.parse_args(argv)
     if a.command in ("inspect", "combine"):
         return (inspect if a.command == "inspect" else combine).run(a)
-    print(merge_to_model(a.base, a.adapter, a.out, a.dtype) if a.command == "merge" else export_peft(a.adapter, a.out))
+    print(
+        merge_to_model(a.base, a.adapter, a.out, a.dtype)
+        if a.command == "merge"
+        else export_peft(a.adapter, a.out)
+    )

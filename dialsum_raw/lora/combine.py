@@ -36,7 +36,9 @@ from . import adapter as lora
 from .config import LoRAConfig
 
 METHODS = ("linear", "svd", "cat", "ties", "dare")
-HELP = "combine adapters into one plain-LoRA adapter: linear/svd, cat, ties or dare over each layer's exact ΔW"
+HELP = (
+    "combine adapters into one plain-LoRA adapter: linear/svd, cat, ties or dare over each layer's exact ΔW"
+)
 
 
 def ties(deltas, weights, density):
@@ -64,20 +66,29 @@ def dare(deltas, weights, density, generator):
 
 
 def factorize(delta, rank):
-    """(A, B, relative error) of the best rank-`rank` B A of delta (scale 1); zero rows/columns past its size."""
+    """(A, B, relative error) of the best rank-`rank` B A of delta (scale 1); zero rows/columns past its
+    size."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, len(s))
     root = s[:k].sqrt()
-    a, b = torch.zeros(rank, delta.shape[1], dtype=delta.dtype), torch.zeros(delta.shape[0], rank, dtype=delta.dtype)
+    a, b = (
+        torch.zeros(rank, delta.shape[1], dtype=delta.dtype),
+        torch.zeros(delta.shape[0], rank, dtype=delta.dtype),
+    )
     a[:k], b[:, :k] = root[:, None] * vh[:k], u[:, :k] * root
     norm = float(delta.norm())
     return a, b, float(s[k:].norm()) / norm if norm else 0.0
 
 
 def numerical_rank(delta):
-    """Singular values above the top one x max(shape) x fp32's eps (ΔW comes from fp32 tensors): numpy's rule."""
+    """Singular values above the top one x max(shape) x fp32's eps (ΔW comes from fp32 tensors): numpy's
+    rule."""
     s = torch.linalg.svdvals(delta)
-    return int((s > s[0] * max(delta.shape) * torch.finfo(torch.float32).eps).sum()) if len(s) and s[0] > 0 else 0
+    return (
+        int((s > s[0] * max(delta.shape) * torch.finfo(torch.float32).eps).sum())
+        if len(s) and s[0] > 0
+        else 0
+    )
 
 
 def read_inputs(directories, base):
@@ -91,7 +102,8 @@ def read_inputs(directories, base):
 
 
 def combine(directories, out, method, weights=None, rank=None, density=None, seed=0, base=None):
-    """Write the combined adapter to `out`; returns (its LoRAConfig, the largest relative truncation error)."""
+    """Write the combined adapter to `out`; returns (its LoRAConfig, the largest relative truncation
+    error)."""
     from ..modeling import load_model
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -101,8 +113,11 @@ def combine(directories, out, method, weights=None, rank=None, density=None, see
     if len(weights) != len(directories):
         raise UserError(f"--weights has {len(weights)} values for {len(directories)} adapters")
     if (density is not None) != (method in ("ties", "dare")):
-        raise UserError(f"--density is for ties and dare (the share of each ΔW kept), not {method}" if density
-                        is not None else f"--method {method} needs --density (the share of each ΔW kept, e.g. 0.3)")
+        raise UserError(
+            f"--density is for ties and dare (the share of each ΔW kept), not {method}"
+            if density is not None
+            else f"--method {method} needs --density (the share of each ΔW kept, e.g. 0.3)"
+        )
     if density is not None and not 0 < density <= 1:
         raise UserError(f"--density must be in (0, 1], got {density}")
     if rank is not None and (rank < 1 or method == "cat"):
@@ -114,8 +129,10 @@ def combine(directories, out, method, weights=None, rank=None, density=None, see
     if method == "cat":
         for d, (cfg, _) in zip(directories, inputs):
             if cfg.variant != "lora":
-                raise UserError(f"cat concatenates plain LoRA factors, and {d} is {cfg.variant}: use --method linear "
-                                "(exact at full rank)")
+                raise UserError(
+                    f"cat concatenates plain LoRA factors, and {d} is {cfg.variant}: use --method linear "
+                    "(exact at full rank)"
+                )
             if set(cfg.targets) != set(inputs[0][0].targets):
                 raise UserError(f"cat needs the same targets in every adapter: {directories[0]} has "
                                 f"{','.join(inputs[0][0].targets)}, {d} has {','.join(cfg.targets)}")
@@ -152,7 +169,9 @@ def combine_updates(model, inputs, weights, method, density, seed):
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name in layers:
-        deltas = [u.get(name, torch.zeros_like(next(u[name] for u in per_input if name in u))) for u in per_input]
+        deltas = [
+            u.get(name, torch.zeros_like(next(u[name] for u in per_input if name in u))) for u in per_input
+        ]
         if method == "ties":
             out[name] = ties(deltas, weights, density)
         elif method == "dare":
@@ -163,13 +182,19 @@ def combine_updates(model, inputs, weights, method, density, seed):
 
 
 def cat(model, inputs, weights):
-    """{layer: (A, B)}: the inputs' saved factors stacked, each B times its weight and scale (residual inits are
-    saved for the original base at the same scale, so their saved factors cat as they are)."""
+    """{layer: (A, B)}: the inputs' saved factors stacked, each B times its weight and scale (residual inits
+    are saved for the original base at the same scale, so their saved factors cat as they are)."""
     names = lora.target_layers(model, inputs[0][0].targets)
-    return {name: (torch.cat([t[f"{name}.lora_A"].double() for _, t in inputs]),
-                   torch.cat([w * cfg.scaling * t[f"{name}.lora_B"].double() for w, (cfg, t) in zip(weights, inputs)],
-                             dim=1))
-            for name in names}
+    return {
+        name: (
+            torch.cat([t[f"{name}.lora_A"].double() for _, t in inputs]),
+            torch.cat(
+                [w * cfg.scaling * t[f"{name}.lora_B"].double() for w, (cfg, t) in zip(weights, inputs)],
+                dim=1,
+            ),
+        )
+        for name in names
+    }
 
 
 def _floats(text):
@@ -183,15 +208,26 @@ def add_arguments(p):
     p.add_argument("adapters", nargs="+", metavar="DIR", help="adapter folders (train.py's best/ or last/)")
     p.add_argument("--out", required=True, help="the combined adapter's folder (must not exist)")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--weights", type=_floats, help="one weight per adapter, comma-separated (default: 1/n each)")
-    p.add_argument("--rank", type=int, help="rank of the result (default: exact, the largest numerical rank of any "
-                                            "layer's combined ΔW; not with cat)")
+    p.add_argument(
+        "--weights", type=_floats, help="one weight per adapter, comma-separated (default: 1/n each)"
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="rank of the result (default: exact, the largest numerical rank of any "
+        "layer's combined ΔW; not with cat)",
+    )
     p.add_argument("--density", type=float, help="ties, dare: the share of each ΔW kept")
     p.add_argument("--seed", type=int, default=0, help="dare: the seed of its random drop (default 0)")
-    p.add_argument("--base", help="hub id or folder of the base (default: the one the adapters name in adapter.json)")
+    p.add_argument(
+        "--base", help="hub id or folder of the base (default: the one the adapters name in adapter.json)"
+    )
 
 
 def run(a):
     cfg, error = combine(a.adapters, a.out, a.method, a.weights, a.rank, a.density, a.seed, a.base)
-    print(f"wrote {a.out}: plain LoRA, rank {cfg.rank}, on {','.join(cfg.targets)} ({a.method} of {len(a.adapters)}; "
-          f"largest relative error ||ΔW - B A||_F / ||ΔW||_F over layers {error:.1e})")
+    print(
+        f"wrote {a.out}: plain LoRA, rank {cfg.rank}, on {','.join(cfg.targets)} ({a.method} of "
+        f"{len(a.adapters)}; "
+        f"largest relative error ||ΔW - B A||_F / ||ΔW||_F over layers {error:.1e})"
+    )

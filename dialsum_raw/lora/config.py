@@ -19,7 +19,8 @@ FILE_TYPES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((
 
 
 def expected_type(kind, value):
-    """None when a file's `value` fits a field of type `kind` (a bool is not a number), else what it must be."""
+    """None when a file's `value` fits a field of type `kind` (a bool is not a number), else what it must
+    be."""
     allowed, what = FILE_TYPES[kind]
     return None if isinstance(value, allowed) and (kind is bool or not isinstance(value, bool)) else what
 
@@ -34,17 +35,27 @@ class LoRAConfig:
     variant: str = "lora"  # a key of layers.VARIANTS: the layer class (layers.layer_class)
     init: str = "kaiming"  # a key of init.INITS: how A and B start
     vera_rank: int = 256  # VeRA: rank of the shared random projections (peft's default)
-    base_dtype: str = "fp32"  # how the frozen base is stored (modeling.BASE_DTYPES): loading quantizes it alike
+    base_dtype: str = (
+        "fp32"  # how the frozen base is stored (modeling.BASE_DTYPES): loading quantizes it alike
+    )
     loftq_iter: int = 1  # LoftQ: alternations of quantization and rank-r fit (peft's default)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        need(self.variant in VARIANTS, f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        need(
+            self.variant in VARIANTS,
+            f"LoRA variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}",
+        )
         need(self.init in INITS, f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
         need(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
-        need(self.base_dtype in BASE_DTYPES, f"base dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
-        need(self.init != "loftq" or self.base_dtype == "nf4", "--lora-init loftq quantizes the base: it needs "
-                                                               "--base-dtype nf4")
+        need(
+            self.base_dtype in BASE_DTYPES,
+            f"base dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}",
+        )
+        need(
+            self.init != "loftq" or self.base_dtype == "nf4",
+            "--lora-init loftq quantizes the base: it needs --base-dtype nf4",
+        )
         need(self.loftq_iter >= 1, f"--loftq-iter must be >= 1, got {self.loftq_iter}")
         need(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
         layer_class(self).check(self)
@@ -62,9 +73,15 @@ class LoRAConfig:
         """The config of an adapter.json, this format or the first one (written before LoRAConfig existed)."""
         saved = dict(saved)
         version = saved.pop("format", OLD_FORMAT)
-        need(version in (FORMAT, FORMAT_2, OLD_FORMAT), f"adapter format {version!r} is not one this version reads "
-                                                        f"({FORMAT}, {FORMAT_2} or {OLD_FORMAT}); update dialsum_raw")
-        need(isinstance(saved.get("targets"), list), f"adapter targets must be a list, got {saved.get('targets')!r}")
+        need(
+            version in (FORMAT, FORMAT_2, OLD_FORMAT),
+            f"adapter format {version!r} is not one this version reads "
+            f"({FORMAT}, {FORMAT_2} or {OLD_FORMAT}); update dialsum_raw",
+        )
+        need(
+            isinstance(saved.get("targets"), list),
+            f"adapter targets must be a list, got {saved.get('targets')!r}",
+        )
         if version == OLD_FORMAT:  # its missing fields keep the defaults it was documented with
             pissa = saved.pop("pissa", None)  # saved as rank 2r; the trained rank and alpha are here
             if pissa:
@@ -76,17 +93,28 @@ class LoRAConfig:
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in saved]
         # a default would change the computation silently (an alpha-64 adapter run at alpha 16)
-        need(version == OLD_FORMAT or not missing, f"adapter field {missing[0] if missing else ''!r} is missing: "
-             f"format {version} holds every field ({', '.join(names)})")
+        need(
+            version == OLD_FORMAT or not missing,
+            f"adapter field {missing[0] if missing else ''!r} is missing: "
+            f"format {version} holds every field ({', '.join(names)})",
+        )
         unknown = sorted(set(saved) - set(names))
         need(not unknown, f"adapter field {unknown[0] if unknown else ''!r} is not one of {', '.join(names)}")
         for name, kind in ((f.name, f.type) for f in fields(cls) if f.name in saved):
             what = expected_type(kind, saved[name])
             need(what is None, f"adapter {name} must be {what}, got {saved[name]!r}")
-        need(all(isinstance(t, str) for t in saved["targets"]), f"adapter targets must be strings, got {saved['targets']!r}")
+        need(
+            all(isinstance(t, str) for t in saved["targets"]),
+            f"adapter targets must be strings, got {saved['targets']!r}",
+        )
         return cls(**saved)
 
     def describe(self) -> str:
         """One line for people: every field but the targets."""
-        return ", ".join(f"{f.name} {getattr(self, f.name):g}" if isinstance(getattr(self, f.name), float)
-                         else f"{f.name} {getattr(self, f.name)}" for f in fields(self) if f.name != "targets")
+        return ", ".join(
+            f"{f.name} {getattr(self, f.name):g}"
+            if isinstance(getattr(self, f.name), float)
+            else f"{f.name} {getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name != "targets"
+        )

@@ -23,7 +23,9 @@ class Init(NamedTuple):
     from_w: bool = False  # A or B are cut from W's decomposition: the rank is at most min(in, out)
     frozen: tuple = ()
     peft: object = True  # peft's init_lora_weights for the exported adapter (its tensors are loaded over it)
-    rebase: bool = False  # it stores a base weight of its own (LoftQ): loading runs it again, then fills A and B
+    rebase: bool = (
+        False  # it stores a base weight of its own (LoftQ): loading runs it again, then fills A and B
+    )
 
 
 def kaiming(layer):
@@ -79,23 +81,27 @@ def loftq(layer):
     layer.lora_B.copy_(b)
 
 
-INITS = {"kaiming": Init(kaiming), "gaussian": Init(gaussian), "pissa": Init(pissa, residual=True, from_w=True),
-         "olora": Init(olora, residual=True, from_w=True),
-         "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True),
-         "loftq": Init(loftq, from_w=True, rebase=True)}
+INITS = {
+    "kaiming": Init(kaiming),
+    "gaussian": Init(gaussian),
+    "pissa": Init(pissa, residual=True, from_w=True),
+    "olora": Init(olora, residual=True, from_w=True),
+    "mica": Init(mica, frozen=("lora_B",), peft="mica", from_w=True),
+    "loftq": Init(loftq, from_w=True, rebase=True),
+}
 
 
 class Residual:
-    """A LoRA layer after a residual init: W holds W - s B0 A0 and the adapter starts at (A0, B0), so the output
-    is unchanged. On disk it is a plain LoRA for the original W, of rank 2r: W_res + s B A = W + s (B A - B0 A0),
-    i.e. A' = [A; A0], B' = [B, -B0], with alpha x2 (x sqrt 2 with rsLoRA) so the scale stays s, as peft's
-    save_pretrained(path_initial_model_for_weight_conversion=...) writes it. Mixed in before the variant's
-    class by residual_form."""
+    """A LoRA layer after a residual init: W holds W - s B0 A0 and the adapter starts at (A0, B0), so the
+    output is unchanged. On disk it is a plain LoRA for the original W, of rank 2r: W_res + s B A = W + s (B A
+    - B0 A0), i.e. A' = [A; A0], B' = [B, -B0], with alpha x2 (x sqrt 2 with rsLoRA) so the scale stays s, as
+    peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it. Mixed in before the
+    variant's class by residual_form."""
 
     @torch.no_grad()
     def keep_residual(self, a0, b0):
-        """Start the adapter at (A0, B0) and W at W - s B0 A0, the residual of the original fp32 W stored as the
-        base stores (quantized again on a 4-bit base); A0 and B0 are kept for saved()."""
+        """Start the adapter at (A0, B0) and W at W - s B0 A0, the residual of the original fp32 W stored as
+        the base stores (quantized again on a 4-bit base); A0 and B0 are kept for saved()."""
         w = original_weight(self.base)
         a0, b0 = a0.to(w.device, torch.float32), b0.to(w.device, torch.float32)
         set_weight(self.base, w - self.scaling * b0 @ a0)
@@ -124,7 +130,11 @@ class Residual:
     @classmethod
     def saved_shapes(cls, cfg, base):
         r = cls.saved_rank_alpha(cfg)[0]
-        return {**super().saved_shapes(cfg, base), "lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+        return {
+            **super().saved_shapes(cfg, base),
+            "lora_A": (r, base.in_features),
+            "lora_B": (base.out_features, r),
+        }
 
     @classmethod
     def peft_config(cls, cfg):

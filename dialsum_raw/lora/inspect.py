@@ -4,8 +4,8 @@
         [--intruder-k 10] [--intruder-eps 0.5] [--json] [--plot DIR]
 
 RUN is an adapter folder, or a full fine-tune's model folder (a --lora-rank 0 run's best/ or last/), for which
-ΔW = W_ft - W0 on the --targets layers (default: the compared adapter's, else q,v) and k = --rank (default: the
-compared adapter's rank, else 8).
+ΔW = W_ft - W0 on the --targets layers (default: the compared adapter's, else q,v) and k = --rank (default:
+the compared adapter's rank, else 8).
 
 ΔW is the change of the effective weight against the original base, read through each layer's own
 delta_weight() (plus the change of W itself after a residual init such as PiSSA), so every variant is
@@ -23,7 +23,8 @@ directions; these are its top k). The per-layer figures all come from layer_stat
   E[phi(i, j)] = max(i, j) / n. When one side is a full fine-tune, phi compares the left-singular vectors (the
   output directions, where intruder dimensions live), and the compared run's intruder count stands beside;
 - stable_rank, intruders, top_share, bottom_share: see dialsum_raw/spectra.py (intruders of the merged W + ΔW,
-  "LoRA vs Full Fine-tuning: An Illusion of Equivalence"; the shares over W's k largest and k smallest directions).
+  "LoRA vs Full Fine-tuning: An Illusion of Equivalence"; the shares over W's k largest and k smallest
+  directions).
 """
 
 import json
@@ -41,7 +42,10 @@ from .adapter import ADAPTER_CONFIG, check_adapter, read_adapter, target_layers,
 HELP = "per-layer norms, spectra, amplification and (with --compare) subspace similarity of an adapter"
 KEYS = ("layer", "fro_norm", "rel_norm", "singular_values", "effective_rank", "amplification", "stable_rank",
         "intruders", "top_share", "bottom_share")
-FULL_TARGETS, FULL_RANK = ("q", "v"), 8  # a full fine-tune's defaults when no adapter is compared: the notebook's
+FULL_TARGETS, FULL_RANK = (
+    ("q", "v"),
+    8,
+)  # a full fine-tune's defaults when no adapter is compared: the notebook's
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,15 @@ class FullFineTune:
     rank: int
 
     def describe(self) -> str:
-        return f"full fine-tune, ΔW = W_ft - W0 on {','.join(self.targets)}, rank-dependent figures at k = {self.rank}"
-GROUPS = {"SelfAttention": "self-attention", "EncDecAttention": "cross-attention", "DenseReluDense": "feed-forward"}
+        return (f"full fine-tune, ΔW = W_ft - W0 on {','.join(self.targets)}, "
+                f"rank-dependent figures at k = {self.rank}")
+
+
+GROUPS = {
+    "SelfAttention": "self-attention",
+    "EncDecAttention": "cross-attention",
+    "DenseReluDense": "feed-forward",
+}
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -65,22 +76,32 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 def layer_stats(w: torch.Tensor, dw: torch.Tensor, k: int, intruder_k=spectra.INTRUDER_K,
                 intruder_eps=spectra.INTRUDER_EPS) -> dict:
-    """The per-layer figures for base weight w and update dw (both out x in), from dw's top-k singular triplets."""
+    """The per-layer figures for base weight w and update dw (both out x in), from dw's top-k singular
+    triplets."""
     w, dw = w.double(), dw.double()
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     fro = float(dw.norm())
     w_part = float((u[:, :k].T @ w @ vh[:k].T).norm())
     top, bottom = spectra.shares(w, dw, k)
-    return {"fro_norm": fro, "rel_norm": fro / float(w.norm()), "singular_values": s[:k].tolist(),
-            "effective_rank": effective_rank(s[:k]), "amplification": fro / w_part if fro else 0.0,
-            "stable_rank": spectra.stable_rank(dw), "intruders": spectra.intruders(w, dw, intruder_k, intruder_eps),
-            "top_share": top, "bottom_share": bottom}
+    return {
+        "fro_norm": fro,
+        "rel_norm": fro / float(w.norm()),
+        "singular_values": s[:k].tolist(),
+        "effective_rank": effective_rank(s[:k]),
+        "amplification": fro / w_part if fro else 0.0,
+        "stable_rank": spectra.stable_rank(dw),
+        "intruders": spectra.intruders(w, dw, intruder_k, intruder_eps),
+        "top_share": top,
+        "bottom_share": bottom,
+    }
 
 
 def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, k1=None, k2=None) -> torch.Tensor:
-    """phi(i, j) for i <= k1, j <= k2 (default: all) over the right-singular vectors of a1 and a2, as a matrix whose
-    [i-1, j-1] entry is phi(i, j)."""
-    v1 = torch.linalg.svd(a1.double(), full_matrices=False).Vh[:k1]  # rows: right-singular vectors, largest first
+    """phi(i, j) for i <= k1, j <= k2 (default: all) over the right-singular vectors of a1 and a2, as a matrix
+    whose [i-1, j-1] entry is phi(i, j)."""
+    v1 = torch.linalg.svd(a1.double(), full_matrices=False).Vh[
+        :k1
+    ]  # rows: right-singular vectors, largest first
     v2 = torch.linalg.svd(a2.double(), full_matrices=False).Vh[:k2]
     overlap = ((v1 @ v2.T) ** 2).cumsum(0).cumsum(1)  # [i-1, j-1] = ||V1_i^T V2_j||_F^2
     i = torch.arange(1, len(v1) + 1, dtype=torch.float64)[:, None]
@@ -96,7 +117,8 @@ def adapter_updates(model, adapter):
 
 
 def full_updates(model, folder, targets, rank):
-    """[(layer, W0, W_ft - W0, rank)] on the `targets` layers of a full fine-tune's model folder, W0 from `model`."""
+    """[(layer, W0, W_ft - W0, rank)] on the `targets` layers of a full fine-tune's model folder, W0 from
+    `model`."""
     from ..modeling import load_model
     tuned, out = load_model(folder), []
     for name in target_layers(model, targets):
@@ -106,14 +128,17 @@ def full_updates(model, folder, targets, rank):
         except AttributeError:
             w_ft = None
         if w_ft is None or w_ft.shape != w.shape:
-            raise UserError(f"{folder} does not fit this base model: its {name} is "
-                            f"{'missing' if w_ft is None else tuple(w_ft.shape)}, the base's {tuple(w.shape)}")
+            raise UserError(
+                f"{folder} does not fit this base model: its {name} is "
+                f"{'missing' if w_ft is None else tuple(w_ft.shape)}, the base's {tuple(w.shape)}"
+            )
         out.append((name, w, w_ft - w, rank))
     return out
 
 
 def run_config(folder):
-    """An adapter's LoRAConfig, or None for a model folder (a full fine-tune); anything else is a UserError."""
+    """An adapter's LoRAConfig, or None for a model folder (a full fine-tune); anything else is a
+    UserError."""
     if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
         return read_adapter(folder)[0]
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -123,9 +148,9 @@ def run_config(folder):
 
 def inspect(base, adapter, compare=None, targets=None, rank=None, intruder_k=spectra.INTRUDER_K,
             intruder_eps=spectra.INTRUDER_EPS):
-    """(records, config, config of the compared run or None), a config being a LoRAConfig or a FullFineTune. Each
-    record has KEYS, plus 'phi' and 'compare_intruders' with compare. A full fine-tune takes `targets` and
-    `rank`, else those of the adapter it is compared with."""
+    """(records, config, config of the compared run or None), a config being a LoRAConfig or a FullFineTune.
+    Each record has KEYS, plus 'phi' and 'compare_intruders' with compare. A full fine-tune takes `targets`
+    and `rank`, else those of the adapter it is compared with."""
     from ..modeling import load_model
     cfgs = [run_config(f) for f in (adapter, compare) if f]
     known = next((c for c in cfgs if c), None)
@@ -154,7 +179,8 @@ def inspect(base, adapter, compare=None, targets=None, rank=None, intruder_k=spe
 
 
 def _place(layer):
-    """('encoder self-attention', 'q', block) for a T5 layer name; other models fall back to the parent path."""
+    """('encoder self-attention', 'q', block) for a T5 layer name; other models fall back to the parent
+    path."""
     side = "decoder" if ".decoder." in f".{layer}" else "encoder"
     block = re.search(r"\.block\.(\d+)\.", layer)
     kind = next((label for key, label in GROUPS.items() if f".{key}." in layer), layer.rsplit(".", 1)[0])
@@ -190,22 +216,31 @@ def table(records, cfg, adapter, base, other=None, compare=None, intruder_k=spec
                 if other:
                     row += f" {r['phi'][0][0]:>8.3f} {r['phi'][-1][-1]:>8.3f} {r['compare_intruders']:>5}"
                 lines.append(row + "  " + " ".join(f"{v:.3g}" for v in r["singular_values"][:4]))
-    lines += ["", "rel_norm = ||ΔW||_F / ||W||_F; eff_rank = exp(entropy of the normalized singular values); "
-              "amplif = ||ΔW||_F / ||U^T W V||_F (LoRA paper 7.3); st_rank = ||ΔW||_F^2 / ||ΔW||_2^2",
-              f"intr = intruder dimensions: of the top {intruder_k} left-singular vectors of W + ΔW, those whose best "
-              f"match |u . u0| among W's is below {intruder_eps:g}; top / bottom = the share of ||ΔW||_F^2 in W's k "
-              "largest / smallest left-singular directions"]
+    lines += [
+        "",
+        "rel_norm = ||ΔW||_F / ||W||_F; eff_rank = exp(entropy of the normalized singular values); "
+        "amplif = ||ΔW||_F / ||U^T W V||_F (LoRA paper 7.3); st_rank = ||ΔW||_F^2 / ||ΔW||_2^2",
+        f"intr = intruder dimensions: of the top {intruder_k} left-singular vectors of W + ΔW, those whose "
+        "best "
+        f"match |u . u0| among W's is below {intruder_eps:g}; top / bottom = the share of ||ΔW||_F^2 in W's "
+        "k "
+        "largest / smallest left-singular directions",
+    ]
     if other:
         side = "left" if FullFineTune in (type(cfg), type(other)) else "right"
-        lines.append(f"phi(i, j) = ||V1_i^T V2_j||_F^2 / min(i, j), V: {side}-singular vectors of each ΔW "
-                     "(LoRA paper 7.2); phi(r,r) at both full ranks; random subspaces give max(i, j) / n, "
-                     f"n = the layer's {'output' if side == 'left' else 'input'} size; intr2 = the compared run's intr")
+        lines.append(
+            f"phi(i, j) = ||V1_i^T V2_j||_F^2 / min(i, j), V: {side}-singular vectors of each ΔW "
+            "(LoRA paper 7.2); phi(r,r) at both full ranks; random subspaces give max(i, j) / n, "
+            f"n = the layer's {'output' if side == 'left' else 'input'} size; intr2 = the compared run's intr"
+        )
     return "\n".join(lines)
 
 
-def plot(records, directory, runs=("run",), intruder_k=spectra.INTRUDER_K, intruder_eps=spectra.INTRUDER_EPS) -> list:
-    """rel_norm.png (depth x target heatmap), intruders.png (layers x runs: the inspected run and, with --compare,
-    the compared one) and, with --compare, phi.png (phi grid, mean over depth)."""
+def plot(
+    records, directory, runs=("run",), intruder_k=spectra.INTRUDER_K, intruder_eps=spectra.INTRUDER_EPS
+) -> list:
+    """rel_norm.png (depth x target heatmap), intruders.png (layers x runs: the inspected run and, with
+    --compare, the compared one) and, with --compare, phi.png (phi grid, mean over depth)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -222,23 +257,35 @@ def plot(records, directory, runs=("run",), intruder_k=spectra.INTRUDER_K, intru
     labels = [f"{g.replace(' ', chr(10))}\n{t}" for g, t, _ in columns]
     fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2, 0.4 * depth + 2), layout="constrained")
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set(xticks=range(len(columns)), yticks=range(depth), ylabel="block", title="rel_norm = ||ΔW||_F / ||W||_F")
+    ax.set(
+        xticks=range(len(columns)), yticks=range(depth), ylabel="block", title="rel_norm = ||ΔW||_F / ||W||_F"
+    )
     ax.set_xticklabels(labels, fontsize=8)
     fig.colorbar(im, ax=ax)
     paths = [os.path.join(directory, "rel_norm.png")]
     fig.savefig(paths[0], bbox_inches="tight")
     plt.close(fig)
-    counts = torch.tensor([[r["intruders"], r["compare_intruders"]] if "compare_intruders" in r else [r["intruders"]]
-                           for r in records])
-    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * counts.shape[1], 0.22 * len(records) + 1.5), layout="constrained")
+    counts = torch.tensor(
+        [
+            [r["intruders"], r["compare_intruders"]] if "compare_intruders" in r else [r["intruders"]]
+            for r in records
+        ]
+    )
+    fig, ax = plt.subplots(
+        figsize=(2.5 + 1.8 * counts.shape[1], 0.22 * len(records) + 1.5), layout="constrained"
+    )
     top = max(1, int(counts.max()))
     ax.imshow(counts.numpy(), aspect="auto", cmap="Reds", vmin=0, vmax=top, interpolation="nearest")
-    for (i, j), n in zip(torch.cartesian_prod(torch.arange(counts.shape[0]), torch.arange(counts.shape[1])).tolist(),
-                         counts.flatten().tolist()):
+    for (i, j), n in zip(
+        torch.cartesian_prod(torch.arange(counts.shape[0]), torch.arange(counts.shape[1])).tolist(),
+        counts.flatten().tolist(),
+    ):
         ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > top / 2 else "black")
     ax.set(xticks=range(counts.shape[1]), yticks=range(len(records)),
            title=f"intruder dimensions (top {intruder_k}, eps {intruder_eps:g})")
-    ax.set_xticklabels([os.path.join(*os.path.normpath(str(run)).split(os.sep)[-2:]) for run in runs], fontsize=8)
+    ax.set_xticklabels(
+        [os.path.join(*os.path.normpath(str(run)).split(os.sep)[-2:]) for run in runs], fontsize=8
+    )
     ax.set_yticklabels([" ".join(map(str, _place(r["layer"]))) for r in records], fontsize=7)
     paths.append(os.path.join(directory, "intruders.png"))
     fig.savefig(paths[-1], bbox_inches="tight")
@@ -248,8 +295,16 @@ def plot(records, directory, runs=("run",), intruder_k=spectra.INTRUDER_K, intru
                                  layout="constrained")
         for ax, (g, t, rows), label in zip(axes[0], columns, labels):
             mean = torch.tensor([r["phi"] for _, r in rows]).mean(0)
-            im = ax.imshow(mean.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower",
-                           interpolation="nearest", extent=(0.5, mean.shape[1] + 0.5, 0.5, mean.shape[0] + 0.5))
+            im = ax.imshow(
+                mean.numpy(),
+                aspect="auto",
+                cmap="magma",
+                vmin=0,
+                vmax=1,
+                origin="lower",
+                interpolation="nearest",
+                extent=(0.5, mean.shape[1] + 0.5, 0.5, mean.shape[0] + 0.5),
+            )
             ax.set(title=f"{g}, {t}", xlabel="j (compared adapter)", ylabel="i")
             ax.title.set_fontsize(9)
         fig.colorbar(im, ax=axes[0].tolist())
@@ -261,30 +316,55 @@ def plot(records, directory, runs=("run",), intruder_k=spectra.INTRUDER_K, intru
 
 
 def add_arguments(p):
-    p.add_argument("adapter", metavar="RUN", help="an adapter folder, or a full fine-tune's model folder (train.py's "
-                                                   "best/ or last/)")
-    p.add_argument("--base", required=True, help="hub id or folder of the base model the run was trained from")
-    p.add_argument("--compare", metavar="RUN2", help="a second run on the same layers (another rank, seed, or a full "
-                                                     "fine-tune): adds phi and its intruder counts")
-    p.add_argument("--targets", type=lambda text: tuple(t for t in text.split(",") if t),
-                   help="layers of a full fine-tune to inspect, e.g. q,k,v,o,wi,wo (default: the compared adapter's, "
-                        f"else {','.join(FULL_TARGETS)})")
-    p.add_argument("--rank", type=int, help="k of the rank-dependent figures for a full fine-tune (default: the "
-                                            f"compared adapter's rank, else {FULL_RANK})")
-    p.add_argument("--intruder-k", type=int, default=spectra.INTRUDER_K,
-                   help=f"top singular vectors of W + ΔW searched for intruders (default {spectra.INTRUDER_K})")
+    p.add_argument(
+        "adapter",
+        metavar="RUN",
+        help="an adapter folder, or a full fine-tune's model folder (train.py's best/ or last/)",
+    )
+    p.add_argument(
+        "--base", required=True, help="hub id or folder of the base model the run was trained from"
+    )
+    p.add_argument(
+        "--compare",
+        metavar="RUN2",
+        help="a second run on the same layers (another rank, seed, or a full "
+        "fine-tune): adds phi and its intruder counts",
+    )
+    p.add_argument(
+        "--targets",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        help="layers of a full fine-tune to inspect, e.g. q,k,v,o,wi,wo (default: the compared adapter's, "
+        f"else {','.join(FULL_TARGETS)})",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="k of the rank-dependent figures for a full fine-tune (default: the "
+        f"compared adapter's rank, else {FULL_RANK})",
+    )
+    p.add_argument(
+        "--intruder-k",
+        type=int,
+        default=spectra.INTRUDER_K,
+        help=f"top singular vectors of W + ΔW searched for intruders (default {spectra.INTRUDER_K})",
+    )
     p.add_argument("--intruder-eps", type=float, default=spectra.INTRUDER_EPS,
                    help=f"a vector is an intruder when its best match with W's is below this (default "
                         f"{spectra.INTRUDER_EPS})")
     p.add_argument("--json", action="store_true", help="print one JSON record per layer instead of the table")
-    p.add_argument("--plot", metavar="DIR", help="write rel_norm.png, intruders.png (and phi.png with --compare); "
-                                                 "needs matplotlib")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write rel_norm.png, intruders.png (and phi.png with --compare); needs matplotlib",
+    )
 
 
 def run(args):
     if args.rank is not None and args.rank < 1 or args.intruder_k < 1 or not 0 < args.intruder_eps <= 1:
-        raise UserError(f"--rank and --intruder-k must be >= 1 and --intruder-eps in (0, 1], got {args.rank}, "
-                        f"{args.intruder_k}, {args.intruder_eps}")
+        raise UserError(
+            f"--rank and --intruder-k must be >= 1 and --intruder-eps in (0, 1], got {args.rank}, "
+            f"{args.intruder_k}, {args.intruder_eps}"
+        )
     intruder = {"intruder_k": args.intruder_k, "intruder_eps": args.intruder_eps}
     records, cfg, other = inspect(args.base, args.adapter, args.compare, args.targets, args.rank, **intruder)
     if args.json:

@@ -51,8 +51,9 @@ class AdapterLinear(nn.Module):
 
     @staticmethod
     def make_shared(cfg, bases):
-        """A module that every layer of one model shares (VeRA's projections): inject builds it once and passes
-        it to each layer as `shared`; it saves and loads its own tensors. None: each layer stands alone."""
+        """A module that every layer of one model shares (VeRA's projections): inject builds it once and
+        passes it to each layer as `shared`; it saves and loads its own tensors. None: each layer stands
+        alone."""
         return None
 
     @property
@@ -94,7 +95,8 @@ class AdapterLinear(nn.Module):
     @classmethod
     def to_peft(cls, cfg, saved: dict) -> dict:
         """One layer's saved tensors (or the shared module's) under peft's names, for export-peft. The default
-        renames them by PEFT_NAMES; a variant whose tensors peft holds in another form transforms them here."""
+        renames them by PEFT_NAMES; a variant whose tensors peft holds in another form transforms them
+        here."""
         missing = [k for k in saved if k not in cls.PEFT_NAMES]
         if missing:
             cls.refuse_peft(cfg, missing[0])
@@ -107,8 +109,8 @@ class AdapterLinear(nn.Module):
 
     @classmethod
     def refuse_peft(cls, cfg, what):
-        """export-peft's one line for what peft has no form of; export_peft calls to_peft and peft_config before
-        it writes anything."""
+        """export-peft's one line for what peft has no form of; export_peft calls to_peft and peft_config
+        before it writes anything."""
         raise UserError(f"export-peft: peft has no form for the {what} of {cls.__name__} (--lora-variant "
                         f"{cfg.variant}); merge the adapter instead: python -m dialsum_raw.lora merge")
 
@@ -181,8 +183,8 @@ class LoRAFALinear(LoRALinear):
 
 
 class DoRALinear(LoRALinear):
-    """W' = m (W + s B A) / ||W + s B A|| (Liu et al., 2024), the norm per output row, so direction and magnitude
-    learn separately. m trains and starts at ||W||, so the layer starts out equal to its base."""
+    """W' = m (W + s B A) / ||W + s B A|| (Liu et al., 2024), the norm per output row, so direction and
+    magnitude learn separately. m trains and starts at ||W||, so the layer starts out equal to its base."""
     SUMMARY = "DoRA, a trained per-row magnitude times the normalized W + BA"
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "lora_magnitude": "lora_magnitude_vector"}
     FAST = ("lora_B", "lora_magnitude")  # LoRA+ as peft's create_loraplus_optimizer groups a 1-D tensor
@@ -203,8 +205,8 @@ class DoRALinear(LoRALinear):
         super().check(cfg)
 
     def row_norm(self, delta):
-        """||W + delta|| per output row (DoRA's column norm, in the paper's W x convention), in fp32; W dequantized
-        for a 4-bit base."""
+        """||W + delta|| per output row (DoRA's column norm, in the paper's W x convention), in fp32; W
+        dequantized for a 4-bit base."""
         return torch.linalg.norm(dense_weight(self.base).float() + delta, dim=1)
 
     def forward(self, x):
@@ -214,8 +216,10 @@ class DoRALinear(LoRALinear):
         dropped = self.dropout(x)
         lora = self.lora(dropped)
         # W' x = f (W x + s B A x), f = m / ||W + s B A|| with the norm detached (DoRA 4.3). As in peft, with
-        # dropout on, the DoRA terms see the dropped-out x: out + (f - 1) W x_d + f s B A x_d. f and these terms
-        # stay fp32 under autocast: near 1 bf16 steps by 2^-8, which would swallow a magnitude change under 0.4%.
+        # dropout on, the DoRA terms see the dropped-out x: out + (f - 1) W x_d + f s B A x_d. f and these
+        # terms
+        # stay fp32 under autocast: near 1 bf16 steps by 2^-8, which would swallow a magnitude change under
+        # 0.4%.
         f = self.lora_magnitude.float() / self.row_norm(super().delta_weight().detach())
         wx = self.base(dropped) if self.training and isinstance(self.dropout, nn.Dropout) else out
         wx = wx if self.base.bias is None else wx - self.base.bias
@@ -263,9 +267,9 @@ class DoRALinear(LoRALinear):
 
 
 class VeRAProjections(nn.Module):
-    """VeRA's frozen random A (r x in) and B (out x r), one pair for a whole model, sized for its largest layer;
-    each layer uses the top-left slice it needs. Kaiming-uniform (gain sqrt 2) from a generator seeded with
-    SEED, in this order, as peft's projection_prng_key draws them, so both start from the same matrices.
+    """VeRA's frozen random A (r x in) and B (out x r), one pair for a whole model, sized for its largest
+    layer; each layer uses the top-left slice it needs. Kaiming-uniform (gain sqrt 2) from a generator seeded
+    with SEED, in this order, as peft's projection_prng_key draws them, so both start from the same matrices.
     Buffers, not parameters: they never train, and the adapter saves them once."""
     SEED = 0
 
@@ -273,7 +277,9 @@ class VeRAProjections(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(self.SEED)
         for name, shape in (("vera_A", (rank, in_features)), ("vera_B", (out_features, rank))):
-            bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # peft's _kaiming_init, to the last bit
+            bound = math.sqrt(3.0) * (
+                math.sqrt(2) / math.sqrt(shape[1])
+            )  # peft's _kaiming_init, to the last bit
             t = torch.empty(shape).uniform_(-bound, bound, generator=g)
             self.register_buffer(name, t.to(device), persistent=False)
 
@@ -287,8 +293,8 @@ class VeRAProjections(nn.Module):
 
 
 class VeRALinear(AdapterLinear):
-    """y = W x + Λ_b B Λ_d A dropout(x) (Kopiczko et al., 2024): A and B are frozen random projections shared by
-    every layer, and only the vectors λ_d (r, starts at 0.1) and λ_b (out, starts at 0) train, so the layer
+    """y = W x + Λ_b B Λ_d A dropout(x) (Kopiczko et al., 2024): A and B are frozen random projections shared
+    by every layer, and only the vectors λ_d (r, starts at 0.1) and λ_b (out, starts at 0) train, so the layer
     starts out equal to its base. No alpha/r scale; r is cfg.vera_rank."""
     SUMMARY = "VeRA, shared frozen random projections and trained scaling vectors"
     PEFT_NAMES = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d", "vera_A": "vera_A",
@@ -316,8 +322,12 @@ class VeRALinear(AdapterLinear):
 
     @staticmethod
     def make_shared(cfg, bases):
-        return VeRAProjections(cfg.vera_rank, max(b.in_features for b in bases), max(b.out_features for b in bases),
-                               device_of(bases[0]))
+        return VeRAProjections(
+            cfg.vera_rank,
+            max(b.in_features for b in bases),
+            max(b.out_features for b in bases),
+            device_of(bases[0]),
+        )
 
     def _a_b(self):
         """This layer's slices of the shared A and B."""
@@ -336,7 +346,9 @@ class VeRALinear(AdapterLinear):
         """Λ_b B Λ_d A in fp32."""
         a, b = self._a_b()
         with fp32(a):
-            return (self.vera_lambda_b.float()[:, None] * b.float()) @ (self.vera_lambda_d.float()[:, None] * a.float())
+            return (self.vera_lambda_b.float()[:, None] * b.float()) @ (
+                self.vera_lambda_d.float()[:, None] * a.float()
+            )
 
     def saved(self):
         return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
@@ -352,8 +364,15 @@ class VeRALinear(AdapterLinear):
 
     @staticmethod
     def peft_config(cfg):
-        return {"peft_type": "VERA", "r": cfg.vera_rank, "vera_dropout": cfg.dropout, "d_initial": VeRALinear.D_INITIAL,
-                "projection_prng_key": VeRAProjections.SEED, "save_projection": True, "init_weights": True}
+        return {
+            "peft_type": "VERA",
+            "r": cfg.vera_rank,
+            "vera_dropout": cfg.dropout,
+            "d_initial": VeRALinear.D_INITIAL,
+            "projection_prng_key": VeRAProjections.SEED,
+            "save_projection": True,
+            "init_weights": True,
+        }
 
 
 VARIANTS = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear, "lora-fa": LoRAFALinear}

@@ -31,9 +31,11 @@ def export_peft(directory, out) -> str:
     save_file(peft_tensors, os.path.join(out, "adapter_model.safetensors"))
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(peft_cfg, f, indent=2)
-    base = {"fp32": "", "bf16": " (trained on a bf16-stored base: load the base in bf16 to use it as trained)",
-            "nf4": " (trained on a quantized base, nf4 with double quantization: load the base with bitsandbytes' "
-                   "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True)"
-                   + ("; its LoftQ base is not nf4(W), so it does not apply to that base as trained" if cfg.init == "loftq"
-                      else "") + ")"}
+    base = {"fp32": "",
+            "bf16": " (trained on a bf16-stored base: load the base in bf16 to use it as trained)",
+            "nf4": " (trained on a quantized base, nf4 with double quantization: load the base with "
+                   "bitsandbytes' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+                   "bnb_4bit_use_double_quant=True)"
+                   + ("; its LoftQ base is not nf4(W), so it does not apply to that base as trained"
+                      if cfg.init == "loftq" else "") + ")"}
     return f"wrote {out}{base[cfg.base_dtype]}"
