@@ -312,6 +312,12 @@ def _eval_rows(runs, sizes, n, seconds, best, top, differ, why, int8_rouge, goal
     return rows
 
 
+
+def _probe(args, model, size):
+    """The memory-probe command line after the interpreter: every probe runs in a process of its own."""
+    return ["-m", "dialsum_raw.bench", "memory-probe", "--model", model, "--data", args.data,
+            "--config", args.config, "--size", size]
+
 def bench_memory(args):
     """Peak memory of LoRA training per stand-in size, with and without T5's gradient checkpointing
     (each run in its own process, so each peak is its own), and the adapter vs checkpoint size; then
@@ -326,24 +332,7 @@ def bench_memory(args):
     for size, mode, gc in probes:
         # One step: a large step takes minutes on CPU, and step 1 has the peak (the loop's first batch is
         # its longest of the first few, and AdamW's state is allocated in it).
-        cmd = [
-            sys.executable,
-            "-m",
-            "dialsum_raw.bench",
-            "memory-probe",
-            "--model",
-            args.model,
-            "--data",
-            args.data,
-            "--config",
-            args.config,
-            "--size",
-            size,
-            "--mode",
-            mode,
-            "--steps",
-            "1",
-        ]
+        cmd = [sys.executable, *_probe(args, args.model, size), "--mode", mode, "--steps", "1"]
         print(f"probe: {size} {mode}{' + checkpointing' if gc else ''}", flush=True)
         out = subprocess.run(
             cmd + ["--checkpointing"] * gc, check=True, capture_output=True, text=True
@@ -416,8 +405,7 @@ def bench_base_dtype(args):
             )
             for dtype in BASE_DTYPES:
                 print(f"probe: {size} base {dtype}", flush=True)
-                cmd = [sys.executable, "-m", "dialsum_raw.bench", "memory-probe", "--model", folder, "--data",
-                       args.data, "--config", args.config, "--size", size, "--mode", "lora", "--steps", "2",
+                cmd = [sys.executable, *_probe(args, folder, size), "--mode", "lora", "--steps", "2",
                        "--base-dtype", dtype]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 runs[f"{size} {dtype}"] = json.loads(out.strip().splitlines()[-1])
@@ -504,17 +492,7 @@ def bench_sharded_memory(args):
                     "--standalone",
                     "--nproc_per_node",
                     "2",
-                    "-m",
-                    "dialsum_raw.bench",
-                    "memory-probe",
-                    "--model",
-                    args.model,
-                    "--data",
-                    args.data,
-                    "--config",
-                    args.config,
-                    "--size",
-                    size,
+                    *_probe(args, args.model, size),
                     "--sharding",
                     wrapping,
                 ],

@@ -131,29 +131,12 @@ def trained(tiny, tmp_path_factory):
     """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights. Trained
     once per test run, whichever worker asks first."""
     import subprocess
-    import sys
     runs = {"full": ["--lora-rank", "0", "--lr", "3e-3"], "lora": ["--lora-rank", "8", "--lr", "1e-2"]}
 
     def make(root):
         procs = {
             name: subprocess.Popen(
-                [
-                    sys.executable,
-                    os.path.join(REPO, "train.py"),
-                    "--config",
-                    os.path.join(REPO, "configs", "tiny-smoke.toml"),
-                    "--model",
-                    tiny,
-                    "--data",
-                    CORPUS,
-                    "--output-dir",
-                    str(root / name),
-                    "--max-steps",
-                    "50",
-                    "--eval-every",
-                    "50",
-                    *flags,
-                ],
+                smoke_cmd(tiny, root / name, "--max-steps", "50", "--eval-every", "50", *flags),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -168,33 +151,19 @@ def trained(tiny, tmp_path_factory):
 
 # ---------------------------------------------------------------- training runs as the user starts them
 
-def train_cmd(tiny, out, *extra):
-    """train.py on the tiny model: every 40th dialogue, short sequences, fp32, a line per step."""
+def smoke_cmd(tiny, out, *flags):
+    """train.py with configs/tiny-smoke.toml on the tiny model and the real corpus, into `out`."""
     import sys
 
-    return [
-        sys.executable,
-        os.path.join(REPO, "train.py"),
-        "--config",
-        os.path.join(REPO, "configs", "tiny-smoke.toml"),
-        "--model",
-        tiny,
-        "--data",
-        CORPUS,
-        "--output-dir",
-        str(out),
-        "--subsample",
-        "40",
-        "--max-source-len",
-        "128",
-        "--max-target-len",
-        "32",
-        "--log-every",
-        "1",
-        "--precision",
-        "fp32",
-        *extra,
-    ]
+    smoke = os.path.join(REPO, "configs", "tiny-smoke.toml")
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config", smoke, "--model", tiny,
+            "--data", CORPUS, "--output-dir", str(out), *flags]
+
+
+def train_cmd(tiny, out, *extra):
+    """train.py on the tiny model: every 40th dialogue, short sequences, fp32, a line per step."""
+    return smoke_cmd(tiny, out, "--subsample", "40", "--max-source-len", "128", "--max-target-len", "32",
+                     "--log-every", "1", "--precision", "fp32", *extra)
 
 
 def torchrun(cmd, **kw):
