@@ -451,8 +451,7 @@ def _predicted(runs, measured, config):
     for size in ("xl", "xxl"):
         other = standin.config(config, size)
         scale = other.d_model * other.num_layers / (cfg.d_model * cfg.num_layers)
-        with torch.device("meta"):
-            model = standin.random_model(config, size)
+        model = standin.skeleton(config, size)
         predicted[size] = {}
         for dtype in BASE_DTYPES:
             r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
@@ -471,8 +470,7 @@ def bench_sharded_memory(args):
     sizes = (args.size,) if args.size else ("base",) if args.quick else ("base", "large")
     runs, skipped = {}, {}
     for size in sizes:
-        with torch.device("meta"):
-            parameters = count_parameters(standin.random_model(args.config, size))[1]
+        parameters = count_parameters(standin.skeleton(args.config, size))[1]
         for wrapping in ("ddp", "fsdp"):
             # per rank: the state (DDP: + 4 bytes of gradient buckets; FSDP: 1/2 of it) and ~1.5 GB of
             # interpreter, data and activations

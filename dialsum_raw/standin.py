@@ -5,13 +5,16 @@ speed, memory, equivalence and plumbing checks (and --tiny for fast tests). It c
 
     python -m dialsum_raw.standin --config ../shared/flan-t5-small --out standin [--size base | --tiny]
     python -m dialsum_raw.standin --config ../shared/flan-t5-small --size xl   # count and memory only
+    python -m dialsum_raw.standin --config ../shared/flan-t5-small --size xl --out xl   # 11 GB of disk
 
-Without --out (or when the model would not fit in this machine's free memory) the shape is built on
-the meta device, without weights: its parameter count and the predicted training memory per process
-under DDP and --fsdp are printed, and nothing is written.
+Without --out (or when the files would not fit on its disk) the shape is built on the meta device,
+without weights: its parameter count and the predicted training memory per process under DDP and --fsdp
+are printed, and nothing is written. The weights are written a shard (1 GiB) at a time, so xl and xxl are
+written on a machine with less memory than they take.
 """
 
 import argparse
+import math
 import os
 import shutil
 
@@ -52,26 +55,95 @@ def config(config_dir, size="small"):
     return T5Config.from_pretrained(config_dir, **SIZES[size])
 
 
-def random_model(config_dir, size="small", seed=0):
-    """A random T5 of that size, in memory; lm_head gets its own weight (see shared/README)."""
+def skeleton(config_dir, size="small"):
+    """The T5 of that size on the meta device (shapes, no memory), lm_head with its own weight: transformers
+    5.x ties lm_head to shared when building from a config; the real checkpoint does not (see
+    shared/README)."""
     import torch
     from transformers import T5ForConditionalGeneration
-    cfg = config(config_dir, size)
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(cfg)
-    # transformers 5.x ties lm_head to shared when building from a config; the real checkpoint
-    # does not, so give lm_head an independent weight with T5's own init scale.
-    head = torch.empty_like(model.shared.weight).normal_(0.0, cfg.d_model ** -0.5)
-    model.lm_head.weight = torch.nn.Parameter(head)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config(config_dir, size))
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
     return model
 
 
-def build(config_dir, out, tiny=False, seed=0, size="small"):
-    """Save a random T5 (with the tokenizer files) under `out`; returns the path."""
-    model = random_model(config_dir, "tiny" if tiny else size, seed)
+def _pieces(model):
+    """The model cut into the units T5's init sets whole (each attention, feed-forward and layer norm, the
+    shared embedding, lm_head), in order, each as (module, {full name: name in the module}); a tied tensor
+    is named once, by its first name, as save_pretrained does."""
+    from transformers.models.t5 import modeling_t5 as t5
+    names = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    kinds = (t5.T5LayerNorm, t5.T5Attention, t5.T5DenseActDense, t5.T5DenseGatedActDense)
+    units = [model.shared, model.lm_head, *(m for m in model.modules() if isinstance(m, kinds))]
+    return [(m, {names[id(p)]: n for n, p in m.named_parameters()}) for m in units]
+
+
+def _fill(model, module):
+    """Materialize one piece on the CPU with T5's own init (lm_head: N(0, d_model^-0.5), T5's scale for a
+    projection into d_model); the encoder's and decoder's embeddings are tied to shared again."""
+    import torch
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        if module is model.shared:
+            module.weight.normal_(0.0, model.config.initializer_factor)
+            for stack in (model.encoder, model.decoder):  # the embeddings tied to it
+                stack.embed_tokens.weight = module.weight
+        elif module is model.lm_head:
+            module.weight.normal_(0.0, model.config.d_model ** -0.5)
+        else:
+            model._init_weights(module)
+
+
+def random_model(config_dir, size="small", seed=0):
+    """A random T5 of that size in memory, with the weights build() writes for the same seed."""
+    import torch
+    model = skeleton(config_dir, size)
+    torch.manual_seed(seed)
+    for module, _ in _pieces(model):
+        _fill(model, module)
+    return model
+
+
+def build(config_dir, out, tiny=False, seed=0, size="small", shard_bytes=2 ** 30):
+    """Save a random T5 (with the tokenizer files) under `out`; returns the path. Written a shard at a time:
+    each piece is filled, saved with its shard and dropped, so the process holds at most one shard (1 GiB)
+    of weights; flan-t5-xl (11 GB in fp32) is written on a machine with less free memory than that. One
+    file, model.safetensors, when it fits a shard; else model-0000i-of-0000n.safetensors and their index,
+    as save_pretrained writes them."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    model = skeleton(config_dir, "tiny" if tiny else size)
+    def size_of(piece):
+        return sum(piece[0].get_parameter(n).numel() * 4 for n in piece[1].values())
+    shards = [[]]
+    for piece in _pieces(model):
+        if shards[-1] and sum(map(size_of, shards[-1])) + size_of(piece) > shard_bytes:
+            shards.append([])
+        shards[-1].append(piece)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    os.makedirs(tmp)
+    torch.manual_seed(seed)
+    weight_map = {}
+    for file, shard in zip(files, shards):
+        tensors = {}
+        for module, params in shard:
+            _fill(model, module)
+            tensors.update({full: module.get_parameter(n).detach() for full, n in params.items()})
+        save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        for module, _ in shard:
+            module.to_empty(device="meta")  # drop the piece's memory
+        del tensors
+    if len(files) > 1:
+        total = sum(map(size_of, (piece for shard in shards for piece in shard)))
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    model.config.save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(config_dir, name)):
             shutil.copy(os.path.join(config_dir, name), tmp)
@@ -117,23 +189,33 @@ def main(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    import torch
-    from .modeling import count_parameters, load_model
+    from .modeling import count_parameters
     size = "tiny" if a.tiny else a.size
-    with torch.device("meta"):  # the shape alone: no memory, no init time
-        parameters = count_parameters(random_model(a.config, size))[1]
-    need, free = 2 * 4 * parameters, free_bytes()  # fp32 weights in memory, and again while saving
-    if a.out is None or (free is not None and need > free):
+    parameters = count_parameters(skeleton(a.config, size))[1]  # the shape alone: no memory, no init time
+    need = 4 * parameters  # fp32 on disk; memory: one shard at a time (build)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(a.out)) if a.out else ".").free
+    if a.out is None or need > free:
         print(f"flan-t5-{size} shape: {parameters:,} parameters (built on the meta device; nothing written)")
         print("\n".join(memory_lines(parameters)))
         if a.out is not None:
             raise UserError(
-                f"not written: building and saving {a.out} needs about {need / 1e9:.0f} GB of memory, "
-                f"{free / 1e9:.0f} GB is free"
+                f"not written: {a.out} needs about {need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB is free"
             )
         return
     build(a.config, a.out, a.tiny, a.seed, a.size)
-    print(f"wrote {a.out}: {count_parameters(load_model(a.out))[1]:,} parameters")
+    print(f"wrote {a.out}: {written_parameters(a.out):,} parameters")
+
+
+def written_parameters(folder):
+    """Parameters in a model folder's safetensors file(s), counted from their headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    from .modeling import weight_files
+    total = 0
+    for path in weight_files(folder):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
 
 
 if __name__ == "__main__":

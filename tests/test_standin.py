@@ -41,12 +41,10 @@ SHAPES = {"small": (512, 1024, 6, 8, 76_961_152, 344_064), "base": (768, 2048, 1
 
 
 def test_sizes_have_flan_t5_shapes_and_parameter_counts():
-    import torch
     from dialsum_raw import lora, standin
     from dialsum_raw.modeling import count_parameters
     for size, (d_model, d_ff, heads, layers, total, trainable) in SHAPES.items():
-        with torch.device("meta"):  # shapes only: no memory, no init time
-            model = standin.random_model(FLAN, size)
+        model = standin.skeleton(FLAN, size)  # shapes only: no memory, no init time
         c = model.config
         assert (c.d_model, c.d_ff, c.num_heads, c.num_layers, c.num_decoder_layers) == (
             d_model,
@@ -97,3 +95,39 @@ def test_xl_is_counted_on_the_meta_device_with_predicted_memory(tmp_path):
     gb = 16 * 2_849_757_184 / 1e9
     assert lines[2] == f"  DDP, any number of processes: {gb:.1f} GB"
     assert lines[3] == f"  --fsdp: N=2: {gb / 2:.1f} GB, N=4: {gb / 4:.1f} GB, N=8: {gb / 8:.1f} GB"
+
+
+def test_a_sharded_build_writes_the_in_memory_model_one_shard_at_a_time(tmp_path):
+    """build() fills, saves and drops a shard at a time (how xl and xxl are written on this machine); what it
+    writes is random_model()'s weights for the seed, read back by from_pretrained and by the nf4 loader."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from dialsum_raw import standin
+    from dialsum_raw.modeling import load_model
+    out = standin.build(FLAN, str(tmp_path / "sharded"), tiny=True, seed=3, shard_bytes=2 ** 20)
+    with open(tmp_path / "sharded" / "model.safetensors.index.json") as f:
+        files = set(json.load(f)["weight_map"].values())
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) == 3 and files == set(shards) and shards[-1].endswith("-of-00003.safetensors")
+    for p in (tmp_path / "sharded").glob("model-*.safetensors"):  # no shard beyond its bound but by one piece
+        assert p.stat().st_size < 2 ** 20 + 32128 * 64 * 4 + 2 ** 16
+    expected = standin.random_model(FLAN, "tiny", seed=3).state_dict()
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(out).state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert standin.written_parameters(out) == 4_310_016
+    assert not any(t.is_meta for t in load_model(out, base_dtype="nf4").state_dict().values())
+    stds = {  # T5's init (d_model 64, d_kv 16, d_ff 128); lm_head N(0, d_model^-0.5)
+        "shared.weight": 1.0, "lm_head.weight": 64 ** -0.5,
+        "encoder.block.0.layer.0.SelfAttention.q.weight": (64 * 16) ** -0.5,
+        "decoder.block.1.layer.1.EncDecAttention.v.weight": 64 ** -0.5,
+        "encoder.block.1.layer.1.DenseReluDense.wo.weight": 128 ** -0.5,
+    }
+    for name, std in stds.items():
+        assert abs(expected[name].std().item() / std - 1) < 0.1, name
+    assert torch.equal(expected["decoder.final_layer_norm.weight"], torch.ones(64))
+    other = standin.random_model(FLAN, "tiny", seed=4).state_dict()
+    assert not torch.equal(other["encoder.block.0.layer.0.SelfAttention.q.weight"],
+                           expected["encoder.block.0.layer.0.SelfAttention.q.weight"])
