@@ -11,7 +11,6 @@ characters (accents, CJK) are dropped from the comparison, which is why non-ASCI
 import re
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 KINDS = ("per_row", "multi_ref_max", "multi_ref_mean")
@@ -23,7 +22,9 @@ def sentences_on_lines(text: str) -> str:
 
 
 def pair_scores(predictions, references, use_stemmer=True) -> list:
-    """F-measure of each rouge type for each (prediction, reference) pair."""
+    """F-measure of each rouge type for each (prediction, reference) pair. rouge_score (with nltk, 0.2 s)
+    is imported here, so a training run without --eval-rouge never loads it."""
+    from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
     rows = []
     for pred, ref in zip(predictions, references, strict=True):

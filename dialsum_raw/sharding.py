@@ -12,19 +12,15 @@ scheduler, counters and every rank's RNG stay in trainer_state.pt. Loading the s
 code: DCP's metadata goes through an allow-list of its own classes and only tensors are read.
 
 Training code asks this module, never `isinstance`: the loop body is the same for 1 process, DDP and FSDP.
+torch.distributed.fsdp and .checkpoint (0.6 s to import, with DTensor and sympy) are imported only by a
+sharded run, so a run without --fsdp, and `train.py --help`, start without them.
 """
 
 import os
-import pickle
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 from .checkpoint import OPTIMIZER_SHARDS
 from .lora import AdapterLinear
@@ -47,6 +43,8 @@ def wrap(model, fsdp: bool, world: int, device, precision: str):
         model.to(device)
         return model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
     mp = (
         MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
@@ -57,7 +55,9 @@ def wrap(model, fsdp: bool, world: int, device, precision: str):
 
 
 def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
+    """An FSDP2 module; none exists before wrap has imported FSDP2."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def no_sync(model):
@@ -96,6 +96,7 @@ def full_weights(model, trainable_only: bool):
     if not is_sharded(model):
         yield model
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=trainable_only))
     if (
@@ -127,11 +128,12 @@ def optimizer_state(model, optimizer):
     part."""
     if not is_sharded(model):
         return optimizer.state_dict(), None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from .optimizer_shards import write_shards
     state = get_optimizer_state_dict(model, optimizer)
 
     def write(folder):
-        dcp.save({"state": state["state"]}, storage_writer=dcp.FileSystemWriter(
-            os.path.join(folder, OPTIMIZER_SHARDS), sync_files=True))
+        write_shards({"state": state["state"]}, os.path.join(folder, OPTIMIZER_SHARDS))
     return {"sharded": OPTIMIZER_SHARDS, "param_groups": state["param_groups"]}, write
 
 
@@ -141,81 +143,8 @@ def load_optimizer(model, optimizer, saved: dict, folder):
     if "sharded" not in saved:
         optimizer.load_state_dict(saved)
         return
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from .optimizer_shards import read_shards
     state = get_optimizer_state_dict(model, optimizer)["state"]  # this rank's shards, filled in place below
     read_shards({"state": state}, os.path.join(folder, saved["sharded"]))
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": saved["param_groups"]})
-
-
-def read_shards(state: dict, path):
-    """Fill the tensors of `state` from the DCP folder `path`, refusing anything that would run pickled
-    code."""
-    try:
-        dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly())
-    except (
-        Exception,
-        dcp.CheckpointException,
-    ) as e:  # the latter a BaseException, wrapping each rank's error
-        cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]
-        if isinstance(cause, UserError):
-            raise cause
-        raise UserError(
-            f"{path}: unreadable optimizer shards ({type(cause).__name__}: {cause}); delete the run's "
-            "last/ to restart, or resume from another run"
-        )
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle; only DCP's own record classes (and the torch/pathlib values they hold)
-    may be built from it, as torch.load(weights_only=True) allows only tensors and plain values."""
-    ALLOWED = {
-        ("torch.distributed.checkpoint.metadata", n)
-        for n in (
-            "Metadata",
-            "TensorStorageMetadata",
-            "TensorProperties",
-            "ChunkStorageMetadata",
-            "BytesStorageMetadata",
-            "MetadataIndex",
-            "StorageMeta",
-            "_MEM_FORMAT_ENCODING",
-        )
-    } | {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        *{
-            ("torch", str(t).removeprefix("torch."))
-            for t in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32)
-        },
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise UserError(
-                f"optimizer shards: refused: the metadata asks to load the Python object {module}.{name}, "
-                "which could run code; DCP metadata holds only its own records"
-            )
-        return super().find_class(module, name)
-
-
-class _SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with .metadata read through the allow-list above."""
-
-    def read_metadata(self, *args, **kwargs):
-        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        metadata.storage_meta = metadata.storage_meta or StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _TensorsOnly(dcp.DefaultLoadPlanner):
-    """DCP's planner without its one torch.load(weights_only=False): we save tensors only, so a pickled item
-    is refused."""
-
-    def load_bytes(self, read_item, value):
-        raise UserError(
-            f"optimizer shards: refused: {read_item.dest_index.fqn} is a pickled object, not a tensor"
-        )

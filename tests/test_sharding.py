@@ -160,18 +160,18 @@ def test_optimizer_shards_load_tensors_only_and_refuse_pickled_code(tmp_path):
 
     import torch
     import torch.distributed.checkpoint as dcp
-    from dialsum_raw import sharding
     from dialsum_raw.errors import UserError
+    from dialsum_raw.optimizer_shards import read_shards
 
     saved = {"exp_avg": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3.0)}
     dcp.save(saved, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
     loaded = {k: torch.zeros_like(v) for k, v in saved.items()}
-    sharding.read_shards(loaded, str(tmp_path / "ok"))
+    read_shards(loaded, str(tmp_path / "ok"))
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
     dcp.save({"lr": 0.5}, checkpoint_id=str(tmp_path / "object"), no_dist=True)  # stored pickled
     with pytest.raises(UserError, match="refused: lr is a pickled object, not a tensor"):
-        sharding.read_shards({"lr": 0.0}, str(tmp_path / "object"))
+        read_shards({"lr": 0.0}, str(tmp_path / "object"))
 
     class Exploit:
         def __reduce__(self):
@@ -181,5 +181,5 @@ def test_optimizer_shards_load_tensors_only_and_refuse_pickled_code(tmp_path):
     with pytest.raises(
         UserError, match=r"refused: the metadata asks to load the Python object (posix|os)\.system"
     ):
-        sharding.read_shards(loaded, str(tmp_path / "ok"))
+        read_shards(loaded, str(tmp_path / "ok"))
     assert not (tmp_path / "pwned").exists()
