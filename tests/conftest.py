@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import zygote
 
 # The suite runs on CPU, GPU machine or not (the 2-process tests mean gloo): set before CUDA starts, and
 # inherited by every test subprocess (train.py, torchrun's workers). GPU checks belong to the GPU bench.
@@ -9,10 +10,24 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # put four threads on two cores. Test subprocesses inherit this; tests that need more threads say so.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Eligible test commands (train.py, evaluate.py, python -m dialsum_raw.X) are forked from a process that has
+# imported torch, transformers and dialsum_raw once (tests/zygote.py); `real_processes` tests are fork + exec.
+zygote.install()
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("DIALSUM_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 CORPUS = os.path.join(SHARED, "dialogsum")
 FLAN = os.path.join(SHARED, "flan-t5-small")
+
+
+@pytest.fixture(autouse=True)
+def _real_processes(request):
+    """Under the `real_processes` marker, every command the test starts is a real fork + exec."""
+    if request.node.get_closest_marker("real_processes") is None:
+        yield
+        return
+    with zygote.real_processes():
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers

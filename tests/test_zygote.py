@@ -1,0 +1,108 @@
+"""tests/zygote.py runs a test's command as `python script args` would: the same stdout, stderr and exit
+status, in the caller's cwd and environment, with only the standard streams open."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import zygote
+from conftest import smoke_cmd
+
+PROBE = """\
+import os, sys
+print("cwd", os.getcwd())
+print("test", os.environ.get("PYTEST_CURRENT_TEST"))
+print("argv", sys.argv)
+print("path0", sys.path[0])
+print("fds", sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:4])
+print("stdin", sys.stdin.read())
+print("name", __name__, __file__)
+sys.stderr.write("to stderr\\n")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_command_sees_its_own_cwd_environment_argv_and_stdio(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    cmd = [sys.executable, str(script), "3", "arg with spaces"]
+    proc = zygote.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+    assert proc._conn is not None, "not run by the zygote"
+    forked = (*proc.communicate("the input"), proc.returncode)
+    with zygote.real_processes():
+        real = subprocess.run(cmd, cwd=cwd, input="the input", capture_output=True, text=True)
+    assert forked == (real.stdout, real.stderr, real.returncode)
+    assert real.returncode == 3 and f"cwd {cwd}\n" in real.stdout and "stdin the input\n" in real.stdout
+    assert f"test {os.environ['PYTEST_CURRENT_TEST']}\n" in real.stdout
+    assert "fds [0, 1, 2, 3]\n" in real.stdout  # 3: the listing itself
+
+
+@pytest.mark.slow
+def test_a_refusal_and_a_short_run_match_a_real_process(tiny, tmp_path):
+    """train.py refusing a flag (before any import of torch), then 2 steps of training: byte for byte the
+    same output and status (the progress bars aside: they time themselves), and the same metrics."""
+    refusal = smoke_cmd(tiny, tmp_path / "r", "--lora-rank", "-1")
+    results = []
+    for real in (False, True):
+        with zygote.real_processes() if real else open(os.devnull):
+            proc = subprocess.Popen(refusal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert (proc._conn is None) == real
+            results.append((*proc.communicate(), proc.returncode))
+    assert results[0] == results[1] and results[0][2] == 2 and results[0][1].startswith("error: --lora-rank")
+
+    runs = []
+    for real in (False, True):
+        out = tmp_path / f"real={real}"
+        with zygote.real_processes() if real else open(os.devnull):
+            res = subprocess.run(smoke_cmd(tiny, out, "--max-steps", "2", "--eval-every", "2", "--subsample",
+                                           "200", "--log-every", "1"), capture_output=True, text=True)
+        runs.append((res.returncode, _untimed(res.stdout.replace(str(out), "OUT")),
+                     _untimed(res.stderr.replace(str(out), "OUT")),
+                     _untimed((out / "metrics.jsonl").read_text())))
+    assert runs[0] == runs[1] and runs[0][0] == 0 and "trainable model parameters: 4,310,016" in runs[0][1]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "real=False" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 2]
+
+
+def _untimed(text):
+    """The lines of `text` without progress bars and with no figure that measures time."""
+    lines = [line for line in re.split(r"[\r\n]+", text) if line and "%|" not in line]
+    return [re.sub(r'"(seconds|tokens_per_second)": [0-9.]+', r'"\1": T', line) for line in lines]
+
+
+@pytest.mark.slow
+def test_signals_and_statuses_are_the_commands_own(tmp_path):
+    """SIGTERM kills the forked command itself; a SystemExit message goes to stderr with status 1."""
+    script = tmp_path / "wait.py"
+    script.write_text("import sys, time\nprint('up', flush=True)\nif sys.argv[1] == 'msg': sys.exit('bye')\n"
+                      "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script), "sleep"], stdout=subprocess.PIPE, text=True)
+    assert proc._conn is not None and proc.stdout.readline() == "up\n" and proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == -signal.SIGTERM
+    res = subprocess.run([sys.executable, str(script), "msg"], capture_output=True, text=True)
+    assert (res.returncode, res.stdout, res.stderr) == (1, "up\n", "bye\n")
+
+
+def test_what_the_zygote_cannot_run_alike_is_a_real_process(tmp_path):
+    """Another environment (read at import time), a new session, a preexec_fn, `-c`: fork + exec."""
+    script = str(tmp_path / "x.py")
+    open(script, "w").write("pass\n")
+    for cmd, kw in (([sys.executable, script], {"env": {**os.environ, "OMP_NUM_THREADS": "2"}}),
+                    ([sys.executable, script], {"start_new_session": True}),
+                    ([sys.executable, script], {"preexec_fn": lambda: None}),
+                    ([sys.executable, "-c", "pass"], {}),
+                    ([sys.executable, "-m", "torch.distributed.run", "--help"],
+                     {"stdout": subprocess.DEVNULL})):
+        proc = subprocess.Popen(cmd, **kw)
+        assert proc.wait() == 0 and proc._conn is None, (cmd, kw)
+    proc = zygote.Popen([sys.executable, script])
+    assert proc.wait() == 0 and proc._conn is not None
