@@ -48,6 +48,10 @@ def pytest_cmdline_main(config):
         config.option.dist, config.option.loadscopereorder = "loadgroup", False
 
 
+def pytest_unconfigure(config):
+    zygote.stop()
+
+
 @pytest.hookimpl(optionalhook=True)  # xdist's: the --dist chosen above, for each worker
 def pytest_configure_node(node):
     node.workerinput["dist"] = node.config.option.dist

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import zygote
 
 from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, torchrun, torchrun_killed,
                       train_cmd, two_process_cmd)
@@ -49,9 +50,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
                                 stderr=subprocess.DEVNULL, text=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    with zygote.real_processes():  # the one SIGKILLed: a process started as the user starts it
+        proc = subprocess.Popen(
+            train_cmd(tiny, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     deadline = time.time() + 120
     while checkpoint.find(str(killed / "last")) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -484,6 +486,7 @@ def _train_main(argv):
 
 
 @pytest.mark.slow
+@pytest.mark.real_processes  # the lock held by another process, as started by the user
 def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_finishes(tiny, tmp_path):
     """The first run is paused (SIGSTOP) while holding its folder, so the attempts meet it for sure: a plain
     start, --overwrite and --resume are all refused naming it, and it then finishes as if alone."""

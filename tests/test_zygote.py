@@ -33,15 +33,16 @@ def test_a_command_sees_its_own_cwd_environment_argv_and_stdio(tmp_path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     cmd = [sys.executable, str(script), "3", "arg with spaces"]
-    proc = zygote.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True)
+    env = {**os.environ, "PYTEST_CURRENT_TEST": "probe"}  # may differ from the zygote's (NOT_READ_AT_IMPORT)
+    proc = zygote.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
     assert proc._conn is not None, "not run by the zygote"
     forked = (*proc.communicate("the input"), proc.returncode)
     with zygote.real_processes():
-        real = subprocess.run(cmd, cwd=cwd, input="the input", capture_output=True, text=True)
+        real = subprocess.run(cmd, cwd=cwd, env=env, input="the input", capture_output=True, text=True)
     assert forked == (real.stdout, real.stderr, real.returncode)
     assert real.returncode == 3 and f"cwd {cwd}\n" in real.stdout and "stdin the input\n" in real.stdout
-    assert f"test {os.environ['PYTEST_CURRENT_TEST']}\n" in real.stdout
+    assert "test probe\n" in real.stdout
     assert "fds [0, 1, 2, 3]\n" in real.stdout  # 3: the listing itself
 
 

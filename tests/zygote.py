@@ -90,6 +90,17 @@ def _connect():
     return conn
 
 
+def stop():
+    """End the server, if any, and wait for it, so that its CPU time and its commands' count as this
+    process's children's (as /usr/bin/time and resource.getrusage report them)."""
+    if _server is None or _server[0].stdin.closed:
+        return
+    proc = _server[0]
+    proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+
+
 class Popen(subprocess.Popen):
     """subprocess.Popen, whose eligible commands run forked from the zygote (see the module docstring)."""
 
@@ -163,7 +174,7 @@ def serve(listener_fd):
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-        if 0 in ready and not os.read(0, 1024):  # the test process has gone
+        if 0 in ready and not os.read(0, 1024):  # the test process has ended (or gone)
             return
         if listener in ready:
             conn = listener.accept()[0]
