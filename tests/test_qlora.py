@@ -43,6 +43,22 @@ def test_nf4_model_is_the_fp32_model_with_its_block_weights_quantized(tiny):
         assert torch.equal(nf4(**batch()).logits, fp32(**batch()).logits)
 
 
+def test_nf4_loading_hands_freed_buffers_back(tiny, monkeypatch):
+    """load_model sets the allocator policy for nf4 (test_freed_weight_sized_buffers_go_back_to_the_system
+    shows what it does), before the first weight is read."""
+    from dialsum_raw import modeling
+    calls = []
+    monkeypatch.setattr(modeling, "mmap_large_buffers", lambda: calls.append("policy"))
+    real = modeling.read_safetensors
+
+    def reading(*args):
+        calls.append("read")
+        return real(*args)
+    monkeypatch.setattr(modeling, "read_safetensors", reading)
+    load_model(tiny, base_dtype="nf4")
+    assert calls[:2] == ["policy", "read"]
+
+
 def test_nf4_loading_is_deterministic_bit_for_bit(tiny):
     a, b = (dict(quantized_linears(load_model(tiny, base_dtype="nf4"))) for _ in range(2))
     assert all(torch.equal(x, y) for n in a for x, y in zip(a[n].buffers(), b[n].buffers()))
@@ -276,3 +292,35 @@ def test_qlora_logits_and_one_step_equal_peft_on_bitsandbytes(tiny):
     assert len(pairs) == 2 * 12
     for a, p in pairs:
         assert (a - p).abs().max() <= 1e-6 * 1e-2  # Adam's first step moves each by ~lr
+
+
+FRAGMENTING = """
+import sys, torch
+from dialsum_raw.modeling import mmap_large_buffers
+if sys.argv[1] == "on":
+    mmap_large_buffers()
+kept = []
+for _ in range(40):  # layer calls: a weight-sized buffer made and freed, a small tensor kept beside it
+    for n in (1 << 20, 2_883_584, 1 << 20, 3 << 18):
+        w = torch.ones(n)
+        kept.append(torch.ones(n // 64))
+        del w
+print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
+    """nf4 loading and per-call dequantization free a weight-sized buffer next to small tensors that stay;
+    with glibc's default dynamic mmap threshold the holes stay resident (hundreds of MB here);
+    mmap_large_buffers, which load_model calls for nf4, hands them back. Each side in a fresh process."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    script = tmp_path / "fragmenting.py"
+    script.write_text(FRAGMENTING)
+    rss = {mode: int(subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                                    check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}).stdout)
+           for mode in ("off", "on")}
+    assert rss["on"] < rss["off"] - 200, rss
