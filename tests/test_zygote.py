@@ -26,9 +26,17 @@ sys.exit(int(sys.argv[1]))
 """
 
 
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """A folder whose scripts count as the repository's (zygote.ROOTS), for this module's probes."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.setattr(zygote, "ROOTS", [*zygote.ROOTS, os.path.realpath(tmp_path / "here")])
+    return tmp_path / "here"
+
+
 @pytest.mark.slow
-def test_a_command_sees_its_own_cwd_environment_argv_and_stdio(tmp_path):
-    script = tmp_path / "probe.py"
+def test_a_command_sees_its_own_cwd_environment_argv_and_stdio(here, tmp_path):
+    script = here / "probe.py"
     script.write_text(PROBE)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -80,9 +88,9 @@ def _untimed(text):
 
 
 @pytest.mark.slow
-def test_signals_and_statuses_are_the_commands_own(tmp_path):
+def test_signals_and_statuses_are_the_commands_own(here):
     """SIGTERM kills the forked command itself; a SystemExit message goes to stderr with status 1."""
-    script = tmp_path / "wait.py"
+    script = here / "wait.py"
     script.write_text("import sys, time\nprint('up', flush=True)\nif sys.argv[1] == 'msg': sys.exit('bye')\n"
                       "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, str(script), "sleep"], stdout=subprocess.PIPE, text=True)
@@ -93,16 +101,19 @@ def test_signals_and_statuses_are_the_commands_own(tmp_path):
     assert (res.returncode, res.stdout, res.stderr) == (1, "up\n", "bye\n")
 
 
-def test_what_the_zygote_cannot_run_alike_is_a_real_process(tmp_path):
-    """Another environment (read at import time), a new session, a preexec_fn, `-c`: fork + exec."""
-    script = str(tmp_path / "x.py")
-    open(script, "w").write("pass\n")
+def test_what_the_zygote_cannot_run_alike_is_a_real_process(here, tmp_path):
+    """Another environment (read at import time), a new session, a preexec_fn, `-c`, torchrun, a script from
+    outside the repository: fork + exec."""
+    script, outside = str(here / "x.py"), str(tmp_path / "x.py")
+    for path in (script, outside):
+        open(path, "w").write("pass\n")
     for cmd, kw in (([sys.executable, script], {"env": {**os.environ, "OMP_NUM_THREADS": "2"}}),
                     ([sys.executable, script], {"start_new_session": True}),
                     ([sys.executable, script], {"preexec_fn": lambda: None}),
                     ([sys.executable, "-c", "pass"], {}),
                     ([sys.executable, "-m", "torch.distributed.run", "--help"],
-                     {"stdout": subprocess.DEVNULL})):
+                     {"stdout": subprocess.DEVNULL}),
+                    ([sys.executable, outside], {})):
         proc = subprocess.Popen(cmd, **kw)
         assert proc.wait() == 0 and proc._conn is None, (cmd, kw)
     proc = zygote.Popen([sys.executable, script])

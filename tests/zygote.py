@@ -10,11 +10,12 @@ as `__main__` and exits as Python's own shutdown does (SystemExit's code, a trac
 atexit handlers, streams flushed). It is a real process: its pid, signals, file locks and exit status are
 its own, and the Popen object is the standard one apart from how it starts and waits.
 
-Eligible: `[sys.executable, /abs/script.py, ...]` or `[sys.executable, "-m", "dialsum_raw...", ...]`, with
-the zygote's environment (NOT_READ_AT_IMPORT aside: what is read at import time, OMP_NUM_THREADS
-included, must be the same) and none of preexec_fn, start_new_session, process_group, pass_fds, a user or
-group, umask, shell or executable. Everything else, torchrun included, is a real `fork` + `exec`, and so is
-every command while `real_processes()` is in force (the `real_processes` marker) or DIALSUM_ZYGOTE=0.
+Eligible: `[sys.executable, /abs/script.py, ...]` for a script of this repository (ROOTS), or
+`[sys.executable, "-m", "dialsum_raw...", ...]`, with the zygote's environment (NOT_READ_AT_IMPORT aside:
+what is read at import time, OMP_NUM_THREADS included, must be the same) and none of preexec_fn,
+start_new_session, process_group, pass_fds, a user or group, umask, shell or executable. Everything else,
+torchrun included, is a real `fork` + `exec`, and so is every command while `real_processes()` is in force
+(the `real_processes` marker) or DIALSUM_ZYGOTE=0.
 """
 
 import contextlib
@@ -32,6 +33,9 @@ PRELOAD = ("torch", "transformers", "transformers.models.t5.modeling_t5", "trans
            "tokenizers", "safetensors.torch", "rouge_score.rouge_scorer", "tqdm.auto", "dialsum_raw.training",
            "dialsum_raw.compare", "dialsum_raw.summarize", "dialsum_raw.sweep", "dialsum_raw.data",
            "dialsum_raw.lora.cli", "dialsum_raw.standin")  # imported, never run (no `-m` entry's __main__)
+# The project's own scripts (train.py, evaluate.py); a script a test writes for itself is often about the
+# process (its memory, its start) and runs as a real one.
+ROOTS = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 _real = subprocess.Popen
 _server = None  # (the server's Popen, the socket path, the environment it started with)
 _enabled = os.environ.get("DIALSUM_ZYGOTE", "1") != "0"
@@ -59,7 +63,8 @@ def _script(args):
         return None
     if args[1] == "-m" and len(args) > 2 and args[2].split(".")[0] == "dialsum_raw":
         return "module", args[2]
-    if args[1].endswith(".py") and os.path.isabs(args[1]) and os.path.isfile(args[1]):
+    if args[1].endswith(".py") and os.path.isabs(args[1]) and os.path.isfile(args[1]) and any(
+            os.path.realpath(args[1]).startswith(root + os.sep) for root in ROOTS):
         return "path", args[1]
     return None
 
