@@ -8,6 +8,7 @@
                                                     # full fine-tuning at 2 processes, DDP vs --fsdp (--only
                                                     sharding); # the base stored fp32 / bf16 / nf4 (--only
                                                     base-dtype)
+    python -m dialsum_raw.bench block   [--size large]  # one T5 block, fwd+bwd, base fp32 / bf16 / nf4
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -632,7 +634,6 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
     """memory-probe --base-dtype: the saved stand-in loaded with that storage, LoRA r=8 q,v, bf16 autocast;
     the first batch twice: the first step has the peak, the second is timed, with the time spent in
     NF4.dequantize."""
-    from . import quant
     device = compute_device()
     model = load_model(args.model, base_dtype=args.base_dtype)
     lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
@@ -640,15 +641,8 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
     batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
     autocast = autocast_for("bf16", device)
     bare_steps(model, batch, device, autocast)
-    spent, dequantize = [0.0], quant.NF4.dequantize
-
-    def timed(self, *a, **k):
-        start = time.perf_counter()
-        out = dequantize(self, *a, **k)
-        spent[0] += time.perf_counter() - start
-        return out
-    quant.NF4.dequantize = timed
-    seconds = bare_steps(model, batch, device, autocast)
+    with _dequantizing() as spent:
+        seconds = bare_steps(model, batch, device, autocast)
     print(
         json.dumps(
             {
@@ -666,6 +660,69 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
             }
         )
     )
+
+
+@contextmanager
+def _dequantizing():
+    """[seconds spent in NF4.dequantize] while the with-block runs."""
+    from . import quant
+    spent, dequantize = [0.0], quant.NF4.dequantize
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        out = dequantize(self, *a, **k)
+        spent[0] += time.perf_counter() - start
+        return out
+    quant.NF4.dequantize = timed
+    try:
+        yield spent
+    finally:
+        quant.NF4.dequantize = dequantize
+
+
+def bench_block(args):
+    """One T5 encoder block of --size (small unless given), forward and backward under bf16 autocast, its
+    Linears stored fp32, bf16 and nf4 (a frozen base: the gradient is the input's), at the bench's batch
+    (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds, the best of 8 rounds with the three interleaved,
+    and nf4's share spent dequantizing. The blocks are nearly all of a step's work, and this costs seconds
+    where one step of the large stand-in at batch 8 costs many minutes on a CPU."""
+    import copy
+
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    from .quant import NF4Linear
+    torch.set_num_threads(1)
+    cfg = standin.config(args.config, args.size or "small")
+    torch.manual_seed(0)
+    base = T5Block(cfg, has_relative_attention_bias=True, layer_idx=0).train().requires_grad_(False)
+    blocks = {dtype: copy.deepcopy(base) for dtype in BASE_DTYPES}
+    blocks["bf16"].to(torch.bfloat16)
+    for name in [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]:
+        parent, child = name.rsplit(".", 1)
+        setattr(blocks["nf4"].get_submodule(parent), child, NF4Linear.from_linear(base.get_submodule(name)))
+    result = {"size": args.size or "small", "shapes": {}}
+    for batch, tokens in ((8, 320), (1, 512)):
+        x0, best, share = torch.randn(batch, tokens, cfg.d_model), {}, 0.0
+        for _ in range(8):
+            for dtype, block in blocks.items():
+                x = x0.to(torch.bfloat16 if dtype == "bf16" else torch.float32).requires_grad_(True)
+                start = time.process_time()
+                with _dequantizing() as spent, torch.autocast("cpu", dtype=torch.bfloat16):
+                    block(x)[0].float().square().mean().backward()
+                seconds = time.process_time() - start
+                if seconds < best.get(dtype, float("inf")):
+                    best[dtype] = seconds
+                    share = spent[0] / seconds if dtype == "nf4" else share
+        result["shapes"][f"{batch}x{tokens}"] = {"seconds": best, "nf4_over_bf16": best["nf4"] / best["bf16"],
+                                                 "nf4_over_fp32": best["nf4"] / best["fp32"],
+                                                 "dequantize_share": share}
+    table(f"one {result['size']} T5 encoder block, forward + backward, bf16 autocast, CPU s (best of 8), "
+          "1 thread",
+          [(f"{shape}: {dtype} base", f"{r['seconds'][dtype]:.3f} s"
+            + (f" ({r['nf4_over_bf16']:.2f}x bf16, {r['nf4_over_fp32']:.2f}x fp32; dequantizing "
+               f"{r['dequantize_share']:.0%})" if dtype == "nf4" else ""))
+           for shape, r in result["shapes"].items() for dtype in BASE_DTYPES])
+    save("block", result, args)
 
 
 def bench_learn(args):
@@ -723,7 +780,7 @@ def main(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=["train", "eval", "memory", "learn", "gpu", "memory-probe"])
+    p.add_argument("which", choices=["train", "eval", "memory", "block", "learn", "gpu", "memory-probe"])
     p.add_argument("--quick", action="store_true", help="about a minute instead of about five")
     p.add_argument("--data", default="../shared/dialogsum", help="DialogSum folder or hub id")
     p.add_argument(
@@ -741,7 +798,7 @@ def main(argv=None):
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument(
-        "--size", choices=list(standin.SIZES), help="memory --only sharding: this stand-in size only"
+        "--size", choices=list(standin.SIZES), help="memory --only sharding, block: this stand-in size only"
     )
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
@@ -756,10 +813,10 @@ def main(argv=None):
         return sharded_probe(args) if args.sharding else memory_probe(args)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None and args.which != "learn":
+        if args.model is None and args.which not in ("learn", "block"):
             args.model = standin.build(args.config, os.path.join(tmp, "standin"))
-        {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "learn": bench_learn,
-         "gpu": gpucheck.run}[args.which](args)
+        {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "block": bench_block,
+         "learn": bench_learn, "gpu": gpucheck.run}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -324,3 +324,24 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
                                     check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}).stdout)
            for mode in ("off", "on")}
     assert rss["on"] < rss["off"] - 200, rss
+
+
+def test_bench_block_times_the_three_bases_and_puts_dequantize_back(tmp_path):
+    """`bench block` on the tiny shape: a row per base dtype and batch shape, nf4's dequantizing share
+    measured (between 0 and 1) and NF4.dequantize itself again afterwards (the timer must not stay
+    installed)."""
+    from conftest import FLAN
+
+    from dialsum_raw import bench, quant
+    original = quant.NF4.dequantize
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["block", "--size", "tiny", "--config", FLAN, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.load(open(tmp_path / "bench-block.json"))
+    assert result["size"] == "tiny" and set(result["shapes"]) == {"8x320", "1x512"}
+    for r in result["shapes"].values():
+        assert set(r["seconds"]) == {"fp32", "bf16", "nf4"} and all(v > 0 for v in r["seconds"].values())
+        assert 0 < r["dequantize_share"] < 1
+    assert quant.NF4.dequantize is original
