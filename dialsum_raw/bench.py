@@ -682,14 +682,14 @@ def _dequantizing():
 
 def bench_block(args):
     """One T5 encoder block of --size (small unless given), forward and backward under bf16 autocast, its
-    weights stored as --base-dtype fp32, bf16 (wo in fp32, as transformers keeps it) and nf4 store them (a
-    frozen base: the gradient is the input's), at the bench's batch
+    weights stored as --base-dtype fp32, bf16 and nf4 store them (a frozen base: the gradient is the
+    input's), at the bench's batch
     (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds, the best of 8 rounds with the three interleaved,
     and nf4's share spent dequantizing. The blocks are nearly all of a step's work, and this costs seconds
     where one step of the large stand-in at batch 8 costs many minutes on a CPU."""
     import copy
 
-    from transformers.models.t5.modeling_t5 import T5Block, T5PreTrainedModel
+    from transformers.models.t5.modeling_t5 import T5Block
 
     from .quant import NF4Linear
     torch.set_num_threads(1)
@@ -697,10 +697,7 @@ def bench_block(args):
     torch.manual_seed(0)
     base = T5Block(cfg, has_relative_attention_bias=True, layer_idx=0).train().requires_grad_(False)
     blocks = {dtype: copy.deepcopy(base) for dtype in BASE_DTYPES}
-    blocks["bf16"].to(torch.bfloat16)
-    for name, m in blocks["bf16"].named_modules():  # as from_pretrained(dtype=bfloat16) stores T5: wo in fp32
-        if name.rsplit(".", 1)[-1] in T5PreTrainedModel._keep_in_fp32_modules:
-            m.float()
+    blocks["bf16"].to(torch.bfloat16)  # every weight, wo too, as from_pretrained(dtype=bfloat16) stores T5
     for name in [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]:
         parent, child = name.rsplit(".", 1)
         setattr(blocks["nf4"].get_submodule(parent), child, NF4Linear.from_linear(base.get_submodule(name)))

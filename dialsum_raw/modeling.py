@@ -39,7 +39,7 @@ BASE_DTYPES = ("fp32", "bf16", "nf4")
 STORAGE_RULE = (
     "nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
     "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
-    "bf16 stores every weight in bf16 but wo, which transformers keeps in fp32"
+    "bf16 stores every weight in bf16 (transformers 5 keeps T5's wo in fp32 only for fp16)"
 )
 
 
