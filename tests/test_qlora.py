@@ -326,6 +326,7 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
     assert rss["on"] < rss["off"] - 200, rss
 
 
+@pytest.mark.slow
 def test_bench_block_times_the_three_bases_and_puts_dequantize_back(tmp_path):
     """`bench block` on the tiny shape: a row per base dtype and batch shape, nf4's dequantizing share
     measured (between 0 and 1) and NF4.dequantize itself again afterwards (the timer must not stay
