@@ -95,26 +95,30 @@ def _fill(model, module):
 
 
 def random_model(config_dir, size="small", seed=0):
-    """A random T5 of that size in memory, with the weights build() writes for the same seed."""
+    """A random T5 of that size, in memory; lm_head gets its own weight (see shared/README). The tests'
+    tiny and small stand-ins are these weights (build writes them when they fit one shard)."""
     import torch
-    model = skeleton(config_dir, size)
+    from transformers import T5ForConditionalGeneration
+    cfg = config(config_dir, size)
     torch.manual_seed(seed)
-    for module, _ in _pieces(model):
-        _fill(model, module)
+    model = T5ForConditionalGeneration(cfg)
+    head = torch.empty_like(model.shared.weight).normal_(0.0, cfg.d_model ** -0.5)
+    model.lm_head.weight = torch.nn.Parameter(head)
     return model
 
 
 def build(config_dir, out, tiny=False, seed=0, size="small", shard_bytes=2 ** 30):
     """Save a random T5 (with the tokenizer files) under `out`; returns the path. Written a shard at a time:
     each piece is filled, saved with its shard and dropped, so the process holds at most one shard (1 GiB)
-    of weights; flan-t5-xl (11 GB in fp32) is written on a machine with less free memory than that. One
-    file, model.safetensors, when it fits a shard; else model-0000i-of-0000n.safetensors and their index,
-    as save_pretrained writes them."""
+    of weights; flan-t5-xl (11 GB in fp32) is written on a machine with less free memory than that, as
+    model-0000i-of-0000n.safetensors and their index. A model that fits one shard is random_model's, saved
+    whole (the tests' stand-ins: their assertions were tuned on those weights)."""
     import json
 
     import torch
     from safetensors.torch import save_file
     model = skeleton(config_dir, "tiny" if tiny else size)
+
     def size_of(piece):
         return sum(piece[0].get_parameter(n).numel() * 4 for n in piece[1].values())
     shards = [[]]
@@ -122,11 +126,14 @@ def build(config_dir, out, tiny=False, seed=0, size="small", shard_bytes=2 ** 30
         if shards[-1] and sum(map(size_of, shards[-1])) + size_of(piece) > shard_bytes:
             shards.append([])
         shards[-1].append(piece)
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if len(shards) == 1:  # fits one shard: random_model's weights, saved whole
+        random_model(config_dir, "tiny" if tiny else size, seed).save_pretrained(tmp)
+        shards = []
+    else:
+        os.makedirs(tmp)
     torch.manual_seed(seed)
     weight_map = {}
     for file, shard in zip(files, shards):
@@ -139,11 +146,11 @@ def build(config_dir, out, tiny=False, seed=0, size="small", shard_bytes=2 ** 30
         for module, _ in shard:
             module.to_empty(device="meta")  # drop the piece's memory
         del tensors
-    if len(files) > 1:
+    if shards:
         total = sum(map(size_of, (piece for shard in shards for piece in shard)))
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    model.config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(config_dir, name)):
             shutil.copy(os.path.join(config_dir, name), tmp)

@@ -97,9 +97,9 @@ def test_xl_is_counted_on_the_meta_device_with_predicted_memory(tmp_path):
     assert lines[3] == f"  --fsdp: N=2: {gb / 2:.1f} GB, N=4: {gb / 4:.1f} GB, N=8: {gb / 8:.1f} GB"
 
 
-def test_a_sharded_build_writes_the_in_memory_model_one_shard_at_a_time(tmp_path):
-    """build() fills, saves and drops a shard at a time (how xl and xxl are written on this machine); what it
-    writes is random_model()'s weights for the seed, read back by from_pretrained and by the nf4 loader."""
+def test_a_sharded_build_writes_one_shard_at_a_time_deterministically(tmp_path):
+    """build() fills, saves and drops a shard at a time (how xl and xxl are written here), with T5's
+    init scales, deterministically for a seed, read back by from_pretrained and by the nf4 loader."""
     import json
 
     import torch
@@ -114,9 +114,11 @@ def test_a_sharded_build_writes_the_in_memory_model_one_shard_at_a_time(tmp_path
     assert len(shards) == 3 and files == set(shards) and shards[-1].endswith("-of-00003.safetensors")
     for p in (tmp_path / "sharded").glob("model-*.safetensors"):  # no shard beyond its bound but by one piece
         assert p.stat().st_size < 2 ** 20 + 32128 * 64 * 4 + 2 ** 16
-    expected = standin.random_model(FLAN, "tiny", seed=3).state_dict()
-    loaded = AutoModelForSeq2SeqLM.from_pretrained(out).state_dict()
-    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    expected = AutoModelForSeq2SeqLM.from_pretrained(out).state_dict()
+    again = standin.build(FLAN, str(tmp_path / "again"), tiny=True, seed=3, shard_bytes=2 ** 20)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(again).state_dict()
+    assert loaded.keys() == standin.random_model(FLAN, "tiny").state_dict().keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert standin.written_parameters(out) == 4_310_016
     assert not any(t.is_meta for t in load_model(out, base_dtype="nf4").state_dict().values())
     stds = {  # T5's init (d_model 64, d_kv 16, d_ff 128); lm_head N(0, d_model^-0.5)
@@ -128,6 +130,7 @@ def test_a_sharded_build_writes_the_in_memory_model_one_shard_at_a_time(tmp_path
     for name, std in stds.items():
         assert abs(expected[name].std().item() / std - 1) < 0.1, name
     assert torch.equal(expected["decoder.final_layer_norm.weight"], torch.ones(64))
-    other = standin.random_model(FLAN, "tiny", seed=4).state_dict()
+    other = AutoModelForSeq2SeqLM.from_pretrained(
+        standin.build(FLAN, str(tmp_path / "other"), tiny=True, seed=4, shard_bytes=2 ** 20)).state_dict()
     assert not torch.equal(other["encoder.block.0.layer.0.SelfAttention.q.weight"],
                            expected["encoder.block.0.layer.0.SelfAttention.q.weight"])
