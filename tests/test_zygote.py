@@ -101,6 +101,7 @@ def test_signals_and_statuses_are_the_commands_own(here):
     assert (res.returncode, res.stdout, res.stderr) == (1, "up\n", "bye\n")
 
 
+@pytest.mark.slow
 def test_what_the_zygote_cannot_run_alike_is_a_real_process(here, tmp_path):
     """Another environment (read at import time), a new session, a preexec_fn, `-c`, torchrun, a script from
     outside the repository: fork + exec."""
