@@ -456,7 +456,7 @@ def _predicted(runs, measured, config):
         model = standin.skeleton(config, size)
         predicted[size] = {}
         for dtype in BASE_DTYPES:
-            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
+            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype, compute="bf16")
             beyond = r["peak_rss_mb"] * 2 ** 20 - r["weight_bytes"]
             predicted[size][dtype] = {
                 "weight_bytes": weights,
@@ -635,7 +635,7 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
     the first batch twice: the first step has the peak, the second is timed, with the time spent in
     NF4.dequantize."""
     device = compute_device()
-    model = load_model(args.model, base_dtype=args.base_dtype)
+    model = load_model(args.model, base_dtype=args.base_dtype, compute="bf16")
     lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
     model.to(device)
     batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
@@ -682,11 +682,11 @@ def _dequantizing():
 
 def bench_block(args):
     """One T5 encoder block of --size (small unless given), forward and backward under bf16 autocast, its
-    weights stored as --base-dtype fp32, bf16 and nf4 store them (a frozen base: the gradient is the
-    input's), at the bench's batch
-    (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds, the best of 8 rounds with the three interleaved,
-    and nf4's share spent dequantizing. The blocks are nearly all of a step's work, and this costs seconds
-    where one step of the large stand-in at batch 8 costs many minutes on a CPU."""
+    weights stored as --base-dtype fp32, bf16 and nf4 store them under bf16 compute (a frozen base: the
+    gradient is the input's), at the bench's batch (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds,
+    the best of 8 rounds with the three interleaved, and nf4's share spent dequantizing. The blocks are
+    nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8 costs
+    many minutes on a CPU."""
     import copy
 
     from transformers.models.t5.modeling_t5 import T5Block
@@ -698,15 +698,17 @@ def bench_block(args):
     base = T5Block(cfg, has_relative_attention_bias=True, layer_idx=0).train().requires_grad_(False)
     blocks = {dtype: copy.deepcopy(base) for dtype in BASE_DTYPES}
     blocks["bf16"].to(torch.bfloat16)  # every weight, wo too, as from_pretrained(dtype=bfloat16) stores T5
+    blocks["nf4"].to(torch.bfloat16)  # its norms, as load_model stores them under bf16 compute
     for name in [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]:
         parent, child = name.rsplit(".", 1)
-        setattr(blocks["nf4"].get_submodule(parent), child, NF4Linear.from_linear(base.get_submodule(name)))
+        setattr(blocks["nf4"].get_submodule(parent), child,
+                NF4Linear.from_linear(base.get_submodule(name), torch.bfloat16))
     result = {"size": args.size or "small", "shapes": {}}
     for batch, tokens in ((8, 320), (1, 512)):
         x0, best, share = torch.randn(batch, tokens, cfg.d_model), {}, 0.0
         for _ in range(8):
             for dtype, block in blocks.items():
-                x = x0.to(torch.bfloat16 if dtype == "bf16" else torch.float32).requires_grad_(True)
+                x = x0.to(torch.float32 if dtype == "fp32" else torch.bfloat16).requires_grad_(True)
                 start = time.process_time()
                 with _dequantizing() as spent, torch.autocast("cpu", dtype=torch.bfloat16):
                     block(x)[0].float().square().mean().backward()
