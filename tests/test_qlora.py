@@ -382,22 +382,27 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_block_times_the_three_bases_and_puts_dequantize_back(tmp_path):
-    """`bench block` on the tiny shape: a row per base dtype and batch shape, nf4's dequantizing share
-    measured (between 0 and 1) and NF4.dequantize itself again afterwards (the timer must not stay
-    installed)."""
-    from conftest import FLAN
+def test_bench_block_and_step_time_the_three_bases_and_put_dequantize_back(tmp_path):
+    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios those
+    rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself again
+    afterwards (the timer must not stay installed)."""
+    from conftest import CORPUS, FLAN
 
     from dialsum_raw import bench, quant
     original = quant.NF4.dequantize
     threads = torch.get_num_threads()
     try:
         bench.main(["block", "--size", "tiny", "--config", FLAN, "--out", str(tmp_path)])
+        bench.main(["step", "--size", "tiny", "--repeat", "1", "--config", FLAN, "--data", CORPUS,
+                    "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    result = json.load(open(tmp_path / "bench-block.json"))
-    assert result["size"] == "tiny" and set(result["shapes"]) == {"8x320", "1x512"}
-    for r in result["shapes"].values():
+    block, step = (json.load(open(tmp_path / f"bench-{name}.json")) for name in ("block", "step"))
+    assert block["size"] == step["size"] == "tiny" and set(block["shapes"]) == {"8x320", "1x512"}
+    (shape,) = step["shapes"]
+    assert shape.startswith("8x") and "+" in shape  # the memory probe's batch: 8 dialogues
+    for r in [*block["shapes"].values(), *step["shapes"].values()]:
         assert set(r["seconds"]) == {"fp32", "bf16", "nf4"} and all(v > 0 for v in r["seconds"].values())
+        assert r["nf4_over_bf16"] == r["seconds"]["nf4"] / r["seconds"]["bf16"]
         assert 0 < r["dequantize_share"] < 1
     assert quant.NF4.dequantize is original
