@@ -186,7 +186,9 @@ def train_cmd(tiny, out, *extra):
 
 
 def torchrun(cmd, **kw):
-    """cmd (a train.py command) under torchrun: 2 gloo processes, one thread each."""
+    """cmd (a train.py command) under torchrun: 2 gloo processes, one thread each. For the tests of the
+    launcher itself and for one run as the user starts it (test_two_processes_equal_one); the others start
+    the ranks alone (ranks)."""
     import subprocess
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -197,26 +199,78 @@ def torchrun(cmd, **kw):
     )
 
 
-def torchrun_killed(cmd, out):
-    """cmd under torchrun, SIGKILLed once out/last holds a checkpoint; returns that checkpoint's state."""
-    import signal
+def worker_env(rank, nproc, port):
+    """What `torchrun --standalone --nproc_per_node nproc` adds to a worker's environment
+    (zygote.TORCHRUN_WORKER_ENV), for rank `rank` of a launcher-less run: rank 0 hosts the key-value store
+    on `port`, which torchrun's agent would (TORCHELASTIC_USE_AGENT_STORE)."""
+    import uuid
+    env = {"RANK": rank, "LOCAL_RANK": rank, "ROLE_RANK": rank, "WORLD_SIZE": nproc,
+           "LOCAL_WORLD_SIZE": nproc, "ROLE_WORLD_SIZE": nproc, "GROUP_RANK": 0, "GROUP_WORLD_SIZE": 1,
+           "ROLE_NAME": "default",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": 0,
+           "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_RUN_ID": uuid.uuid5(uuid.NAMESPACE_OID, str(port)),
+           "TORCHELASTIC_USE_AGENT_STORE": False, "TORCH_NCCL_ASYNC_ERROR_HANDLING": 1, "OMP_NUM_THREADS": 1}
+    return {k: str(v) for k, v in env.items()}
+
+
+def start_ranks(cmd, nproc=2):
+    """cmd (a train.py command) as the `nproc` workers of `torchrun --standalone --nproc_per_node nproc`,
+    started without the launcher, each with the environment torchrun gives its workers (worker_env), its
+    stdout and stderr in `proc.log`. They fork from the zygote: no launcher, and no import of torch, per
+    run. For tests whose subject is training over processes; the launcher's own doings (restarts, a killed
+    launcher) and one run as the user starts it run under torchrun."""
+    import socket
     import subprocess
-    import sys
+    import tempfile
+    with socket.socket() as s:  # a free port, for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        log = tempfile.TemporaryFile()
+        procs.append(subprocess.Popen(cmd, env={**os.environ, **worker_env(rank, nproc, port)}, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        procs[-1].log = log
+    return procs
+
+
+def wait_ranks(procs, until=None, timeout=600):
+    """Wait for the ranks as torchrun does: once one fails, the others are killed (SIGKILL). With `until`,
+    they are all SIGKILLed, one right after the other, as soon as until() holds (as SIGKILL to torchrun's
+    process group kills its workers); so are they after `timeout` seconds. Returns the first failed rank's
+    status (0: none) and every rank's output."""
+    import signal
     import time
-    from dialsum_raw import checkpoint
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    while checkpoint.find(str(out / "last")) is None and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + timeout
+    while None in (states := [p.poll() for p in procs]):
+        if any(states) or (until and until()) or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGKILL)
+            break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
-    proc.wait()
+    for p in procs:
+        p.wait()
+    output = []
+    for rank, p in enumerate(procs):
+        p.log.seek(0)
+        output.append(f"rank {rank} (status {p.returncode}):\n{p.log.read().decode()}")
+        p.log.close()
+    return next((p.returncode for p in procs if p.returncode), 0), "\n".join(output)
+
+
+def ranks(cmd, nproc=2, check=True):
+    """start_ranks, run to the end: (status, output); with `check`, a failure fails the test with the
+    output."""
+    status, output = wait_ranks(start_ranks(cmd, nproc))
+    assert status == 0 or not check, output[-6000:]
+    return status, output
+
+
+def ranks_killed(cmd, out):
+    """start_ranks, SIGKILLed once out/last holds a checkpoint; returns that checkpoint's state."""
+    from dialsum_raw import checkpoint
+    wait_ranks(start_ranks(cmd), until=lambda: checkpoint.find(str(out / "last")) is not None, timeout=180)
     return checkpoint.load_state(checkpoint.find(str(out / "last")))
 
 
@@ -291,9 +345,7 @@ def two_process(tiny, tmp_path_factory):
 
     def run(mode, wrapping):
         if (mode, wrapping) not in made:
-            make = lambda out: torchrun(
-                two_process_cmd(tiny, out, mode, wrapping), check=True, capture_output=True
-            )
+            make = lambda out: ranks(two_process_cmd(tiny, out, mode, wrapping))
             made[mode, wrapping] = shared_folder(tmp_path_factory, f"two-process-{mode}-{wrapping}", make)
         return made[mode, wrapping]
     return run

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, mode_flags, torchrun,
-                      torchrun_killed, train_cmd, two_process_cmd)
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, mode_flags, ranks, ranks_killed,
+                      train_cmd, two_process_cmd)
 from dialsum_raw import checkpoint
 
 
@@ -40,8 +40,8 @@ def test_fsdp_equals_one_process_with_the_same_global_batch(tiny, tmp_path, mode
     subprocess.run(
         train_cmd(tiny, tmp_path / "one", "--batch-size", "8", *common), check=True, capture_output=True
     )
-    torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
-                         *["--gradient-checkpointing"] * (mode == "mica")), check=True, capture_output=True)
+    ranks(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--fsdp", *common,
+                    *["--gradient-checkpointing"] * (mode == "mica")))
     assert max_diff(ckpt_weights(tmp_path / "one" / "last"), ckpt_weights(tmp_path / "two" / "last")) <= 1e-5
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]
@@ -67,13 +67,9 @@ def test_fsdp_equals_ddp_with_dropout_on(two_process, mode):
 def test_fsdp_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, two_process):
     """Full fine-tuning, dropout on: the weights, every rank's optimizer shard and RNG come back exactly."""
     killed = tmp_path / "killed"
-    state = torchrun_killed(two_process_cmd(tiny, killed, "full", "fsdp"), killed)
+    state = ranks_killed(two_process_cmd(tiny, killed, "full", "fsdp"), killed)
     assert 0 < state["step"] < 8 and state["optimizer"]["sharded"] == checkpoint.OPTIMIZER_SHARDS
-    torchrun(
-        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)],
-        check=True,
-        capture_output=True,
-    )
+    ranks([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)])
     assert max_diff(ckpt_weights(two_process("full", "fsdp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
     assert checkpoint.load_state(str(killed / "last"))["step"] == 8
 
@@ -84,24 +80,9 @@ def test_fsdp_is_refused_alone_and_at_another_world_size(tiny, tmp_path, two_pro
     res = subprocess.run(train_cmd(tiny, tmp_path / "alone", "--fsdp"), capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
         "error: --fsdp shards the model over processes: start it with torchrun")
-    three = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "3",
-            os.path.join(REPO, "train.py"),
-            "--resume",
-            str(two_process("lora", "fsdp")),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        three.returncode != 0 and "would change its data order or schedule: processes 2 -> 3" in three.stderr
-    )
+    status, output = ranks([sys.executable, os.path.join(REPO, "train.py"), "--resume",
+                            str(two_process("lora", "fsdp"))], nproc=3, check=False)
+    assert status != 0 and "would change its data order or schedule: processes 2 -> 3" in output
 
 
 def _summaries(tiny, tmp_path, name, instruct, adapter):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zygote
 
-from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, torchrun, torchrun_killed,
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, ranks, ranks_killed, torchrun,
                       train_cmd, two_process_cmd)
 from dialsum_raw import checkpoint, training
 from dialsum_raw.config import Settings, validate
@@ -120,14 +120,10 @@ def test_two_process_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, 
     """Dropout on in both processes: each rank must get its own RNG state back, or the masks repeat. The
     uninterrupted run is the shared 2-process LoRA run (conftest.two_process_cmd)."""
     killed = tmp_path / "killed"
-    state = torchrun_killed(two_process_cmd(tiny, killed, "lora", "ddp"), killed)
+    state = ranks_killed(two_process_cmd(tiny, killed, "lora", "ddp"), killed)
     assert 0 < state["step"] < 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    torchrun(
-        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)],
-        check=True,
-        capture_output=True,
-    )
+    ranks([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(killed)])
     assert max_diff(ckpt_weights(two_process("lora", "ddp") / "last"), ckpt_weights(killed / "last")) <= 1e-6
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import zygote
-from conftest import smoke_cmd
+from conftest import smoke_cmd, worker_env
 
 PROBE = """\
 import os, sys
@@ -119,3 +119,45 @@ def test_what_the_zygote_cannot_run_alike_is_a_real_process(here, tmp_path):
         assert proc.wait() == 0 and proc._conn is None, (cmd, kw)
     proc = zygote.Popen([sys.executable, script])
     assert proc.wait() == 0 and proc._conn is not None
+
+
+@pytest.mark.slow
+def test_a_forked_commands_own_commands_are_forked_and_a_real_ones_are_real(here):
+    """A sweep run by the zygote starts its train.py runs through it too; a real process (a sweep in a
+    session of its own, killed with its runs) starts real ones."""
+    script = here / "starts.py"
+    script.write_text("import subprocess, sys\n"
+                      "proc = subprocess.Popen([sys.executable, '-m', 'dialsum_raw.errors'])\n"
+                      "print(proc.wait(), getattr(proc, '_conn', None) is not None)\n")
+    outputs = []
+    for real in (False, True):
+        with zygote.real_processes() if real else open(os.devnull):
+            outputs.append(subprocess.run([sys.executable, str(script)], capture_output=True, text=True))
+    assert [(r.returncode, r.stdout, r.stderr) for r in outputs] == [(0, "0 True\n", ""),
+                                                                     (0, "0 False\n", "")]
+
+
+@pytest.mark.slow
+def test_importing_what_the_zygote_preloads_reads_no_torchrun_worker_variable():
+    """A run's ranks fork from the zygote each with its own RANK, MASTER_PORT, ... (conftest.worker_env):
+    right only while no module the zygote imported read them at import. OMP_NUM_THREADS, which torch reads
+    at import, shows that the watch sees a read."""
+    probe = f"""
+import importlib, os, sys
+read = set()
+class Watched(type(os.environ)):
+    def __getitem__(self, key):  # get(), `in` and os.getenv come here too
+        read.add(key)
+        return super().__getitem__(key)
+os.environ.__class__ = Watched
+sys.path.insert(0, {os.path.dirname(zygote.__file__)!r})
+import zygote
+for name in zygote.PRELOAD:
+    importlib.import_module(name)
+print(sorted(read & set(zygote.TORCHRUN_WORKER_ENV)), "OMP_NUM_THREADS" in read)
+"""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "[] True", res.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "dialsum_raw.sweep", "--help"], stdout=subprocess.DEVNULL,
+                            env={**os.environ, **worker_env(1, 2, 29500)})
+    assert proc.wait() == 0 and proc._conn is not None, "a rank's variables made the command a real process"

@@ -11,11 +11,13 @@ atexit handlers, streams flushed). It is a real process: its pid, signals, file 
 its own, and the Popen object is the standard one apart from how it starts and waits.
 
 Eligible: `[sys.executable, /abs/script.py, ...]` for a script of this repository (ROOTS), or
-`[sys.executable, "-m", "dialsum_raw...", ...]`, with the zygote's environment (NOT_READ_AT_IMPORT aside:
-what is read at import time, OMP_NUM_THREADS included, must be the same) and none of preexec_fn,
-start_new_session, process_group, pass_fds, a user or group, umask, shell or executable. Everything else,
-torchrun included, is a real `fork` + `exec`, and so is every command while `real_processes()` is in force
-(the `real_processes` marker) or DIALSUM_ZYGOTE=0.
+`[sys.executable, "-m", "dialsum_raw...", ...]` (not the bench), with the zygote's environment
+(NOT_READ_AT_IMPORT aside, torchrun's per-worker variables included: what is read at import time,
+OMP_NUM_THREADS included, must be the same) and none of preexec_fn, start_new_session, process_group,
+pass_fds, a user or group, umask, shell or executable. Everything else, torchrun included, is a real
+`fork` + `exec`, and so is every command while `real_processes()` is in force (the `real_processes` marker)
+or DIALSUM_ZYGOTE=0. A forked command's own commands (a sweep's train.py runs) go to the same zygote by the
+same rules; a real process's never do.
 """
 
 import contextlib
@@ -26,9 +28,17 @@ import socket
 import subprocess
 import sys
 
+# What torchrun gives each of its workers (torch.distributed.elastic's LocalElasticAgent), which differs from
+# rank to rank and run to run: read when the process group starts, never at import (test_zygote checks that
+# importing PRELOAD reads none of them). tests/conftest.ranks starts a run's ranks with it, from the zygote.
+TORCHRUN_WORKER_ENV = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 # Variables that may differ from the zygote's: read by nothing at import time (each command gets its own
 # values in os.environ). pytest sets the first per test phase, torch's inductor the second on first use.
-NOT_READ_AT_IMPORT = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+NOT_READ_AT_IMPORT = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", *TORCHRUN_WORKER_ENV}
 PRELOAD = ("torch", "transformers", "transformers.models.t5.modeling_t5", "transformers.models.t5",
            "tokenizers", "safetensors.torch", "rouge_score.rouge_scorer", "tqdm.auto", "dialsum_raw.training",
            "dialsum_raw.compare", "dialsum_raw.summarize", "dialsum_raw.sweep", "dialsum_raw.data",
@@ -36,8 +46,10 @@ PRELOAD = ("torch", "transformers", "transformers.models.t5.modeling_t5", "trans
 # The project's own scripts (train.py, evaluate.py); a script a test writes for itself is often about the
 # process (its memory, its start) and runs as a real one.
 ROOTS = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+BENCH = "dialsum_raw.bench"  # measures its own processes (peak memory of a fresh one): never forked
 _real = subprocess.Popen
-_server = None  # (the server's Popen, the socket path, the environment it started with)
+# (the server's Popen, None in a forked command; the socket path; the environment it started with)
+_server = None
 _enabled = os.environ.get("DIALSUM_ZYGOTE", "1") != "0"
 
 
@@ -61,7 +73,7 @@ def _script(args):
     """What the command runs ("path", file) or ("module", name), or None if the zygote cannot run it."""
     if len(args) < 2 or args[0] != sys.executable:
         return None
-    if args[1] == "-m" and len(args) > 2 and args[2].split(".")[0] == "dialsum_raw":
+    if args[1] == "-m" and len(args) > 2 and args[2].split(".")[0] == "dialsum_raw" and args[2] != BENCH:
         return "module", args[2]
     if args[1].endswith(".py") and os.path.isabs(args[1]) and os.path.isfile(args[1]) and any(
             os.path.realpath(args[1]).startswith(root + os.sep) for root in ROOTS):
@@ -83,22 +95,28 @@ def _connect():
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind(path)
         listener.listen(64)
-        proc = _real([sys.executable, os.path.abspath(__file__), str(listener.fileno())],
+        # os.environ as it is, without what C code set behind its back (readline exports LINES and COLUMNS)
+        env = dict(os.environ)
+        proc = _real([sys.executable, os.path.abspath(__file__), str(listener.fileno())], env=env,
                      pass_fds=[listener.fileno()], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         listener.close()  # the server holds it; the socket path stays
-        _server = proc, path, dict(os.environ)
+        _server = proc, path, env
     proc, path, _ = _server
-    if proc.poll() is not None:
+    if proc is not None and proc.poll() is not None:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn.connect(path)
+    try:
+        conn.connect(path)
+    except OSError:  # in a forked command: its test process, and so the zygote, have ended
+        conn.close()
+        return None
     return conn
 
 
 def stop():
     """End the server, if any, and wait for it, so that its CPU time and its commands' count as this
     process's children's (as /usr/bin/time and resource.getrusage report them)."""
-    if _server is None or _server[0].stdin.closed:
+    if _server is None or _server[0] is None or _server[0].stdin.closed:
         return
     proc = _server[0]
     proc.stdin.close()
@@ -169,6 +187,7 @@ class Popen(subprocess.Popen):
 def serve(listener_fd):
     import importlib
     import threading
+    started = dict(os.environ)  # the test process's (_connect), before any import set something
     for name in PRELOAD:
         importlib.import_module(name)
     sys.stdout.flush()
@@ -187,12 +206,13 @@ def serve(listener_fd):
             if threads != 1 or threading.active_count() != 1:
                 conn.send(f"refused: the zygote has {threads} threads".encode())
             elif os.fork() == 0:
+                path = listener.getsockname()
                 listener.close()
-                _helper(conn)
+                _helper(conn, (path, started))
             conn.close()
 
 
-def _helper(conn):
+def _helper(conn, zygote):
     """Fork the command, report its pid, wait for it, report its wait status."""
     code = 0
     try:
@@ -201,7 +221,7 @@ def _helper(conn):
         pid = os.fork()
         if pid == 0:
             conn.close()
-            _run(request, fds)
+            _run(request, fds, zygote)
         for fd in fds:
             os.close(fd)
         conn.send(f"pid {pid}".encode())
@@ -211,8 +231,10 @@ def _helper(conn):
     os._exit(code)
 
 
-def _run(request, fds):
-    """Become `python SCRIPT ARGS` / `python -m MODULE ARGS`, then exit as its interpreter would."""
+def _run(request, fds, zygote):
+    """Become `python SCRIPT ARGS` / `python -m MODULE ARGS`, then exit as its interpreter would. The
+    commands it starts go to this zygote too, by the same rules (a sweep's train.py runs)."""
+    global _server
     import atexit
     import runpy
     import signal
@@ -224,6 +246,8 @@ def _run(request, fds):
         if fd > 2:
             os.close(fd)
     os.chdir(request["cwd"])
+    _server = None, *zygote
+    install()
     os.environ.clear()
     os.environ.update(request["env"])
     kind, what = request["run"]
