@@ -9,6 +9,7 @@
                                                     sharding); # the base stored fp32 / bf16 / nf4 (--only
                                                     base-dtype)
     python -m dialsum_raw.bench block   [--size large]  # one T5 block, fwd+bwd, base fp32 / bf16 / nf4
+    python -m dialsum_raw.bench step    [--size large]  # one whole LoRA step, base fp32 / bf16 / nf4
     python -m dialsum_raw.bench learn   [--quick]   # tiny T5 from scratch: loss curve, ROUGE vs baselines
     python -m dialsum_raw.bench gpu     [--quick] [--device cpu]  # the GPU check, ~5 min (gpucheck.py)
 
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -140,6 +142,7 @@ def bench_eval(args):
     where the CPU multiplies it, and the int8 preview), HF generate, and CTranslate2 fp32 and int8 when
     installed. Outputs are compared with ours in fp32; the goals of issue 22 are checked at the end."""
     n, steps = (8, 16) if args.quick else (32, 64)
+    args.repeat = args.repeat or 1
     sizes = (1, 8) if args.quick else (1, 8, 16, 32)
     device = compute_device()
     precisions = (
@@ -456,7 +459,7 @@ def _predicted(runs, measured, config):
         model = standin.skeleton(config, size)
         predicted[size] = {}
         for dtype in BASE_DTYPES:
-            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype)
+            r, weights = runs[f"{measured} {dtype}"], stored_bytes(model, dtype, compute="bf16")
             beyond = r["peak_rss_mb"] * 2 ** 20 - r["weight_bytes"]
             predicted[size][dtype] = {
                 "weight_bytes": weights,
@@ -635,7 +638,7 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
     the first batch twice: the first step has the peak, the second is timed, with the time spent in
     NF4.dequantize."""
     device = compute_device()
-    model = load_model(args.model, base_dtype=args.base_dtype)
+    model = load_model(args.model, base_dtype=args.base_dtype, compute="bf16")
     lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
     model.to(device)
     batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
@@ -682,11 +685,11 @@ def _dequantizing():
 
 def bench_block(args):
     """One T5 encoder block of --size (small unless given), forward and backward under bf16 autocast, its
-    weights stored as --base-dtype fp32, bf16 and nf4 store them (a frozen base: the gradient is the
-    input's), at the bench's batch
-    (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds, the best of 8 rounds with the three interleaved,
-    and nf4's share spent dequantizing. The blocks are nearly all of a step's work, and this costs seconds
-    where one step of the large stand-in at batch 8 costs many minutes on a CPU."""
+    weights stored as --base-dtype fp32, bf16 and nf4 store them under bf16 compute (a frozen base: the
+    gradient is the input's), at the bench's batch (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds,
+    the best of 8 rounds with the three interleaved, and nf4's share spent dequantizing. The blocks are
+    nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8 costs
+    many minutes on a CPU."""
     import copy
 
     from transformers.models.t5.modeling_t5 import T5Block
@@ -698,32 +701,75 @@ def bench_block(args):
     base = T5Block(cfg, has_relative_attention_bias=True, layer_idx=0).train().requires_grad_(False)
     blocks = {dtype: copy.deepcopy(base) for dtype in BASE_DTYPES}
     blocks["bf16"].to(torch.bfloat16)  # every weight, wo too, as from_pretrained(dtype=bfloat16) stores T5
+    blocks["nf4"].to(torch.bfloat16)  # its norms, as load_model stores them under bf16 compute
     for name in [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]:
         parent, child = name.rsplit(".", 1)
-        setattr(blocks["nf4"].get_submodule(parent), child, NF4Linear.from_linear(base.get_submodule(name)))
+        setattr(blocks["nf4"].get_submodule(parent), child,
+                NF4Linear.from_linear(base.get_submodule(name), torch.bfloat16))
     result = {"size": args.size or "small", "shapes": {}}
     for batch, tokens in ((8, 320), (1, 512)):
-        x0, best, share = torch.randn(batch, tokens, cfg.d_model), {}, 0.0
-        for _ in range(8):
-            for dtype, block in blocks.items():
-                x = x0.to(torch.bfloat16 if dtype == "bf16" else torch.float32).requires_grad_(True)
-                start = time.process_time()
-                with _dequantizing() as spent, torch.autocast("cpu", dtype=torch.bfloat16):
-                    block(x)[0].float().square().mean().backward()
-                seconds = time.process_time() - start
-                if seconds < best.get(dtype, float("inf")):
-                    best[dtype] = seconds
-                    share = spent[0] / seconds if dtype == "nf4" else share
-        result["shapes"][f"{batch}x{tokens}"] = {"seconds": best, "nf4_over_bf16": best["nf4"] / best["bf16"],
-                                                 "nf4_over_fp32": best["nf4"] / best["fp32"],
-                                                 "dequantize_share": share}
-    table(f"one {result['size']} T5 encoder block, forward + backward, bf16 autocast, CPU s (best of 8), "
-          "1 thread",
-          [(f"{shape}: {dtype} base", f"{r['seconds'][dtype]:.3f} s"
-            + (f" ({r['nf4_over_bf16']:.2f}x bf16, {r['nf4_over_fp32']:.2f}x fp32; dequantizing "
-               f"{r['dequantize_share']:.0%})" if dtype == "nf4" else ""))
-           for shape, r in result["shapes"].items() for dtype in BASE_DTYPES])
+        x0 = torch.randn(batch, tokens, cfg.d_model)
+
+        def step(block, dtype):
+            x = x0.to(torch.float32 if dtype == "fp32" else torch.bfloat16).requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                block(x)[0].float().square().mean().backward()
+        runs = {dtype: partial(step, block, dtype) for dtype, block in blocks.items()}
+        result["shapes"][f"{batch}x{tokens}"] = _best_of(8, runs)
+    _print_bases(f"one {result['size']} T5 encoder block, forward + backward, bf16 autocast, CPU s "
+                 "(best of 8), 1 thread", result["shapes"])
     save("block", result, args)
+
+
+def bench_step(args):
+    """One LoRA training step (r=8 q,v, bf16 autocast, AdamW) of the whole stand-in of --size (small unless
+    given) on the memory probe's batch (the loop's first: 8 dialogues), its base stored fp32, bf16 and nf4 as
+    load_model stores them: the three models held at once and stepped in turn, one thread, CPU seconds, the
+    best of --repeat rounds (3 unless given). The whole step the issue's speed goal names, timed as bench
+    block times a block, so a loaded machine slows the three alike; large holds about 18 GB at its peak."""
+    torch.set_num_threads(1)
+    size, cpu = args.size or "small", torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = args.model or standin.build(args.config, os.path.join(tmp, size), size=size)
+        tok = load_tokenizer(args.model)
+        examples, batches = consumed(lora_settings(args, "", 1), tok)
+        batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
+        models = {dtype: load_model(args.model, base_dtype=dtype, compute="bf16") for dtype in BASE_DTYPES}
+        for dtype, model in models.items():
+            lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=dtype))
+        autocast = autocast_for("bf16", cpu)
+        (n, source), target = batch[0]["input_ids"].shape, batch[0]["labels"].shape[1]
+        shape = f"{n}x{source}+{target}"
+        result = {"size": size, "shapes": {shape: _best_of(
+            args.repeat or 3, {dtype: partial(bare_steps, model, batch, cpu, autocast)
+                               for dtype, model in models.items()})}}
+    _print_bases(f"one LoRA step (r=8 q,v) of the whole {size} stand-in, bf16 autocast, CPU s (best of "
+                 f"{args.repeat or 3}), 1 thread; batch x source + target tokens", result["shapes"])
+    save("step", result, args)
+
+
+def _best_of(rounds, runs):
+    """{seconds: {base dtype: the best CPU seconds}, nf4_over_bf16, nf4_over_fp32, dequantize_share (nf4's, in
+    its best round)} of runs (base dtype -> a function), called in turn in each of `rounds` rounds."""
+    best, share = {}, 0.0
+    for _ in range(rounds):
+        for dtype, run in runs.items():
+            start = time.process_time()
+            with _dequantizing() as spent:
+                run()
+            seconds = time.process_time() - start
+            if seconds < best.get(dtype, float("inf")):
+                best[dtype] = seconds
+                share = spent[0] / seconds if dtype == "nf4" else share
+    return {"seconds": best, "nf4_over_bf16": best["nf4"] / best["bf16"],
+            "nf4_over_fp32": best["nf4"] / best["fp32"], "dequantize_share": share}
+
+
+def _print_bases(title, shapes):
+    table(title, [(f"{shape}: {dtype} base", f"{r['seconds'][dtype]:.3f} s"
+                   + (f" ({r['nf4_over_bf16']:.2f}x bf16, {r['nf4_over_fp32']:.2f}x fp32; dequantizing "
+                      f"{r['dequantize_share']:.0%})" if dtype == "nf4" else ""))
+                  for shape, r in shapes.items() for dtype in BASE_DTYPES])
 
 
 def bench_learn(args):
@@ -781,7 +827,9 @@ def main(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=["train", "eval", "memory", "block", "learn", "gpu", "memory-probe"])
+    p.add_argument(
+        "which", choices=["train", "eval", "memory", "block", "step", "learn", "gpu", "memory-probe"]
+    )
     p.add_argument("--quick", action="store_true", help="about a minute instead of about five")
     p.add_argument("--data", default="../shared/dialogsum", help="DialogSum folder or hub id")
     p.add_argument(
@@ -789,7 +837,8 @@ def main(argv=None):
     )
     p.add_argument("--model", help="model to benchmark (default: a flan-t5-small-shaped stand-in)")
     p.add_argument("--out", default=".", help="folder for bench-*.json")
-    p.add_argument("--repeat", type=int, default=1, help="eval: run the sweep N times, keep each cell's best")
+    p.add_argument("--repeat", type=int, help="eval: run the sweep N times (default 1), keep each cell's "
+                   "best; step: rounds (default 3)")
     p.add_argument(
         "--device",
         choices=["cuda", "cpu"],
@@ -799,7 +848,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument(
-        "--size", choices=list(standin.SIZES), help="memory --only sharding, block: this stand-in size only"
+        "--size", choices=list(standin.SIZES),
+        help="memory --only sharding, block, step: this stand-in size only",
     )
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
@@ -814,10 +864,10 @@ def main(argv=None):
         return sharded_probe(args) if args.sharding else memory_probe(args)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None and args.which not in ("learn", "block"):
+        if args.model is None and args.which not in ("learn", "block", "step"):
             args.model = standin.build(args.config, os.path.join(tmp, "standin"))
         {"train": bench_train, "eval": bench_eval, "memory": bench_memory, "block": bench_block,
-         "learn": bench_learn, "gpu": gpucheck.run}[args.which](args)
+         "step": bench_step, "learn": bench_learn, "gpu": gpucheck.run}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from . import checkpoint, data, lora, metrics, report
 from .errors import UserError
 from .generation import generation_kwargs, summarize
-from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
+from .modeling import compute_device, inference_storage, load_model, load_tokenizer
 
 INT8_SAMPLE = 32  # dialogues per model generated without int8 too, to measure the preview's agreement
 NAME = re.compile(
@@ -85,11 +85,11 @@ def models_to_evaluate(settings):
 
 
 @contextmanager
-def opened(model: Model, base, device, base_dtype):
+def opened(model: Model, base, device, storage):
     """The model to generate with: the base, the base with the adapter merged (taken off after; unmerged on a
     bf16 or nf4 base, see lora.merge_for_inference), or the folder (stored as --base-dtype says)."""
     if model.folder:
-        yield load_model(model.folder, base_dtype=base_dtype).to(device)
+        yield load_model(model.folder, **storage).to(device)
     elif model.adapter:
         with lora.applied(base, *model.adapter, merged=True):  # inference at base speed
             yield base
@@ -132,8 +132,8 @@ def run(settings) -> dict:
                 "rouge_difference": {m: rouge["int8"][m] - rouge["exact"][m] for m in rouge["int8"]},
             }
 
-    base_dtype = inference_base_dtype(settings, device, [folder for _, folder in adapters])
-    base = load_model(settings.model, base_dtype=base_dtype).to(device)
+    storage = inference_storage(settings, device, [folder for _, folder in adapters])
+    base = load_model(settings.model, **storage).to(device)
     # every adapter is checked against the base (corrupted, not an adapter, another base) before any
     # generation
     models = [Model("original", settings.model),
@@ -143,7 +143,7 @@ def run(settings) -> dict:
     for m in models:
         if m.folder:
             base = None  # its last use is behind: each full fine-tune is loaded alone
-        with opened(m, base, device, settings.base_dtype or "fp32") as model:
+        with opened(m, base, device, {**storage, "base_dtype": settings.base_dtype or "fp32"}) as model:
             generate(m.name, model)
         del model  # a full fine-tune goes before the next one loads
 

@@ -38,22 +38,26 @@ def load_tokenizer(name_or_path, what="model"):
 BASE_DTYPES = ("fp32", "bf16", "nf4")
 STORAGE_RULE = (
     "nf4 stores every Linear inside T5's blocks (q, k, v, o, wi/wi_0/wi_1, wo, the LoRA-wrapped ones "
-    "included) in 4 bits (NF4, double-quantized); embeddings, lm_head and the layer norms stay fp32. "
+    "included) in 4 bits (NF4, double-quantized) and the rest (embeddings, lm_head, layer norms) in the "
+    "run's compute dtype: bf16 under bf16 compute, as the bf16 base stores them, fp32 under fp32 compute. "
     "bf16 stores every weight in bf16 (transformers 5 keeps T5's wo in fp32 only for fp16)"
 )
 
 
-def load_model(name_or_path, dropout=None, base_dtype="fp32"):
+def load_model(name_or_path, dropout=None, base_dtype="fp32", compute="fp32"):
     """A seq2seq model with its weights stored as `base_dtype` says (see STORAGE_RULE); `dropout` overrides
     config.dropout_rate. fp32 and bf16 load through from_pretrained; nf4 quantizes as it reads, tensor by
-    tensor, so the process never holds the whole base in fp32 (load_quantized)."""
+    tensor, so the process never holds the whole base in fp32 (load_quantized), and stores the rest in
+    `compute`, the run's compute dtype (choose_precision's): under bf16, a bf16 residual stream, as on the
+    bf16 base, is what keeps an nf4 step within 1.35x of a bf16-base step (docs/qlora.md)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
     _check_source(name_or_path, "model")
     kwargs = {} if dropout is None else {"dropout_rate": dropout}
     try:
         if base_dtype == "nf4":
-            return load_quantized(name_or_path, kwargs)
+            dense = torch.bfloat16 if compute == "bf16" else torch.float32
+            return load_quantized(name_or_path, kwargs, dense)
         return AutoModelForSeq2SeqLM.from_pretrained(
             name_or_path, dtype=torch.bfloat16 if base_dtype == "bf16" else torch.float32, **kwargs)
     except UserError:
@@ -75,11 +79,13 @@ def quantized_names(model):
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".block." in f".{n}."}
 
 
-def stored_bytes(model, base_dtype):
-    """Bytes of a model's weights stored as `base_dtype` says, counted on its shapes (the meta device will
-    do), shared tensors once: the bench's prediction for sizes too large to build here."""
+def stored_bytes(model, base_dtype, compute="fp32"):
+    """Bytes of a model's weights stored as `base_dtype` (and `compute`, for nf4's rest) say, counted on its
+    shapes (the meta device will do), shared tensors once: the bench's prediction for sizes too large to build
+    here."""
     from .quant import nf4_bytes
     quantized = quantized_names(model) if base_dtype == "nf4" else set()
+    dense = 2 if base_dtype == "bf16" or base_dtype == "nf4" and compute == "bf16" else 4
     total, seen = 0, set()
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
@@ -88,16 +94,16 @@ def stored_bytes(model, base_dtype):
                 total += (
                     nf4_bytes(p.numel())
                     if name in quantized
-                    else p.numel() * (2 if base_dtype == "bf16" else 4)
+                    else p.numel() * dense
                 )
     return total
 
 
-def load_quantized(name_or_path, config_kwargs):
-    """The model with quantized_names() in NF4, built on the meta device and filled tensor by tensor from its
-    safetensors file(s): each block weight is read, quantized and dropped before the next is read. Tied
-    weights follow from_pretrained's rule: a tied tensor shares its source unless the file holds different
-    values."""
+def load_quantized(name_or_path, config_kwargs, dense_dtype):
+    """The model with quantized_names() in NF4 (reporting `dense_dtype`) and the rest in `dense_dtype`, built
+    on the meta device and filled tensor by tensor from its safetensors file(s): each block weight is read,
+    quantized and dropped before the next is read. Tied weights follow from_pretrained's rule: a tied tensor
+    shares its source unless the file holds different values."""
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
@@ -112,9 +118,10 @@ def load_quantized(name_or_path, config_kwargs):
         module, leaf = key.rsplit(".", 1)
         if module in targets and leaf == "weight":
             parent, child = module.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, NF4Linear(quantize(tensor), source=(path, key)))
+            setattr(model.get_submodule(parent), child,
+                    NF4Linear(quantize(tensor), dtype=dense_dtype, source=(path, key)))
         else:
-            dense[key] = tensor.float()
+            dense[key] = tensor.to(dense_dtype)
     for key, tensor in dense.items():
         module, leaf = key.rsplit(".", 1)
         model.get_submodule(module)._parameters[leaf] = nn.Parameter(tensor)
@@ -274,10 +281,10 @@ def check_base_precision(base_dtype, precision):
         )
 
 
-def inference_base_dtype(settings, device, adapters):
-    """The base dtype of an evaluate or summarize run: --base-dtype when given, else the one its adapter
-    folders were trained on (a QLoRA adapter is evaluated on the base it learned to correct; they must agree),
-    else fp32."""
+def inference_storage(settings, device, adapters):
+    """load_model's base_dtype and compute for an evaluate or summarize run: --base-dtype when given, else the
+    one its adapter folders were trained on (a QLoRA adapter is evaluated on the base it learned to correct;
+    they must agree), else fp32; compute as --precision resolves on this device."""
     from .lora import read_adapter
     trained = {folder: read_adapter(folder)[0].base_dtype for folder in adapters}
     if not settings.base_dtype and len(set(trained.values())) > 1:
@@ -285,8 +292,9 @@ def inference_base_dtype(settings, device, adapters):
                         + ", ".join(f"{folder}: {dtype}" for folder, dtype in trained.items())
                         + "): give --base-dtype, or evaluate them in separate runs")
     base_dtype = settings.base_dtype or next(iter(trained.values()), "fp32")
-    check_base_precision(base_dtype, choose_precision(settings.precision, device)[0])
-    return base_dtype
+    compute = choose_precision(settings.precision, device)[0]
+    check_base_precision(base_dtype, compute)
+    return {"base_dtype": base_dtype, "compute": compute}
 
 
 def autocast_for(precision, device):

@@ -188,9 +188,10 @@ class NF4Linear(nn.Module):
         self.source = source
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear):
-        """The Linear quantized; its dtype is reported. Without a source, the original is not kept."""
-        return cls(quantize(linear.weight), linear.bias, linear.weight.dtype)
+    def from_linear(cls, linear: nn.Linear, dtype=None):
+        """The Linear quantized; `dtype` (else its own) is reported. Without a source, the original is not
+        kept."""
+        return cls(quantize(linear.weight), linear.bias, dtype or linear.weight.dtype)
 
     def store(self, nf4: NF4):
         """Hold these quantized tensors (a residual init re-quantizes the layer's weight with this)."""

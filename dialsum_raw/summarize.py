@@ -51,9 +51,9 @@ def main(argv=None):
 
     from . import lora
     from .generation import summarize
-    from .modeling import compute_device, inference_base_dtype, load_model, load_tokenizer
+    from .modeling import compute_device, inference_storage, load_model, load_tokenizer
     device = compute_device()
-    model = load_model(settings.model, base_dtype=inference_base_dtype(settings, device, settings.adapter))
+    model = load_model(settings.model, **inference_storage(settings, device, settings.adapter))
     if settings.adapter:
         lora.load_adapter(model, settings.adapter[0])
         lora.merge_for_inference(model)

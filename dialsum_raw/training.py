@@ -429,7 +429,8 @@ def set_up(run: Run):
                             pin_memory=device.type == "cuda", generator=torch.Generator())
 
     torch.manual_seed(settings.seed)
-    run.raw = set_dropout_impl(build_model(settings, run.resume_from), settings.dropout_impl)
+    model = build_model(settings, run.resume_from, run.precision[0])
+    run.raw = set_dropout_impl(model, settings.dropout_impl)
     run.raw.train()  # sharding.wrap puts it on the device
     if (
         settings.gradient_checkpointing
@@ -495,11 +496,12 @@ def claim_output(run: Run):
         yield
 
 
-def build_model(settings: Settings, resume_from):
-    """The base model with fresh LoRA layers, or the checkpoint being resumed."""
+def build_model(settings: Settings, resume_from, compute):
+    """The base model with fresh LoRA layers, or the checkpoint being resumed; `compute` is the run's compute
+    dtype, in which an nf4 base stores what it does not quantize."""
     if not settings.is_lora:
         return load_model(resume_from or settings.model, settings.dropout)
-    model = load_model(settings.model, settings.dropout, settings.base_dtype or "fp32")
+    model = load_model(settings.model, settings.dropout, settings.base_dtype or "fp32", compute)
     if resume_from:
         lora.load_adapter(model, resume_from)
     else:

@@ -165,7 +165,7 @@ def check_contract(tiny, base_model, tmp_path, variant, init):
     last = os.path.join(tmp_path, "last")
     checkpoint.save(last, run, None, tiny, {"optimizer": copy.deepcopy(optimizer.state_dict()), "step": 1})
     state = checkpoint.load_state(last)
-    resumed = build_model(settings, last).train()
+    resumed = build_model(settings, last, "fp32").train()
     optimizer2 = make_optimizer(resumed, settings)
     sharding.load_optimizer(resumed, optimizer2, state["optimizer"], last)
     for seed in (2, 3):

@@ -43,6 +43,61 @@ def test_nf4_model_is_the_fp32_model_with_its_block_weights_quantized(tiny):
         assert torch.equal(nf4(**batch()).logits, fp32(**batch()).logits)
 
 
+def test_nf4_under_bf16_compute_is_the_bf16_model_with_its_block_weights_quantized(tiny):
+    """Under bf16 compute the rest is stored as the bf16 base stores it (a bf16 residual stream), the codes
+    are the fp32 file's, and under autocast it computes what the bf16 base computes with each block weight
+    replaced by its dequantized value."""
+    bf16, nf4 = load_model(tiny, base_dtype="bf16"), load_model(tiny, base_dtype="nf4", compute="bf16")
+    dense = dict(nf4.named_parameters())
+    assert len(dense) > 10 and all(
+        p.dtype == torch.bfloat16 and torch.equal(p, bf16.get_parameter(n)) for n, p in dense.items()
+    )
+    codes = dict(quantized_linears(load_model(tiny, base_dtype="nf4")))
+    for name, m in quantized_linears(nf4):
+        assert m.weight.dtype == torch.bfloat16  # T5's feed-forward casts wo's input to it
+        assert all(torch.equal(x, y) for x, y in zip(m.buffers(), codes[name].buffers()))
+    with torch.no_grad():
+        for name, m in quantized_linears(nf4):
+            bf16.get_submodule(name).weight.copy_(m.dequantize(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(nf4(**batch()).logits, bf16(**batch()).logits)
+
+
+@pytest.mark.slow
+def test_every_command_loads_nf4_in_its_compute_dtype(tiny, tmp_path, monkeypatch):
+    """train, evaluate and summarize under --precision bf16 hand load_model their compute dtype, so an nf4
+    base's rest is bf16 there; under fp32, fp32."""
+    from conftest import CORPUS
+
+    from dialsum_raw import compare, modeling, summarize, training
+    from dialsum_raw.config import EVALUATE, build_parser, settings_from
+    seen = []
+
+    def recording(name, *args, **kwargs):
+        model = load_model(name, *args, **kwargs)
+        seen.append(model.shared.weight.dtype)
+        return model
+    for module in (modeling, compare, training):
+        monkeypatch.setattr(module, "load_model", recording)
+    model = nf4_lora(tiny, LoRAConfig(("q", "v"), 4, 8, base_dtype="nf4"))
+    lora.save_adapter(model, tmp_path / "ad", base_model=tiny)
+    text = tmp_path / "chat.txt"
+    text.write_text("#Person1#: Lunch at noon?\n#Person2#: Sure.\n")
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        seen.clear()
+        common = ["--precision", precision, "--max-new-tokens", "4"]
+        summarize.main(["--model", tiny, "--adapter", str(tmp_path / "ad"), *common, str(text)])
+        compare.run(settings_from(build_parser(EVALUATE, "").parse_args(
+            ["--base", tiny, "--adapter", str(tmp_path / "ad"), "--data", CORPUS, "--limit", "1",
+             "--output-dir", str(tmp_path / f"eval-{precision}"), *common])))
+        settings = Settings(model=tiny, data=CORPUS, output_dir=str(tmp_path / f"run-{precision}"),
+                            lora_rank=4, base_dtype="nf4", precision=precision, max_steps=1, subsample=200,
+                            max_source_len=64, max_target_len=16, eval_every=100)
+        validate(settings)
+        training.train(settings)
+        assert seen == [dtype] * 3
+
+
 def test_nf4_loading_hands_freed_buffers_back(tiny, monkeypatch):
     """load_model sets the allocator policy for nf4 (test_freed_weight_sized_buffers_go_back_to_the_system
     shows what it does), before the first weight is read."""
@@ -327,22 +382,27 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_block_times_the_three_bases_and_puts_dequantize_back(tmp_path):
-    """`bench block` on the tiny shape: a row per base dtype and batch shape, nf4's dequantizing share
-    measured (between 0 and 1) and NF4.dequantize itself again afterwards (the timer must not stay
-    installed)."""
-    from conftest import FLAN
+def test_bench_block_and_step_time_the_three_bases_and_put_dequantize_back(tmp_path):
+    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios those
+    rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself again
+    afterwards (the timer must not stay installed)."""
+    from conftest import CORPUS, FLAN
 
     from dialsum_raw import bench, quant
     original = quant.NF4.dequantize
     threads = torch.get_num_threads()
     try:
         bench.main(["block", "--size", "tiny", "--config", FLAN, "--out", str(tmp_path)])
+        bench.main(["step", "--size", "tiny", "--repeat", "1", "--config", FLAN, "--data", CORPUS,
+                    "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    result = json.load(open(tmp_path / "bench-block.json"))
-    assert result["size"] == "tiny" and set(result["shapes"]) == {"8x320", "1x512"}
-    for r in result["shapes"].values():
+    block, step = (json.load(open(tmp_path / f"bench-{name}.json")) for name in ("block", "step"))
+    assert block["size"] == step["size"] == "tiny" and set(block["shapes"]) == {"8x320", "1x512"}
+    (shape,) = step["shapes"]
+    assert shape.startswith("8x") and "+" in shape  # the memory probe's batch: 8 dialogues
+    for r in [*block["shapes"].values(), *step["shapes"].values()]:
         assert set(r["seconds"]) == {"fp32", "bf16", "nf4"} and all(v > 0 for v in r["seconds"].values())
+        assert r["nf4_over_bf16"] == r["seconds"]["nf4"] / r["seconds"]["bf16"]
         assert 0 < r["dequantize_share"] < 1
     assert quant.NF4.dequantize is original

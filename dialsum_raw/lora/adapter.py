@@ -218,7 +218,8 @@ def load_adapter(model, directory):
 def merge_to_model(base, adapter, out, dtype="fp32") -> str:
     """Base + adapter -> a standard HF model folder (weights merged, tokenizer copied), in fp32 or bf16. The
     base is loaded as the adapter was trained on it; a bf16 or nf4 base is merged in fp32 onto its stored (for
-    nf4 dequantized) weights, so the folder computes what training computed. Returns what was written."""
+    nf4 dequantized) weights, so the folder computes what training computed (nf4's embeddings and norms are
+    the file's, in fp32). Returns what was written."""
     import torch
     from ..modeling import load_model, load_tokenizer
     from ..quant import dequantize_model
