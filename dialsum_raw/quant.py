@@ -85,8 +85,8 @@ class NF4:
         (as .to(dtype) after it would round, without a second buffer). The levels are read as pairs (one int64
         of two fp32 per code byte, gathered with index_select), several times faster than indexing with the
         unpacked codes. With `scratch`, the result and its temporaries live in buffers kept for this size
-        (_scratch), valid until the next scratch dequantize of the same size: for a caller that uses the weight
-        at once and keeps nothing of it."""
+        (_scratch), valid until the next scratch dequantize of the same size: for a caller that uses the
+        weight at once and keeps nothing of it."""
         n, device = self.shape.numel(), self.codes.device
         pairs = _table("pairs", device)
         if scratch and n % BLOCK == 0:
@@ -104,8 +104,8 @@ _SCRATCH = {}
 
 def _scratch(n, dtype, device):
     """(code index int32, level pairs int64, weight in `dtype`) buffers for a weight of n values (a multiple
-    of 64), made once per size and kept: 8 bytes a weight of each distinct layer size. A step dequantizes every
-    layer twice; fresh buffers each time would be freed and made again hundreds of times a step, and the
+    of 64), made once per size and kept: 8 bytes a weight of each distinct layer size. A step dequantizes
+    every layer twice; fresh buffers each time would be freed and made again hundreds of times a step, and the
     page faults of that churn cost more than the dequantization (docs/qlora.md)."""
     key = (n, dtype, str(device))
     if key not in _SCRATCH:

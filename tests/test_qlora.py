@@ -398,9 +398,9 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
 
 @pytest.mark.slow
 def test_bench_block_and_step_time_the_three_bases_and_put_dequantize_back(tmp_path):
-    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios those
-    rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself again
-    afterwards (the timer must not stay installed)."""
+    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios
+    those rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself
+    again afterwards (the timer must not stay installed)."""
     from conftest import CORPUS, FLAN
 
     from dialsum_raw import bench, quant
