@@ -726,7 +726,7 @@ def bench_step(args):
     given) on the memory probe's batch (the loop's first: 8 dialogues), its base stored fp32, bf16 and nf4 as
     load_model stores them: the three models held at once and stepped in turn, one thread, CPU seconds, the
     best of --repeat rounds (3 unless given). The whole step the issue's speed goal names, timed as bench
-    block times a block, so a loaded machine slows the three alike; large holds about 18 GB at its peak."""
+    block times a block, so a loaded machine slows the three alike; large holds about 19 GB at its peak."""
     torch.set_num_threads(1)
     size, cpu = args.size or "small", torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
