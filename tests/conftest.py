@@ -168,6 +168,40 @@ def trained(tiny, tmp_path_factory):
     return {name: str(root / name / "best") for name in runs}
 
 
+def loss_curve(tiny, out, **settings):
+    """40 in-process steps of the tiny model from seed 0, fp32, dropout 0.1 with the fast masks, unless
+    `settings` say otherwise: the training losses logged every 5 steps."""
+    from dialsum_raw import training
+    from dialsum_raw.config import Settings, validate
+    s = Settings(**{**dict(model=tiny, data=CORPUS, output_dir=str(out), lora_rank=0, lr=3e-3, batch_size=8,
+                           max_steps=40, warmup_ratio=0.1, subsample=40, max_source_len=64, max_target_len=24,
+                           eval_every=40, log_every=5, seed=0, precision="fp32", dropout=0.1,
+                           dropout_impl="fast"), **settings})
+    validate(s)
+    training.train(s)
+    return train_losses(out)
+
+
+def train_losses(out):
+    """The training losses a run logged (its validation lines left out)."""
+    return [m["loss"] for m in metric_lines(out) if "val_loss" not in m]
+
+
+@pytest.fixture(scope="session")
+def reference_curve(tiny, tmp_path_factory):
+    """reference_curve() -> (the losses of loss_curve's run with its defaults, its folder), run once per test
+    run and shared: the fp32 run of test_precision, the fast masks' of test_dropout. A function, so that a
+    test runs its own curve first, while another worker may be running this one."""
+    made = []
+
+    def get():
+        if not made:
+            folder = shared_folder(tmp_path_factory, "reference-curve", lambda f: loss_curve(tiny, f / "run"))
+            made.append((train_losses(folder / "run"), folder / "run"))
+        return made[0]
+    return get
+
+
 # ---------------------------------------------------------------- training runs as the user starts them
 
 def smoke_cmd(tiny, out, *flags):

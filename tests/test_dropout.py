@@ -1,13 +1,9 @@
-import json
-import os
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CORPUS
-from dialsum_raw import dropout, lora, training
-from dialsum_raw.config import Settings, validate
+from conftest import loss_curve
+from dialsum_raw import dropout, lora
 from dialsum_raw.modeling import load_model, set_dropout_impl
 
 N = 10 ** 6
@@ -118,37 +114,12 @@ def test_fast_attention_in_training_is_hfs_attention(tiny):
     assert (fast(**_batch()).logits - hf(**_batch()).logits).abs().max() <= 1e-5
 
 
-def _curve(tiny, out, impl):
-    s = Settings(
-        model=tiny,
-        data=CORPUS,
-        output_dir=str(out),
-        lora_rank=0,
-        lr=3e-3,
-        batch_size=8,
-        max_steps=40,
-        warmup_ratio=0.1,
-        subsample=40,
-        max_source_len=64,
-        max_target_len=24,
-        eval_every=40,
-        log_every=5,
-        seed=0,
-        dropout=0.1,
-        precision="fp32",
-        dropout_impl=impl,
-    )
-    validate(s)
-    training.train(s)
-    with open(os.path.join(out, training.METRICS_FILE)) as f:
-        return [m["loss"] for m in map(json.loads, f) if "val_loss" not in m]
-
-
 @pytest.mark.slow
-def test_fast_trains_like_torch(tiny, tmp_path):
-    """40 steps from one seed: fast and torch dropout agree within 3% at every logged step, both fall, and
-    the masks really differ (the curves are not identical)."""
-    torch_, fast = _curve(tiny, tmp_path / "torch", "torch"), _curve(tiny, tmp_path / "fast", "fast")
+def test_fast_trains_like_torch(tiny, tmp_path, reference_curve):
+    """40 steps from one seed, dropout 0.1 (conftest.loss_curve): fast and torch dropout agree within 3% at
+    every logged step, both fall, and the masks really differ (the curves are not identical)."""
+    torch_ = loss_curve(tiny, tmp_path / "torch", dropout_impl="torch")
+    fast = reference_curve()[0]
     assert len(torch_) == len(fast) == 8 and torch_ != fast
     assert all(abs(a - b) <= 0.03 * a for a, b in zip(torch_, fast)), list(zip(torch_, fast))
     assert torch_[-1] < torch_[0] * 0.9 and fast[-1] < fast[0] * 0.9

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import zygote
 
 from conftest import CORPUS, REPO
 from dialsum_raw import checkpoint, lora
@@ -221,11 +222,6 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny, tmp_path, eval
     load_model(str(out / "last"))  # loadable
 
 
-def _ignore_sigint():
-    """What a shell does to a job it starts in the background: SIGINT arrives ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
 def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
@@ -258,7 +254,7 @@ def test_signal_saves_last_and_exits(tiny, tmp_path, sig, code):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_ignore_sigint,
+        preexec_fn=zygote.ignore_sigint,  # as a shell starts a background job
     )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:

@@ -1,14 +1,13 @@
 """The precision rule (auto, bf16, fp32; fp16 refused) and bf16 training on CPU tracking fp32."""
 
 import json
-import os
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-from conftest import CORPUS
-from dialsum_raw import modeling, training
+from conftest import loss_curve
+from dialsum_raw import modeling
 from dialsum_raw.config import Settings, validate
 from dialsum_raw.errors import UserError
 
@@ -64,36 +63,14 @@ def test_the_probe_reads_torch_and_fp16_is_refused():
         modeling.choose_precision("bf15", CPU)
 
 
-def _curve(tiny, out, precision):
-    s = Settings(
-        model=tiny,
-        data=CORPUS,
-        output_dir=str(out),
-        lora_rank=0,
-        lr=3e-3,
-        batch_size=8,
-        max_steps=40,
-        warmup_ratio=0.1,
-        subsample=40,
-        max_source_len=64,
-        max_target_len=24,
-        eval_every=40,
-        log_every=5,
-        seed=0,
-        precision=precision,
-    )
-    validate(s)
-    assert training.train(s)["precision"] == precision  # what summary.json records
-    with open(os.path.join(out, training.METRICS_FILE)) as f:
-        return [m["loss"] for m in map(json.loads, f) if "val_loss" not in m]
-
-
 @pytest.mark.slow
-def test_bf16_trains_like_fp32(tiny, tmp_path):
-    """40 steps of the tiny model from the same seed: bf16 autocast tracks fp32 within 3% at every
-    logged step, both fall, and bf16 really ran (the curves are not identical)."""
-    fp32 = _curve(tiny, tmp_path / "fp32", "fp32")
-    bf16 = _curve(tiny, tmp_path / "bf16", "bf16")
+def test_bf16_trains_like_fp32(tiny, tmp_path, reference_curve):
+    """40 steps of the tiny model from the same seed (conftest.loss_curve): bf16 autocast tracks fp32 within
+    3% at every logged step, both fall, and bf16 really ran (the curves are not identical)."""
+    bf16 = loss_curve(tiny, tmp_path / "bf16", precision="bf16")
+    fp32, fp32_run = reference_curve()
+    for run, precision in ((tmp_path / "bf16", "bf16"), (fp32_run, "fp32")):  # what summary.json records
+        assert json.loads((run / "summary.json").read_text())["precision"] == precision
     assert len(fp32) == len(bf16) == 8
     gaps = [abs(b - a) / a for a, b in zip(fp32, bf16)]
     assert max(gaps) <= 0.03, gaps

@@ -102,6 +102,21 @@ def test_signals_and_statuses_are_the_commands_own(here):
 
 
 @pytest.mark.slow
+def test_a_command_started_with_sigint_ignored_is_forked_with_it_ignored(here):
+    """preexec_fn=zygote.ignore_sigint (as a shell starts a background job), the one preexec_fn the zygote
+    runs itself: the forked command finds SIGINT ignored, as a real one does."""
+    script = here / "sigint.py"
+    script.write_text("import signal\nprint(repr(signal.getsignal(signal.SIGINT)))\n")
+    seen = []
+    for real in (False, True):
+        with zygote.real_processes() if real else open(os.devnull):
+            proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                                    preexec_fn=zygote.ignore_sigint)
+            seen.append((proc.communicate()[0], proc._conn is None))
+    assert seen == [("<Handlers.SIG_IGN: 1>\n", False), ("<Handlers.SIG_IGN: 1>\n", True)]
+
+
+@pytest.mark.slow
 def test_what_the_zygote_cannot_run_alike_is_a_real_process(here, tmp_path):
     """Another environment (read at import time), a new session, a preexec_fn, `-c`, torchrun, a script from
     outside the repository: fork + exec."""

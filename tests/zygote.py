@@ -13,11 +13,11 @@ its own, and the Popen object is the standard one apart from how it starts and w
 Eligible: `[sys.executable, /abs/script.py, ...]` for a script of this repository (ROOTS), or
 `[sys.executable, "-m", "dialsum_raw...", ...]` (not the bench), with the zygote's environment
 (NOT_READ_AT_IMPORT aside, torchrun's per-worker variables included: what is read at import time,
-OMP_NUM_THREADS included, must be the same) and none of preexec_fn, start_new_session, process_group,
-pass_fds, a user or group, umask, shell or executable. Everything else, torchrun included, is a real
-`fork` + `exec`, and so is every command while `real_processes()` is in force (the `real_processes` marker)
-or DIALSUM_ZYGOTE=0. A forked command's own commands (a sweep's train.py runs) go to the same zygote by the
-same rules; a real process's never do.
+OMP_NUM_THREADS included, must be the same) and none of a preexec_fn (but PREEXEC's), start_new_session,
+process_group, pass_fds, a user or group, umask, shell or executable. Everything else, torchrun included, is
+a real `fork` + `exec`, and so is every command while `real_processes()` is in force (the `real_processes`
+marker) or DIALSUM_ZYGOTE=0. A forked command's own commands (a sweep's train.py runs) go to the same
+zygote by the same rules; a real process's never do.
 """
 
 import contextlib
@@ -62,6 +62,16 @@ def real_processes():
         yield
     finally:
         _enabled = was
+
+
+def ignore_sigint():
+    """A preexec_fn: the command starts with SIGINT ignored, as a shell starts a job in the background."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# preexec_fns the zygote runs itself, in the forked command before it starts (by name over the socket)
+PREEXEC = {"ignore_sigint": ignore_sigint}
 
 
 def install():
@@ -135,7 +145,8 @@ class Popen(subprocess.Popen):
         args = [os.fsdecode(a) for a in args] if isinstance(args, (list, tuple)) else args
         run = _script(args) if isinstance(args, list) and _enabled else None
         env = dict(os.environ if env is None else {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
-        plain = (executable is None and preexec_fn is None and not pass_fds and not shell
+        preexec = next((name for name, fn in PREEXEC.items() if fn is preexec_fn), None)
+        plain = (executable is None and (preexec_fn is None or preexec) and not pass_fds and not shell
                  and not start_new_session and process_group in (None, -1) and gid is None and gids is None
                  and uid is None and umask < 0 and (cwd is None or os.path.isdir(cwd)))
         conn = _connect() if run and plain and _same_env(env, (_server or (0, 0, os.environ))[2]) else None
@@ -144,7 +155,8 @@ class Popen(subprocess.Popen):
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
                 shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, restore_signals, gid, gids,
                 uid, umask, start_new_session, process_group)
-        request = {"run": run, "argv": args[1:], "env": env, "cwd": os.path.abspath(os.fsdecode(cwd or "."))}
+        request = {"run": run, "argv": args[1:], "env": env, "cwd": os.path.abspath(os.fsdecode(cwd or ".")),
+                   "preexec": preexec}
         stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                  errwrite if errwrite != -1 else 2]
         socket.send_fds(conn, [json.dumps(request).encode()], stdio)
@@ -250,6 +262,8 @@ def _run(request, fds, zygote):
     install()
     os.environ.clear()
     os.environ.update(request["env"])
+    if request["preexec"]:
+        PREEXEC[request["preexec"]]()
     kind, what = request["run"]
     sys.argv = [what, *request["argv"][2 if kind == "module" else 1:]]
     sys.path[0] = os.path.dirname(os.path.realpath(what)) if kind == "path" else os.getcwd()
