@@ -109,19 +109,22 @@ def load_quantized(name_or_path, config_kwargs, dense_dtype):
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
 
     from .quant import NF4Linear, quantize
-    mmap_large_buffers()
     config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     targets, dense = quantized_names(model), {}
-    for path, key, tensor in read_safetensors(weight_files(name_or_path)):
-        module, leaf = key.rsplit(".", 1)
-        if module in targets and leaf == "weight":
-            parent, child = module.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child,
-                    NF4Linear(quantize(tensor), dtype=dense_dtype, source=(path, key)))
-        else:
-            dense[key] = tensor.to(dense_dtype)
+    mmap_large_buffers(True)
+    try:
+        for path, key, tensor in read_safetensors(weight_files(name_or_path)):
+            module, leaf = key.rsplit(".", 1)
+            if module in targets and leaf == "weight":
+                parent, child = module.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child,
+                        NF4Linear(quantize(tensor), dtype=dense_dtype, source=(path, key)))
+            else:
+                dense[key] = tensor.to(dense_dtype)
+    finally:
+        mmap_large_buffers(False)
     for key, tensor in dense.items():
         module, leaf = key.rsplit(".", 1)
         model.get_submodule(module)._parameters[leaf] = nn.Parameter(tensor)
@@ -139,19 +142,23 @@ def load_quantized(name_or_path, config_kwargs, dense_dtype):
     return model.eval()
 
 
-def mmap_large_buffers():
-    """Have glibc give every buffer of 1 MiB or more its own mapping, returned to the system when freed
-    (mallopt M_MMAP_THRESHOLD; elsewhere nothing). By default glibc raises that threshold to the largest
-    buffer freed so far (up to 32 MiB); after that, the quantizing loader's buffers and nf4's dequantized
-    weights, one per layer call, come from the heap, and the holes they leave between the small tensors kept
-    stay resident. Large stand-in, batch 1 x 512 (docs/qlora.md): train.py's peak 1,990 MB without, 1,433 MB
-    with, in the same CPU time."""
+def mmap_large_buffers(on):
+    """While the nf4 loader reads (on), have glibc give every buffer of 1 MiB or more its own mapping,
+    returned to the system when freed; after (off), serve buffers under 32 MiB from the heap and keep up to
+    64 MiB free at its top, where glibc's own rule settles once a large buffer has been freed (mallopt
+    M_MMAP_THRESHOLD, M_TRIM_THRESHOLD; elsewhere nothing). By default glibc raises the threshold to the
+    largest buffer freed so far, so the loader's weight-sized buffers come from the heap, and the holes they
+    leave between the codes kept stay resident (271 MB on the large stand-in). Kept on for the steps, it costs
+    a page fault for every large activation of every step (docs/qlora.md)."""
     import ctypes
     import ctypes.util
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        pass
+        return
+    mallopt(-3, 1 << 20 if on else 32 << 20)  # -3: M_MMAP_THRESHOLD
+    if not on:
+        mallopt(-1, 64 << 20)  # -1: M_TRIM_THRESHOLD
 
 
 def weight_files(name_or_path):

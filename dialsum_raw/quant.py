@@ -80,16 +80,39 @@ class NF4:
         scaled = (_blocks(blocks, ABSMAX_BLOCK) * self.absmax_scale[:, None]).flatten()[:blocks.numel()]
         return scaled + self.offset
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype=torch.float32, scratch=False) -> torch.Tensor:
         """The weight: NF4_LEVELS[code] * absmax, multiplied in fp32 and written in `dtype` in the same pass
         (as .to(dtype) after it would round, without a second buffer). The levels are read as pairs (one int64
         of two fp32 per code byte, gathered with index_select), several times faster than indexing with the
-        unpacked codes."""
-        n = self.shape.numel()
-        values = _blocks(
-            _table("pairs", self.codes.device).index_select(0, self.codes.int()).view(torch.float32), BLOCK)
-        out = torch.empty(values.shape, dtype=dtype, device=values.device)
+        unpacked codes. With `scratch`, the result and its temporaries live in buffers kept for this size
+        (_scratch), valid until the next scratch dequantize of the same size: for a caller that uses the
+        weight at once and keeps nothing of it."""
+        n, device = self.shape.numel(), self.codes.device
+        pairs = _table("pairs", device)
+        if scratch and n % BLOCK == 0:
+            index, values, out = _scratch(n, dtype, device)
+            torch.index_select(pairs, 0, index.copy_(self.codes), out=values)
+        else:
+            values, out = pairs.index_select(0, self.codes.int()), None
+        values = _blocks(values.view(torch.float32), BLOCK)
+        out = torch.empty(values.shape, dtype=dtype, device=device) if out is None else out.view(values.shape)
         return torch.mul(values, self.absmax()[:, None], out=out).flatten()[:n].view(self.shape)
+
+
+_SCRATCH = {}
+
+
+def _scratch(n, dtype, device):
+    """(code index int32, level pairs int64, weight in `dtype`) buffers for a weight of n values (a multiple
+    of 64), made once per size and kept: 8 bytes a weight of each distinct layer size. A step dequantizes
+    every layer twice; fresh buffers each time would be freed and made again hundreds of times a step, and the
+    page faults of that churn cost more than the dequantization (docs/qlora.md)."""
+    key = (n, dtype, str(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(n // 2, dtype=torch.int32, device=device),
+                         torch.empty(n // 2, dtype=torch.int64, device=device),
+                         torch.empty(n, dtype=dtype, device=device))
+    return _SCRATCH[key]
 
 
 _TABLES = {}
@@ -156,16 +179,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _NF4Matmul(torch.autograd.Function):
     """x W^T with W dequantized in forward and again in backward: nothing of W is kept between them, so a
     step never holds more than one layer's dequantized weight (keeping it would hold every layer's, 2 bytes
-    a weight, for the whole forward-backward). The base is frozen: the gradient is the input's alone."""
+    a weight, for the whole forward-backward), and that one in the scratch buffers of its size. The base is
+    frozen: the gradient is the input's alone."""
 
     @staticmethod
     def forward(ctx, x, layer, dtype):
         ctx.layer, ctx.dtype = layer, dtype
-        return F.linear(x, layer.nf4().dequantize(dtype))
+        return F.linear(x, layer.nf4().dequantize(dtype, scratch=True))
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.dtype) @ ctx.layer.nf4().dequantize(ctx.dtype), None, None
+        return grad.to(ctx.dtype) @ ctx.layer.nf4().dequantize(ctx.dtype, scratch=True), None, None
 
 
 class NF4Linear(nn.Module):

@@ -99,11 +99,12 @@ def test_every_command_loads_nf4_in_its_compute_dtype(tiny, tmp_path, monkeypatc
 
 
 def test_nf4_loading_hands_freed_buffers_back(tiny, monkeypatch):
-    """load_model sets the allocator policy for nf4 (test_freed_weight_sized_buffers_go_back_to_the_system
-    shows what it does), before the first weight is read."""
+    """load_model maps large buffers while nf4 loads (test_freed_weight_sized_buffers_go_back_to_the_system
+    shows what that does), from before the first weight is read, and serves them from the heap again after
+    the last (so the steps' activations do not page-fault)."""
     from dialsum_raw import modeling
     calls = []
-    monkeypatch.setattr(modeling, "mmap_large_buffers", lambda: calls.append("policy"))
+    monkeypatch.setattr(modeling, "mmap_large_buffers", calls.append)
     real = modeling.read_safetensors
 
     def reading(*args):
@@ -111,7 +112,21 @@ def test_nf4_loading_hands_freed_buffers_back(tiny, monkeypatch):
         return real(*args)
     monkeypatch.setattr(modeling, "read_safetensors", reading)
     load_model(tiny, base_dtype="nf4")
-    assert calls[:2] == ["policy", "read"]
+    assert calls == [True, "read", False]
+
+
+def test_scratch_dequantize_is_the_weight_in_one_kept_buffer_per_size():
+    """NF4Linear's matmul dequantizes into buffers kept per size (made once, not hundreds of times a step):
+    the same values as a fresh dequantize, in the same memory for every weight of that size."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (quantize(torch.randn(128, 64, generator=g)) for _ in range(2))
+    for dtype in (torch.float32, torch.bfloat16):
+        fresh = a.dequantize(dtype)
+        kept = a.dequantize(dtype, scratch=True)
+        assert kept.dtype == dtype and torch.equal(kept, fresh)
+        assert torch.equal(b.dequantize(dtype, scratch=True), b.dequantize(dtype))
+        assert b.dequantize(dtype, scratch=True).data_ptr() == kept.data_ptr()
+        assert a.dequantize(dtype).data_ptr() != kept.data_ptr()
 
 
 def test_nf4_loading_is_deterministic_bit_for_bit(tiny):
@@ -352,8 +367,7 @@ def test_qlora_logits_and_one_step_equal_peft_on_bitsandbytes(tiny):
 FRAGMENTING = """
 import sys, torch
 from dialsum_raw.modeling import mmap_large_buffers
-if sys.argv[1] == "on":
-    mmap_large_buffers()
+mmap_large_buffers(sys.argv[1] == "on")
 kept = []
 for _ in range(40):  # layer calls: a weight-sized buffer made and freed, a small tensor kept beside it
     for n in (1 << 20, 2_883_584, 1 << 20, 3 << 18):
@@ -366,9 +380,10 @@ print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 102
 
 @pytest.mark.slow
 def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
-    """nf4 loading and per-call dequantization free a weight-sized buffer next to small tensors that stay;
-    with glibc's default dynamic mmap threshold the holes stay resident (hundreds of MB here);
-    mmap_large_buffers, which load_model calls for nf4, hands them back. Each side in a fresh process."""
+    """nf4 loading frees a weight-sized buffer next to small tensors that stay: served from the heap, as
+    glibc's default dynamic threshold soon does and mmap_large_buffers(False) does after loading, the holes
+    stay resident (hundreds of MB here); mmap_large_buffers(True), which load_model sets while nf4 loads,
+    hands them back. Each side in a fresh process."""
     import subprocess
     import sys
 
@@ -383,9 +398,9 @@ def test_freed_weight_sized_buffers_go_back_to_the_system(tmp_path):
 
 @pytest.mark.slow
 def test_bench_block_and_step_time_the_three_bases_and_put_dequantize_back(tmp_path):
-    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios those
-    rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself again
-    afterwards (the timer must not stay installed)."""
+    """`bench block` and `bench step` on the tiny shape: a row per base dtype and batch shape, the ratios
+    those rows' seconds give, nf4's dequantizing share measured (between 0 and 1) and NF4.dequantize itself
+    again afterwards (the timer must not stay installed)."""
     from conftest import CORPUS, FLAN
 
     from dialsum_raw import bench, quant
