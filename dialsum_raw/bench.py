@@ -687,8 +687,8 @@ def bench_block(args):
     """One T5 encoder block of --size (small unless given), forward and backward under bf16 autocast, its
     weights stored as --base-dtype fp32, bf16 and nf4 store them under bf16 compute (a frozen base: the
     gradient is the input's), at the bench's batch (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds,
-    the best of 8 rounds with the three interleaved, and nf4's share spent dequantizing. The blocks are
-    nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8 costs
+    the best of --repeat rounds (8) with the three interleaved, and nf4's share spent dequantizing. The blocks
+    are nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8 costs
     many minutes on a CPU."""
     import copy
 
@@ -715,9 +715,9 @@ def bench_block(args):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 block(x)[0].float().square().mean().backward()
         runs = {dtype: partial(step, block, dtype) for dtype, block in blocks.items()}
-        result["shapes"][f"{batch}x{tokens}"] = _best_of(8, runs)
+        result["shapes"][f"{batch}x{tokens}"] = _best_of(args.repeat or 8, runs)
     _print_bases(f"one {result['size']} T5 encoder block, forward + backward, bf16 autocast, CPU s "
-                 "(best of 8), 1 thread", result["shapes"])
+                 f"(best of {args.repeat or 8}), 1 thread", result["shapes"])
     save("block", result, args)
 
 
@@ -838,7 +838,7 @@ def main(argv=None):
     p.add_argument("--model", help="model to benchmark (default: a flan-t5-small-shaped stand-in)")
     p.add_argument("--out", default=".", help="folder for bench-*.json")
     p.add_argument("--repeat", type=int, help="eval: run the sweep N times (default 1), keep each cell's "
-                   "best; step: rounds (default 3)")
+                   "best; block, step: rounds (default 8, 3)")
     p.add_argument(
         "--device",
         choices=["cuda", "cpu"],

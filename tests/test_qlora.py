@@ -407,8 +407,13 @@ def test_bench_block_and_step_time_the_three_bases_and_put_dequantize_back(tmp_p
     original = quant.NF4.dequantize
     threads = torch.get_num_threads()
     try:
-        bench.main(["block", "--size", "tiny", "--config", FLAN, "--out", str(tmp_path)])
-        bench.main(["step", "--size", "tiny", "--repeat", "1", "--config", FLAN, "--data", CORPUS,
+        bench.main(["block", "--size", "tiny", "--repeat", "1", "--config", FLAN, "--out", str(tmp_path)])
+        data = tmp_path / "data"  # 80 training dialogues: every 10th is the one batch of 8 the step takes
+        data.mkdir()
+        for split, n in (("train", 80), ("dev", 8)):
+            with open(os.path.join(CORPUS, f"dialogsum.{split}.jsonl")) as f:
+                (data / f"dialogsum.{split}.jsonl").write_text("".join(next(f) for _ in range(n)))
+        bench.main(["step", "--size", "tiny", "--repeat", "1", "--config", FLAN, "--data", str(data),
                     "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
