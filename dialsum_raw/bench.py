@@ -688,8 +688,8 @@ def bench_block(args):
     weights stored as --base-dtype fp32, bf16 and nf4 store them under bf16 compute (a frozen base: the
     gradient is the input's), at the bench's batch (8 x 320 tokens) and at 1 x 512, one thread: CPU seconds,
     the best of --repeat rounds (8) with the three interleaved, and nf4's share spent dequantizing. The blocks
-    are nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8 costs
-    many minutes on a CPU."""
+    are nearly all of a step's work, and this costs seconds where one step of the large stand-in at batch 8
+    costs many minutes on a CPU."""
     import copy
 
     from transformers.models.t5.modeling_t5 import T5Block
