@@ -96,7 +96,8 @@ class Settings:
     precision: str = option("auto", "auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32), "
                             "bf16 or fp32", ALL, resume="free", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = option(
-        False, "recompute activations in backward: less memory, more compute", (TRAIN,), resume="free"
+        False, "recompute activations in backward, and give each freed buffer of 1 MiB or more back to the "
+        "system at once: less memory, more compute", (TRAIN,), resume="free"
     )
     base_dtype: Optional[str] = option(
         None,

@@ -148,8 +148,9 @@ def mmap_large_buffers(on):
     64 MiB free at its top, where glibc's own rule settles once a large buffer has been freed (mallopt
     M_MMAP_THRESHOLD, M_TRIM_THRESHOLD; elsewhere nothing). By default glibc raises the threshold to the
     largest buffer freed so far, so the loader's weight-sized buffers come from the heap, and the holes they
-    leave between the codes kept stay resident (271 MB on the large stand-in). Kept on for the steps, it costs
-    a page fault for every large activation of every step (docs/qlora.md)."""
+    leave between the codes kept stay resident (271 MB on the large stand-in). On for the steps, it costs a
+    page fault for every large activation of every step: train.py turns it on for them only with
+    --gradient-checkpointing, which has chosen memory over time (docs/qlora.md)."""
     import ctypes
     import ctypes.util
     try:

@@ -32,7 +32,7 @@ from .errors import Stopped, UserError
 from .generation import check_length, summarize
 from .heartbeat import Heartbeat
 from .modeling import (autocast_for, check_base_precision, choose_precision, count_parameters, load_model,
-                       load_tokenizer, parameter_report, set_dropout_impl)
+                       load_tokenizer, mmap_large_buffers, parameter_report, set_dropout_impl)
 from .runlog import METRICS_FILE, read_metrics
 
 
@@ -439,6 +439,8 @@ def set_up(run: Run):
             getattr(run.raw, "activation_checkpointing_enable", None) or run.raw.gradient_checkpointing_enable
         )
         enable({"use_reentrant": False})  # the first is transformers 5.x's name, the second 4.x's
+        # memory over time in the allocator too: buffers of 1 MiB or more mapped, and given back when freed
+        mmap_large_buffers(True)
     run.log(parameter_report(run.raw))
     if settings.eval_rouge:
         check_length(run.raw, settings)  # before the first step, not at the first validation

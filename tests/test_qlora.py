@@ -115,6 +115,28 @@ def test_nf4_loading_hands_freed_buffers_back(tiny, monkeypatch):
     assert calls == [True, "read", False]
 
 
+@pytest.mark.slow
+def test_a_checkpointing_run_maps_large_buffers_for_its_steps(tiny, tmp_path, monkeypatch):
+    """--gradient-checkpointing trades time for memory, and so does the allocator setting: with it the
+    setting goes on again once the model is loaded (the nf4 loader's on-off pair before), without it it stays
+    off for the steps."""
+    from conftest import CORPUS
+
+    from dialsum_raw import modeling, training
+    calls = []
+    monkeypatch.setattr(modeling, "mmap_large_buffers", lambda on: calls.append(("load", on)))
+    monkeypatch.setattr(training, "mmap_large_buffers", lambda on: calls.append(("steps", on)))
+    for checkpointing in (False, True):
+        calls.clear()
+        settings = Settings(model=tiny, data=CORPUS, output_dir=str(tmp_path / str(checkpointing)),
+                            lora_rank=4, base_dtype="nf4", max_steps=1, subsample=200, max_source_len=64,
+                            max_target_len=16, eval_every=100, gradient_checkpointing=checkpointing,
+                            precision="fp32")
+        validate(settings)
+        training.train(settings)
+        assert calls == [("load", True), ("load", False), *([("steps", True)] if checkpointing else [])]
+
+
 def test_scratch_dequantize_is_the_weight_in_one_kept_buffer_per_size():
     """NF4Linear's matmul dequantizes into buffers kept per size (made once, not hundreds of times a step):
     the same values as a fresh dequantize, in the same memory for every weight of that size."""
