@@ -638,9 +638,7 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
     the first batch twice: the first step has the peak, the second is timed, with the time spent in
     NF4.dequantize."""
     device = compute_device()
-    model = load_model(args.model, base_dtype=args.base_dtype, compute="bf16")
-    lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=args.base_dtype))
-    model.to(device)
+    model = _lora_on_base(args.model, args.base_dtype).to(device)
     batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
     autocast = autocast_for("bf16", device)
     bare_steps(model, batch, device, autocast)
@@ -663,6 +661,14 @@ def base_dtype_probe(args, tok, examples, batches, rss_mb):
             }
         )
     )
+
+
+def _lora_on_base(model_dir, base_dtype):
+    """The saved stand-in with its base stored as `base_dtype` stores it under bf16 compute, and LoRA r=8 on
+    q, v: what the base-dtype benchmarks step."""
+    model = load_model(model_dir, base_dtype=base_dtype, compute="bf16")
+    lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=base_dtype))
+    return model
 
 
 @contextmanager
@@ -696,7 +702,7 @@ def bench_block(args):
 
     from .quant import NF4Linear
     torch.set_num_threads(1)
-    cfg = standin.config(args.config, args.size or "small")
+    cfg, rounds = standin.config(args.config, args.size or "small"), args.repeat or 8
     torch.manual_seed(0)
     base = T5Block(cfg, has_relative_attention_bias=True, layer_idx=0).train().requires_grad_(False)
     blocks = {dtype: copy.deepcopy(base) for dtype in BASE_DTYPES}
@@ -715,9 +721,9 @@ def bench_block(args):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 block(x)[0].float().square().mean().backward()
         runs = {dtype: partial(step, block, dtype) for dtype, block in blocks.items()}
-        result["shapes"][f"{batch}x{tokens}"] = _best_of(args.repeat or 8, runs)
+        result["shapes"][f"{batch}x{tokens}"] = _best_of(rounds, runs)
     _print_bases(f"one {result['size']} T5 encoder block, forward + backward, bf16 autocast, CPU s "
-                 f"(best of {args.repeat or 8}), 1 thread", result["shapes"])
+                 f"(best of {rounds}), 1 thread", result["shapes"])
     save("block", result, args)
 
 
@@ -728,23 +734,20 @@ def bench_step(args):
     best of --repeat rounds (3 unless given). The whole step the issue's speed goal names, timed as bench
     block times a block, so a loaded machine slows the three alike; large holds about 19 GB at its peak."""
     torch.set_num_threads(1)
-    size, cpu = args.size or "small", torch.device("cpu")
+    size, cpu, rounds = args.size or "small", torch.device("cpu"), args.repeat or 3
     with tempfile.TemporaryDirectory() as tmp:
         args.model = args.model or standin.build(args.config, os.path.join(tmp, size), size=size)
         tok = load_tokenizer(args.model)
         examples, batches = consumed(lora_settings(args, "", 1), tok)
         batch = [data.Collator(tok.pad_token_id)([examples[i] for i in batches[0]])]
-        models = {dtype: load_model(args.model, base_dtype=dtype, compute="bf16") for dtype in BASE_DTYPES}
-        for dtype, model in models.items():
-            lora.inject(model, lora.LoRAConfig(("q", "v"), 8, 16, 0.05, base_dtype=dtype))
+        models = {dtype: _lora_on_base(args.model, dtype) for dtype in BASE_DTYPES}
         autocast = autocast_for("bf16", cpu)
         (n, source), target = batch[0]["input_ids"].shape, batch[0]["labels"].shape[1]
         shape = f"{n}x{source}+{target}"
-        result = {"size": size, "shapes": {shape: _best_of(
-            args.repeat or 3, {dtype: partial(bare_steps, model, batch, cpu, autocast)
-                               for dtype, model in models.items()})}}
+        runs = {dtype: partial(bare_steps, model, batch, cpu, autocast) for dtype, model in models.items()}
+        result = {"size": size, "shapes": {shape: _best_of(rounds, runs)}}
     _print_bases(f"one LoRA step (r=8 q,v) of the whole {size} stand-in, bf16 autocast, CPU s (best of "
-                 f"{args.repeat or 3}), 1 thread; batch x source + target tokens", result["shapes"])
+                 f"{rounds}), 1 thread; batch x source + target tokens", result["shapes"])
     save("step", result, args)
 
 

@@ -50,16 +50,14 @@ def load_model(name_or_path, dropout=None, base_dtype="fp32", compute="fp32"):
     tensor, so the process never holds the whole base in fp32 (load_quantized), and stores the rest in
     `compute`, the run's compute dtype (choose_precision's): under bf16, a bf16 residual stream, as on the
     bf16 base, is what keeps an nf4 step within 1.35x of a bf16-base step (docs/qlora.md)."""
-    import torch
     from transformers import AutoModelForSeq2SeqLM
     _check_source(name_or_path, "model")
     kwargs = {} if dropout is None else {"dropout_rate": dropout}
     try:
         if base_dtype == "nf4":
-            dense = torch.bfloat16 if compute == "bf16" else torch.float32
-            return load_quantized(name_or_path, kwargs, dense)
+            return load_quantized(name_or_path, kwargs, dense_dtype(base_dtype, compute))
         return AutoModelForSeq2SeqLM.from_pretrained(
-            name_or_path, dtype=torch.bfloat16 if base_dtype == "bf16" else torch.float32, **kwargs)
+            name_or_path, dtype=dense_dtype(base_dtype, compute), **kwargs)
     except UserError:
         raise
     except Exception as e:
@@ -71,6 +69,14 @@ def load_model(name_or_path, dropout=None, base_dtype="fp32", compute="fp32"):
         raise UserError(
             f"cannot load model from {name_or_path} ({type(e).__name__}: {first_line(e)}); {hint}"
         )
+
+
+def dense_dtype(base_dtype, compute="fp32"):
+    """The dtype of what a base stores unquantized (STORAGE_RULE): bf16 for a bf16 base and for nf4 under bf16
+    compute, fp32 otherwise."""
+    import torch
+    bf16 = base_dtype == "bf16" or base_dtype == "nf4" and compute == "bf16"
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def quantized_names(model):
@@ -85,7 +91,7 @@ def stored_bytes(model, base_dtype, compute="fp32"):
     here."""
     from .quant import nf4_bytes
     quantized = quantized_names(model) if base_dtype == "nf4" else set()
-    dense = 2 if base_dtype == "bf16" or base_dtype == "nf4" and compute == "bf16" else 4
+    dense = dense_dtype(base_dtype, compute).itemsize
     total, seen = 0, set()
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):

@@ -429,8 +429,8 @@ def set_up(run: Run):
                             pin_memory=device.type == "cuda", generator=torch.Generator())
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings, run.resume_from, run.precision[0])
-    run.raw = set_dropout_impl(model, settings.dropout_impl)
+    run.raw = set_dropout_impl(build_model(settings, run.resume_from, run.precision[0]),
+                               settings.dropout_impl)
     run.raw.train()  # sharding.wrap puts it on the device
     if (
         settings.gradient_checkpointing
