@@ -147,25 +147,30 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def trained(tiny, tmp_path_factory):
-    """A briefly trained tiny model (full) and LoRA adapter: they emit EOS, unlike random weights. Trained
-    once per test run, whichever worker asks first."""
+    """A briefly trained tiny model (full, 50 steps) and LoRA adapter (20 steps): the full model emits EOS at
+    varied steps, unlike random weights (the beam tests rely on it: trained longer or at a higher lr, it
+    repeats a phrase to the cap instead), and the adapter is not zero. Trained once per test run, whichever
+    worker asks first. "full_run" is the full run's folder: test_tiny_model_learns_dialogsum reads its
+    losses."""
     import subprocess
-    runs = {"full": ["--lora-rank", "0", "--lr", "3e-3"], "lora": ["--lora-rank", "8", "--lr", "1e-2"]}
+    runs = {"full": ["--lora-rank", "0", "--lr", "3e-3", "--max-steps", "50", "--eval-every", "50",
+                     "--log-every", "5"],
+            "lora": ["--lora-rank", "8", "--lr", "1e-2", "--max-steps", "20", "--eval-every", "20"]}
 
     def make(root):
         procs = {
             name: subprocess.Popen(
-                smoke_cmd(tiny, root / name, "--max-steps", "50", "--eval-every", "50", *flags),
+                smoke_cmd(tiny, root / name, *extra),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
-            for name, flags in runs.items()
+            for name, extra in runs.items()
         }  # side by side: one core each
         for name, proc in procs.items():
             err = proc.communicate()[1]
             assert proc.returncode == 0, err.decode()[-2000:]
     root = shared_folder(tmp_path_factory, "trained", make)
-    return {name: str(root / name / "best") for name in runs}
+    return {**{name: str(root / name / "best") for name in runs}, "full_run": root / "full"}
 
 
 def loss_curve(tiny, out, **settings):
