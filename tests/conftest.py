@@ -9,6 +9,14 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # Tiny models: a second thread costs more in synchronisation than it saves, and the 2-process tests would
 # put four threads on two cores. Test subprocesses inherit this; tests that need more threads say so.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# glibc gives every buffer over its mmap threshold (at most 32 MiB by default) its own mapping and unmaps it
+# when freed, so each step page-faults its large activations in again (the tiny model's 32k-word logits): a
+# fifth of a tiny run's CPU time, all of it system time. The suite's processes (xdist's workers, the zygote
+# and every command) keep such buffers in the heap instead. Read by glibc when a process starts: set here, in
+# pytest's first process, before it starts any. It changes no result, only where memory comes from; the one
+# test of the allocator (test_qlora's fragmenting test) runs without it.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(512 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+os.environ.update(ALLOCATOR)
 
 # Eligible test commands (train.py, evaluate.py, python -m dialsum_raw.X) are forked from a process that has
 # imported torch, transformers and dialsum_raw once (tests/zygote.py); `real_processes` tests are fork + exec.
