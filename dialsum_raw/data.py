@@ -237,26 +237,24 @@ def tokenize(tokenizer, texts, max_len):
 def encode_sources(tokenizer, dialogues, max_len):
     """Model inputs for dialogue texts: the prompt's ids, at most max_len; also the uncut lengths.
 
-    A prompt that fits is tokenized whole. A longer one loses the end of its dialogue, not of the
-    prompt, so the model still sees the instruction and "Summary:" + EOS: the template's head, the
-    dialogue's first tokens, the tail. Head, dialogue and tail are tokenized separately; T5's
-    Metaspace pre-tokenizer splits at the whitespace around {dialogue}, so these are the ids the
-    whole prompt has at those places (tests check this on every DialogSum dialogue).
+    A prompt that fits is its ids whole. A longer one loses the end of its dialogue, not of the prompt, so
+    the model still sees the instruction and "Summary:" + EOS: the prompt's ids with the dialogue's last
+    ones cut out. T5's Metaspace pre-tokenizer splits at the whitespace around {dialogue}, so the template's
+    head and tail are runs of ids of their own at the two ends of every prompt (tests check this on every
+    DialogSum dialogue): each prompt is tokenized once, and the cut never reaches into them.
     """
-    dialogues = list(dialogues)
-    ids, full = tokenize(tokenizer, [prompt(d) for d in dialogues], max_len)
-    long = [i for i, n in enumerate(full) if n > max_len]
-    if long:
-        head, tail = tokenizer(PROMPT.split("{dialogue}"), add_special_tokens=False)["input_ids"]
-        room = max_len - len(head) - len(tail) - 1
-        if room < 1:
+    ids = tokenizer([prompt(d) for d in dialogues], add_special_tokens=True, verbose=False)["input_ids"]
+    full = [len(x) for x in ids]
+    if max(full, default=0) > max_len:
+        parts = tokenizer(PROMPT.split("{dialogue}"), add_special_tokens=False)["input_ids"]
+        head, tail = (len(x) for x in parts)
+        keep = max_len - tail - 1  # the head and the dialogue's first ids; then the tail and EOS
+        if keep <= head:
             raise UserError(
                 f"a source length of {max_len} tokens leaves no room for the dialogue: the prompt "
-                f"alone takes {len(head) + len(tail) + 1}; raise --max-source-len"
+                f"alone takes {head + tail + 1}; raise --max-source-len"
             )
-        bodies = tokenizer([dialogues[i] for i in long], add_special_tokens=False, verbose=False)["input_ids"]
-        for i, body in zip(long, bodies):
-            ids[i] = head + body[:room] + tail + [tokenizer.eos_token_id]
+        ids = [x if len(x) <= max_len else x[:keep] + x[len(x) - tail - 1:] for x in ids]
     return ids, full
 
 
