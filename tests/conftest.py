@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # test of the allocator (test_qlora's fragmenting test) runs without it.
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(512 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 os.environ.update(ALLOCATOR)
+# The tokenizer's batch calls on one thread: its own threads would take the other worker's core, and cost
+# a fifth more CPU time for the whole corpus than one thread does.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 # Eligible test commands (train.py, evaluate.py, python -m dialsum_raw.X) are forked from a process that has
 # imported torch, transformers and dialsum_raw once (tests/zygote.py); `real_processes` tests are fork + exec.
@@ -230,20 +233,6 @@ def train_cmd(tiny, out, *extra):
     """train.py on the tiny model: every 40th dialogue, short sequences, fp32, a line per step."""
     return smoke_cmd(tiny, out, "--subsample", "40", "--max-source-len", "128", "--max-target-len", "32",
                      "--log-every", "1", "--precision", "fp32", *extra)
-
-
-def torchrun(cmd, **kw):
-    """cmd (a train.py command) under torchrun: 2 gloo processes, one thread each. For the tests of the
-    launcher itself and for one run as the user starts it (test_two_processes_equal_one); the others start
-    the ranks alone (ranks)."""
-    import subprocess
-    import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]],
-        env=env,
-        **kw,
-    )
 
 
 def worker_env(rank, nproc, port):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import zygote
 
-from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, ranks, ranks_killed,
-                      torchrun, train_cmd, two_process_cmd)
+from conftest import (CORPUS, REPO, ckpt_weights, max_diff, metric_lines, ranks, ranks_killed, train_cmd,
+                      two_process_cmd)
 from dialsum_raw import checkpoint, training
 from dialsum_raw.config import SETTINGS_FILE, Settings, read_run_settings, validate
 from dialsum_raw.errors import UserError
@@ -93,10 +93,11 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path, lora_flags):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny, tmp_path):
-    """torchrun with 2 gloo processes x batch 4 takes the same steps as 1 process x batch 8: the weights after
-    4 steps agree (a wrong gradient scale would show here even where AdamW and clipping hide it in the loss),
-    and validation ROUGE generated in two shards equals one process's. The 2-process run also replaces an
-    earlier run with --overwrite, which only rank 0 may check and delete."""
+    """2 gloo processes x batch 4 (DDP, the ranks started as torchrun starts them: conftest.ranks) take the
+    same steps as 1 process x batch 8: the weights after 4 steps agree (a wrong gradient scale would show here
+    even where AdamW and clipping hide it in the loss), and validation ROUGE generated in two shards equals
+    one process's. The 2-process run also replaces an earlier run with --overwrite, which only rank 0 may
+    check and delete."""
     common = ["--max-steps", "4", "--dropout", "0", "--lora-rank", "4", "--lora-dropout", "0", "--lr", "1e-2",
               "--eval-every", "4", "--grad-accum", "2", "--eval-rouge", "6",
               "--max-new-tokens", "12"]
@@ -105,8 +106,7 @@ def test_two_processes_equal_one(tiny, tmp_path):
     )
     subprocess.run(train_cmd(tiny, tmp_path / "two", "--max-steps", "1", "--eval-every", "1"), check=True,
                    capture_output=True)
-    torchrun(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--overwrite", *common), check=True,
-              capture_output=True)
+    ranks(train_cmd(tiny, tmp_path / "two", "--batch-size", "4", "--overwrite", *common))
     assert max_diff(ckpt_weights(tmp_path / "one" / "last"), ckpt_weights(tmp_path / "two" / "last")) <= 1e-5
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 4]
