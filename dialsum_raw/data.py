@@ -245,7 +245,7 @@ def encode_sources(tokenizer, dialogues, max_len):
     """
     ids = tokenizer([prompt(d) for d in dialogues], add_special_tokens=True, verbose=False)["input_ids"]
     full = [len(x) for x in ids]
-    if max(full, default=0) > max_len:
+    if max(full) > max_len:
         parts = tokenizer(PROMPT.split("{dialogue}"), add_special_tokens=False)["input_ids"]
         head, tail = (len(x) for x in parts)
         keep = max_len - tail - 1  # the head and the dialogue's first ids; then the tail and EOS

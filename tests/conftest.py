@@ -253,8 +253,8 @@ def start_ranks(cmd, nproc=2):
     """cmd (a train.py command) as the `nproc` workers of `torchrun --standalone --nproc_per_node nproc`,
     started without the launcher, each with the environment torchrun gives its workers (worker_env), its
     stdout and stderr in `proc.log`. They fork from the zygote: no launcher, and no import of torch, per
-    run. For tests whose subject is training over processes; the launcher's own doings (restarts, a killed
-    launcher) and one run as the user starts it run under torchrun."""
+    run. For tests whose subject is training over processes; the launcher's own doings (an elastic restart
+    that then trains to the end, a killed launcher) run under torchrun."""
     import socket
     import subprocess
     import tempfile

@@ -198,13 +198,20 @@ def test_sampler_groups_lengths_shards_and_is_seeded():
 
 
 @pytest.mark.slow
-def test_stats_cli_on_real_corpus():
-    """The command on the real test split, one file (the split named by the file); the whole corpus's counts
-    are test_official_layout_counts' and, at 512 tokens, test_sources_keep_the_prompt_on_real_corpus's."""
-    test_file = os.path.join(CORPUS, "dialogsum.test.jsonl")
-    out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", test_file, "--tokenizer", FLAN],
-                         capture_output=True, text=True, cwd=REPO, check=True)
-    s = json.loads(out.stdout)["splits"]
+def test_stats_cli_on_real_corpus(tmp_path):
+    """The command on the corpus folder (every split's counts; a tokenizer it cannot load skips the token
+    counts with a warning) and, with the tokenizer, on the test split's file (the split named by the file).
+    The whole corpus's token counts at 512 are test_sources_keep_the_prompt_on_real_corpus's."""
+    def stats(source, tokenizer):
+        out = subprocess.run([sys.executable, "-m", "dialsum_raw.data", source, "--tokenizer", tokenizer],
+                             capture_output=True, text=True, cwd=REPO, check=True)
+        return json.loads(out.stdout)["splits"], out.stderr
+
+    every, err = stats(CORPUS, str(tmp_path / "no-tokenizer"))
+    assert "warning: token statistics skipped" in err
+    assert {k: (v["dialogues"], v["references"]) for k, v in every.items()} == {
+        "train": (12460, 12460), "validation": (500, 500), "test": (500, 1500)}
+    s, _ = stats(os.path.join(CORPUS, "dialogsum.test.jsonl"), FLAN)
     assert list(s) == ["test"]
     assert [s["test"][k] for k in ("dialogues", "references", "shortened_dialogues")] == [500, 1500, 13]
     assert s["test"]["source_tokens_max"] > 512 and s["test"]["truncated_targets"] == 0

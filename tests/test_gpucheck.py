@@ -3,8 +3,9 @@
 The full dry run, `--device cpu --quick` with the flan-t5-small stand-in, takes minutes here (HF's
 Trainer rows and two torchrun launches dominate), too slow for the suite. This test runs the cheapest
 meaningful slice: the command itself on the tiny model, three of the five parts for real, and `train`
-and `ddp` replaced by parts that fail, so the record of a failed part is checked too. Those two parts'
-own code runs in `bench train` and in test_training's 2-process test."""
+and `ddp` replaced by parts that fail, so the record of a failed part is checked too. What those two parts
+check is tested elsewhere: the trainer comparison in `bench train`, DDP against 1 process in test_training's
+2-process test, and torchrun itself in test_hardening's stalled-rank test."""
 
 import json
 

@@ -381,7 +381,7 @@ def test_atomic_dir_flushes_everything_before_publishing(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tiny_model_learns_dialogsum(trained, tmp_path, monkeypatch):
     """From-scratch tiny T5, 50 steps at lr 3e-3 (the `trained` fixture's full run): losses fall from ~10.4
-    (uniform over 32k) to below 5.2 on the validation rows (every 50th dialogue).
+    (uniform over 32k) to below 5.1 on the validation rows (every 50th dialogue; the run reaches 4.98-4.99).
 
     The best unigram model of the summaries scores 5.85 nats on those rows when fit on the run's train rows
     and 5.45 when fit on all 12,460 (additive smoothing at its best value for them, targets cut at 64
@@ -391,9 +391,9 @@ def test_tiny_model_learns_dialogsum(trained, tmp_path, monkeypatch):
     run = trained["full_run"]
     lines = metric_lines(run)
     assert lines[0]["loss"] > 9.0
-    assert lines[-1]["step"] == 50 and lines[-1]["val_loss"] < 5.2
-    assert json.loads((run / "summary.json").read_text())["best_val_loss"] < 5.2
-    assert min(m["loss"] for m in lines if "val_loss" not in m) < 5.2
+    assert lines[-1]["step"] == 50 and lines[-1]["val_loss"] < 5.1
+    assert json.loads((run / "summary.json").read_text())["best_val_loss"] < 5.1
+    assert min(m["loss"] for m in lines if "val_loss" not in m) < 5.1
 
     real_backward = torch.Tensor.backward
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: real_backward(self * 0, *a, **k))
